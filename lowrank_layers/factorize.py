@@ -1,0 +1,526 @@
+"""Low-rank factorization of weight matrices: the maths under every layer.
+
+A weight ``W`` of shape ``(out_features, in_features)`` is approximated as::
+
+    W ≈ diag(D) · U · diag(S) · Vᵀ      U: (out, r)   S: (r,)   V: (in, r)   D: (out,) or None
+
+Everything here is a pure function of tensors (no ``nn.Module``); the layers call
+it, it never imports the layers. All linear algebra runs in float32 or float64
+whatever the input dtype (SVD and QR have no half-precision kernels, and
+bfloat16 would lose the small singular values), and results are cast back.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "BALANCE_MODES",
+    "Factors",
+    "balance_rows",
+    "break_even_rank",
+    "factor_parameters",
+    "factorize",
+    "randomized_svd",
+    "relative_error",
+    "resolve_rank",
+    "select_rank",
+]
+
+Method = Literal["svd", "randomized"]
+Balance = Literal["none", "rownorm", "rowsum"]
+Sketch = Literal["gaussian", "sparse"]
+
+BALANCE_MODES: tuple[str, ...] = ("none", "rownorm", "rowsum")
+METHODS: tuple[str, ...] = ("svd", "randomized")
+SKETCHES: tuple[str, ...] = ("gaussian", "sparse")
+
+# Row-sum balancing keeps |D_i| >= ROWSUM_FLOOR * ||w_i||: a row whose entries
+# cancel would otherwise get 1/D_i -> inf and dominate the SVD (SEED_NOTES.md).
+# Since |sum(w_i)| <= sqrt(in) * ||w_i||, the floor bounds how much any row can be
+# re-weighted relative to another to sqrt(in) / ROWSUM_FLOOR.
+ROWSUM_FLOOR = 0.1
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A factorized weight ``diag(D) · U · diag(S) · Vᵀ``.
+
+    Attributes:
+        U: ``(out_features, rank)``, orthonormal columns when produced by :func:`factorize`.
+        S: ``(rank,)`` singular values of the truncated (balanced) matrix, descending.
+        V: ``(in_features, rank)``, orthonormal columns when produced by :func:`factorize`.
+        D: ``(out_features,)`` row scales, or ``None`` when no balancing was used.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    D: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.S.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.U.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.V.shape[0]
+
+    def dense(self) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` matrix ``diag(D) · U · diag(S) · Vᵀ``."""
+        W = (self.U * self.S) @ self.V.mT
+        if self.D is not None:
+            W = self.D[:, None] * W
+        return W
+
+    def to(self, *args, **kwargs) -> Factors:
+        """Return the factors with ``Tensor.to(*args, **kwargs)`` applied to each."""
+        D = None if self.D is None else self.D.to(*args, **kwargs)
+        return Factors(
+            self.U.to(*args, **kwargs), self.S.to(*args, **kwargs), self.V.to(*args, **kwargs), D
+        )
+
+
+# --------------------------------------------------------------------------------------
+# validation and rank policies
+# --------------------------------------------------------------------------------------
+
+
+def _check_weight(W: torch.Tensor, name: str = "W") -> None:
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
+    if not W.is_floating_point():
+        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {W.dtype}")
+    if W.dim() != 2:
+        raise ValueError(
+            f"{name} must be a 2-D weight of shape (out_features, in_features), "
+            f"got shape {tuple(W.shape)}"
+        )
+    if W.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(W.shape)}")
+    if W.device.type != "meta" and not bool(torch.isfinite(W).all()):
+        bad = int((~torch.isfinite(W)).sum())
+        raise ValueError(f"{name} must be finite, got {bad} NaN or Inf entries")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def _check_fraction(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
+    if not (0.0 < value <= 1.0):  # also rejects NaN
+        raise ValueError(f"{name} must be in (0, 1], got {value}")
+    return float(value)
+
+
+def break_even_rank(out_features: int, in_features: int) -> float:
+    """The rank ``in·out / (in + out)`` at which ``U`` and ``V`` hold as many numbers as ``W``.
+
+    A factorization at or above this rank saves no parameters (and no FLOPs): the
+    converter and :func:`~lowrank_layers.make_efficient_linear` refuse it.
+
+    Example:
+        >>> break_even_rank(1024, 1024)
+        512.0
+    """
+    return out_features * in_features / (out_features + in_features)
+
+
+def factor_parameters(out_features: int, in_features: int, rank: int, *, balance: bool) -> int:
+    """Number of parameters in ``U``, ``S``, ``V`` (and ``D`` if ``balance``), bias excluded.
+
+    Example:
+        >>> factor_parameters(1024, 1024, 102, balance=False)
+        208998
+    """
+    return rank * (out_features + in_features + 1) + (out_features if balance else 0)
+
+
+def _rank_range_error(name: str, value: object, max_rank: int, shape: tuple[int, int]) -> str:
+    return (
+        f"{name} must be an int in [1, {max_rank}] for a {shape[0]}x{shape[1]} weight, got {value}"
+    )
+
+
+def resolve_rank(
+    out_features: int,
+    in_features: int,
+    *,
+    rank: int | None = None,
+    rank_ratio: float | None = None,
+    param_ratio: float | None = None,
+    balance: bool = False,
+    energy: float | None = None,
+) -> int | None:
+    """Turn exactly one rank policy into a rank.
+
+    ``rank`` is used as is (``1 <= rank <= min(out, in)``); ``rank_ratio`` gives
+    ``max(1, round(rank_ratio · min(out, in)))``; ``param_ratio`` gives the largest rank
+    whose factors (:func:`factor_parameters`) hold at most that fraction of ``out·in``.
+    ``energy`` depends on the spectrum, so it is validated here and ``None`` is
+    returned: :func:`factorize` then picks the rank with :func:`select_rank`.
+
+    Raises:
+        ValueError: zero or several policies, or a value out of range.
+    """
+    given = {
+        "rank": rank,
+        "rank_ratio": rank_ratio,
+        "energy": energy,
+        "param_ratio": param_ratio,
+    }
+    chosen = [k for k, v in given.items() if v is not None]
+    if len(chosen) != 1:
+        got = ", ".join(f"{k}={given[k]!r}" for k in chosen) if chosen else "none"
+        raise ValueError(
+            "exactly one rank policy must be given (rank, rank_ratio, energy or param_ratio), "
+            f"got {got}"
+        )
+    max_rank = min(out_features, in_features)
+    shape = (out_features, in_features)
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(_rank_range_error("rank", repr(rank), max_rank, shape))
+        if not 1 <= rank <= max_rank:
+            raise ValueError(_rank_range_error("rank", rank, max_rank, shape))
+        return int(rank)
+    if rank_ratio is not None:
+        ratio = _check_fraction("rank_ratio", rank_ratio)
+        return max(1, min(max_rank, math.floor(ratio * max_rank + 0.5)))
+    if param_ratio is not None:
+        ratio = _check_fraction("param_ratio", param_ratio)
+        budget = ratio * out_features * in_features - (out_features if balance else 0)
+        r = min(max_rank, math.floor(budget / (out_features + in_features + 1)))
+        if r < 1:
+            raise ValueError(
+                f"param_ratio={param_ratio} leaves no room for even a rank-1 factorization of a "
+                f"{out_features}x{in_features} weight (rank 1 needs "
+                f"{factor_parameters(out_features, in_features, 1, balance=balance)} of "
+                f"{out_features * in_features} parameters)"
+            )
+        return r
+    _check_fraction("energy", energy)  # type: ignore[arg-type]
+    return None
+
+
+def select_rank(
+    S: torch.Tensor, energy: float, *, total: float | torch.Tensor | None = None
+) -> int:
+    """Smallest ``r`` whose leading singular values keep ``energy`` of ``Σσ²``.
+
+    Args:
+        S: singular values, descending.
+        energy: fraction in (0, 1] of the squared Frobenius norm to keep.
+        total: the full ``Σσ²`` (``‖A‖_F²``) when ``S`` holds only the leading values,
+            as after a randomized SVD. Defaults to ``(S**2).sum()``.
+
+    Returns:
+        The rank, at least 1 and at most ``len(S)``. When ``total`` exceeds what ``S``
+        holds and the target is not reached, ``len(S)`` is returned; callers that
+        need the target met check ``captured_energy``.
+
+    Example:
+        >>> select_rank(torch.tensor([3.0, 2.0, 1.0]), 0.9)
+        2
+    """
+    energy = _check_fraction("energy", energy)
+    if S.dim() != 1 or S.numel() == 0:
+        raise ValueError(f"S must be a non-empty 1-D tensor, got shape {tuple(S.shape)}")
+    sq = S.detach().to(torch.float64).square()
+    cum = torch.cumsum(sq, 0)
+    tot = cum[-1] if total is None else torch.as_tensor(total, dtype=torch.float64)
+    if float(tot) == 0.0:
+        return 1
+    # a relative slack of 1e-12 so that energy=1.0 is met despite rounding in the sums
+    r = int(torch.searchsorted(cum / tot, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
+    return max(1, min(r, S.numel()))
+
+
+# --------------------------------------------------------------------------------------
+# balancing (DBC)
+# --------------------------------------------------------------------------------------
+
+
+def balance_rows(W: torch.Tensor, mode: Balance) -> torch.Tensor | None:
+    """Row scales ``D`` for ``W = diag(D) · W̃``; ``None`` for ``mode="none"``.
+
+    - ``"rowsum"``: the original design's ``D_i = Σ_j W_ij``, made safe: ``|D_i|`` is
+      floored at ``0.1·‖w_i‖`` (keeping the sum's sign), so rows whose entries cancel
+      cannot blow up ``1/D``.
+    - ``"rownorm"``: ``D_i = ‖w_i‖``, every row of ``W̃`` has unit norm.
+
+    All-zero rows get ``D_i = 1``. The result is finite and nonzero for every finite
+    ``W``; it has ``W``'s dtype (the arithmetic runs in at least float32).
+    """
+    _check_choice("balance", mode, BALANCE_MODES)
+    if mode == "none":
+        return None
+    W32 = _promote(W)
+    norms = torch.linalg.vector_norm(W32, dim=1)
+    if mode == "rownorm":
+        D = norms
+    else:
+        sums = W32.sum(dim=1)
+        sign = torch.where(sums < 0, -1.0, 1.0).to(W32.dtype)
+        D = sign * torch.maximum(sums.abs(), ROWSUM_FLOOR * norms)
+    # all-zero rows (and rows so small that 1/D would overflow) get D = 1
+    tiny = torch.finfo(W32.dtype).tiny / torch.finfo(W32.dtype).eps
+    D = torch.where(D.abs() > tiny, D, torch.ones_like(D))
+    return D.to(W.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# SVDs
+# --------------------------------------------------------------------------------------
+
+
+def _promote(A: torch.Tensor) -> torch.Tensor:
+    """``A`` in float32, or float64 if it already is."""
+    return A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
+
+
+def _lu_basis(Y: torch.Tensor) -> torch.Tensor:
+    """A well-conditioned basis of ``range(Y)``: the unit lower factor ``P·L`` of ``Y = P·L·R``.
+
+    Used between power iterations, where only the span matters (as in Facebook's
+    fbpca): LU with partial pivoting costs half a Householder QR and keeps every
+    entry of ``L`` in [-1, 1], so the basis stays finite even for rank-deficient ``Y``.
+    The final basis is still orthonormalized with Householder QR.
+    """
+    LU, pivots, _ = torch.linalg.lu_factor_ex(Y)
+    L = LU.tril(-1)
+    L.diagonal().fill_(1.0)
+    # LAPACK pivots are 1-based sequential row swaps; turn them into the row order of P·L
+    perm = list(range(Y.shape[0]))
+    for i, p in enumerate(pivots.tolist()):
+        perm[i], perm[p - 1] = perm[p - 1], perm[i]
+    basis = torch.empty_like(L)
+    basis[torch.tensor(perm, device=Y.device)] = L
+    return basis
+
+
+def _sketch_matrix(
+    n: int, ell: int, kind: Sketch, *, device: torch.device, dtype: torch.dtype, generator
+) -> torch.Tensor:
+    if kind == "gaussian":
+        return torch.randn(n, ell, device=device, dtype=dtype, generator=generator)
+    # sparse sign embedding (Tropp et al. 2019, "Streaming low-rank matrix approximation"):
+    # each of the n rows holds zeta = min(8, ell) entries ±1 in random columns (drawn with
+    # replacement; a repeated column sums its entries, which changes nothing that matters
+    # for a range finder and avoids a sort of n x ell keys).
+    zeta = min(8, ell)
+    cols = torch.randint(0, ell, (n, zeta), device=device, generator=generator)
+    signs = torch.randint(0, 2, (n, zeta), device=device, generator=generator).to(dtype) * 2 - 1
+    rows = torch.arange(n, device=device).repeat_interleave(zeta)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta state"
+        omega_t = (
+            torch.sparse_coo_tensor(
+                torch.stack([cols.reshape(-1), rows]), signs.reshape(-1), (ell, n)
+            )
+            .coalesce()
+            .to_sparse_csr()
+        )
+    return omega_t  # (ell, n), the transpose, as sparse @ dense is the fast kernel
+
+
+def randomized_svd(
+    A: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int = 10,
+    power_iters: int = 2,
+    sketch: Sketch = "gaussian",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading ``rank`` singular triplets of ``A`` by randomized range finding.
+
+    Halko, Martinsson & Tropp (2011), Algorithm 4.4: sketch ``Y = A·Ω`` with
+    ``rank + oversample`` random columns, ``power_iters`` rounds of ``Aᵀ`` / ``A``
+    products with the basis re-conditioned between each (LU with partial pivoting,
+    half the cost of a QR), a final Householder QR ``Q``, then the exact SVD of the
+    small projection ``Qᵀ·A`` through its QR. Returns ``(U, S, Vh)`` like
+    ``torch.linalg.svd(A, full_matrices=False)`` truncated to ``rank``: ``U`` and
+    ``Vhᵀ`` have orthonormal columns, ``S`` is descending.
+
+    Cost: ``2·(power_iters + 1)`` products with ``A`` of ``rank + oversample``
+    columns, the same as ``torch.svd_lowrank(A, q=rank + oversample,
+    niter=power_iters)``, with less time in the orthonormalizations.
+
+    Args:
+        A: ``(m, n)`` real floating-point matrix; half precision is computed in float32.
+        rank: number of triplets, in ``[1, min(m, n)]``.
+        oversample: extra sketch columns (10 is the usual choice; more lowers the error).
+        power_iters: power iterations; 2 brings slowly decaying spectra within a few
+            percent of the optimal truncation error.
+        sketch: ``"gaussian"`` or ``"sparse"`` (a sparse sign embedding with 8 nonzeros
+            per row, which makes the first product cheaper).
+        generator: random generator for a reproducible sketch.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> A = torch.randn(300, 200, generator=g)
+        >>> U, S, Vh = randomized_svd(A, 20, generator=g)
+        >>> U.shape, S.shape, Vh.shape
+        (torch.Size([300, 20]), torch.Size([20]), torch.Size([20, 200]))
+    """
+    _check_weight(A, "A")
+    _check_choice("sketch", sketch, SKETCHES)
+    m, n = A.shape
+    max_rank = min(m, n)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+        raise ValueError(_rank_range_error("rank", rank, max_rank, (m, n)))
+    for name, value in (("oversample", oversample), ("power_iters", power_iters)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    dtype = A.dtype
+    A = _promote(A)
+    ell = min(rank + oversample, max_rank)
+    if ell == max_rank:
+        # the sketch would hold the whole space: the exact SVD is cheaper and exact
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        return U[:, :rank].to(dtype), S[:rank].to(dtype), Vh[:rank].to(dtype)
+
+    omega = _sketch_matrix(n, ell, sketch, device=A.device, dtype=A.dtype, generator=generator)
+    # with the sparse sketch, A·Ω is computed as (Ωᵀ·Aᵀ)ᵀ: sparse @ dense is the fast kernel
+    Y = torch.sparse.mm(omega, A.mT).mT if sketch == "sparse" else A @ omega
+    for _ in range(power_iters):
+        Z = A.mT @ _lu_basis(Y)
+        Y = A @ _lu_basis(Z)
+    Q = torch.linalg.qr(Y).Q  # (m, ell), orthonormal
+    Bt = A.mT @ Q  # (n, ell) = (Qᵀ A)ᵀ
+    # SVD of the small B = Qᵀ A through B ᵀ = Q₂ R, R = Ur Sr Vrᵀ:
+    # A ≈ Q B = (Q Vr) Sr (Q₂ Ur)ᵀ, with both outer factors orthonormal.
+    Q2, R = torch.linalg.qr(Bt)
+    Ur, S, Vrh = torch.linalg.svd(R)
+    U = Q @ Vrh[:rank].mT
+    Vh = (Q2 @ Ur[:, :rank]).mT
+    return U.to(dtype), S[:rank].to(dtype), Vh.to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# the entry point
+# --------------------------------------------------------------------------------------
+
+
+def factorize(
+    W: torch.Tensor,
+    *,
+    rank: int | None = None,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    param_ratio: float | None = None,
+    method: Method = "svd",
+    balance: Balance = "none",
+    generator: torch.Generator | None = None,
+) -> Factors:
+    """Factorize ``W ≈ diag(D) · U · diag(S) · Vᵀ`` under exactly one rank policy.
+
+    With ``balance="none"`` and ``method="svd"`` this is the truncated SVD, the best
+    rank-``r`` approximation in Frobenius norm (Eckart–Young). With balancing,
+    ``W = diag(D) · W̃`` and ``W̃`` is truncated (:func:`balance_rows`).
+
+    Args:
+        W: ``(out_features, in_features)`` real floating-point weight.
+        rank: the rank, ``1 <= rank <= min(out, in)``.
+        rank_ratio: ``rank = max(1, round(rank_ratio · min(out, in)))``, in (0, 1].
+        energy: smallest rank keeping this fraction of ``Σσ²`` of the truncated matrix
+            (``W̃`` when balanced), in (0, 1].
+        param_ratio: largest rank whose factors hold at most this fraction of the
+            ``out·in`` dense parameters (``D`` counted when balanced), in (0, 1].
+        method: ``"svd"`` (exact, ``torch.linalg.svd``) or ``"randomized"``
+            (:func:`randomized_svd`; with ``energy`` the sketch grows until the
+            target is met, falling back to the exact SVD).
+        balance: ``"none"``, ``"rownorm"`` or ``"rowsum"`` (:func:`balance_rows`).
+        generator: random generator for ``method="randomized"``.
+
+    Returns:
+        :class:`Factors` in ``W``'s dtype and device.
+
+    Raises:
+        TypeError: ``W`` is not a real floating-point tensor.
+        ValueError: ``W`` is not 2-D, not finite or empty; zero or several rank
+            policies; a policy value out of range; an unknown method or balance.
+
+    Example:
+        >>> W = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+        >>> f = factorize(W, rank=32)
+        >>> torch.allclose(f.dense(), W, atol=1e-5)
+        True
+    """
+    _check_weight(W)
+    _check_choice("method", method, METHODS)
+    _check_choice("balance", balance, BALANCE_MODES)
+    out_features, in_features = W.shape
+    r = resolve_rank(
+        out_features,
+        in_features,
+        rank=rank,
+        rank_ratio=rank_ratio,
+        energy=energy,
+        param_ratio=param_ratio,
+        balance=balance != "none",
+    )
+    dtype = W.dtype
+    A = _promote(W)
+    D = balance_rows(A, balance)
+    if D is not None:
+        A = A / D[:, None]
+
+    if method == "svd" or (r is None and min(A.shape) <= 64):
+        U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+        if r is None:
+            r = select_rank(S, energy)  # type: ignore[arg-type]
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    elif r is not None:
+        U, S, Vh = randomized_svd(A, r, generator=generator)
+    else:
+        U, S, Vh = _randomized_by_energy(A, energy, generator)  # type: ignore[arg-type]
+
+    D = None if D is None else D.to(dtype)
+    return Factors(U.to(dtype), S.to(dtype), Vh.mT.to(dtype), D)
+
+
+def _randomized_by_energy(
+    A: torch.Tensor, energy: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Randomized SVD with the rank chosen by energy: grow the sketch until it holds the target.
+
+    ``‖A‖_F²`` is exact and cheap, so the captured fraction of each trial is known;
+    the sketch doubles from 10% of ``min(m, n)`` until the target is met, and the
+    exact SVD takes over once a sketch would cover half the matrix.
+    """
+    max_rank = min(A.shape)
+    total = torch.linalg.matrix_norm(A.to(torch.float64)).square()
+    trial = max(8, max_rank // 10)
+    while 2 * trial < max_rank:
+        U, S, Vh = randomized_svd(A, trial, generator=generator)
+        r = select_rank(S, energy, total=total)
+        if r < trial:  # reached inside the sketch (r == trial may be the sketch running out)
+            return U[:, :r], S[:r], Vh[:r]
+        trial *= 2
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    r = select_rank(S, energy)
+    return U[:, :r], S[:r], Vh[:r]
+
+
+def relative_error(W: torch.Tensor, factors: Factors) -> float:
+    """``‖W − factors.dense()‖_F / ‖W‖_F`` computed in float64 (0 for an all-zero ``W``)."""
+    W64 = W.detach().to(torch.float64)
+    approx = factors.to(torch.float64).dense()
+    norm = torch.linalg.matrix_norm(W64)
+    if float(norm) == 0.0:
+        return float(torch.linalg.matrix_norm(approx))
+    return float(torch.linalg.matrix_norm(W64 - approx) / norm)

@@ -1,0 +1,60 @@
+"""``make_efficient_linear``: low rank where it pays, ``nn.Linear`` elsewhere."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .factorize import factor_parameters, resolve_rank
+from .linear import LowRankLinear
+
+__all__ = ["make_efficient_linear"]
+
+
+def make_efficient_linear(
+    in_features: int,
+    out_features: int,
+    *,
+    rank_ratio: float = 0.1,
+    threshold: int = 512,
+    bias: bool = True,
+    balance: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """A :class:`~lowrank_layers.LowRankLinear` for large layers, an ``nn.Linear`` otherwise.
+
+    The layer is low rank when ``in_features·out_features > threshold²`` and the rank
+    ``max(1, round(rank_ratio·min(in, out)))`` saves parameters (its factors hold
+    fewer numbers than the dense weight); otherwise it is a plain ``nn.Linear``.
+    The original design's presets: attention projections at ``rank_ratio=0.1``,
+    feed-forward layers at ``0.15``.
+
+    Args:
+        in_features, out_features: the layer's sizes.
+        rank_ratio: fraction of ``min(in, out)`` kept, in (0, 1].
+        threshold: size threshold; ``0`` makes every layer that saves parameters low rank.
+        bias, balance, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
+
+    Example:
+        >>> make_efficient_linear(1024, 4096)
+        LowRankLinear(in_features=1024, out_features=4096, rank=102, bias=True, balance=False)
+        >>> make_efficient_linear(256, 256)
+        Linear(in_features=256, out_features=256, bias=True)
+    """
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+    rank = resolve_rank(out_features, in_features, rank_ratio=rank_ratio)
+    assert rank is not None  # rank_ratio always resolves to a rank
+    large = in_features * out_features > threshold**2
+    saves = factor_parameters(out_features, in_features, rank, balance=balance) < (
+        in_features * out_features
+    )
+    if large and saves:
+        return LowRankLinear(
+            in_features, out_features, rank, bias=bias, balance=balance, device=device, dtype=dtype
+        )
+    return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)

@@ -1,0 +1,240 @@
+"""``LowRankLinear``: a drop-in, factorized replacement for ``nn.Linear``."""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .factorize import Balance, Factors, Method, factorize
+
+__all__ = ["LowRankLinear"]
+
+
+def _check_features(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+class LowRankLinear(nn.Module):
+    r"""A linear layer whose weight is held as low-rank factors.
+
+    .. math::
+        y = x \, V \, \mathrm{diag}(S) \, U^\top \mathrm{diag}(D) + b,
+        \qquad W = \mathrm{diag}(D)\, U \,\mathrm{diag}(S)\, V^\top
+
+    The forward is two ``F.linear`` calls, ``(x V)`` then ``(·)(D U S)ᵀ + b`` with
+    the bias fused into the second: ``r·(in + out)`` multiply-adds per token instead
+    of ``in·out``, and no Python branching on data, so ``torch.compile`` traces it
+    whole.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        rank: number of components ``r``, in ``[1, min(in_features, out_features)]``.
+            Ranks at or above :func:`~lowrank_layers.break_even_rank` are allowed but
+            save nothing.
+        bias: if ``False``, the layer has no additive bias.
+        balance: if ``True``, the layer holds a trainable row scale ``D`` (the original
+            design's DBC vector), initialised to ones.
+        device, dtype: as for ``nn.Linear``.
+
+    Attributes:
+        U: ``(out_features, rank)``.  S: ``(rank,)``.  V: ``(in_features, rank)``.
+        D: ``(out_features,)`` or ``None``.  bias: ``(out_features,)`` or ``None``.
+
+    A fresh layer has orthonormal ``U`` and ``V`` and a constant ``S`` chosen so that
+    ``E‖W‖_F²`` equals that of ``nn.Linear``'s default initialisation: on standard
+    Gaussian input its outputs have the same scale.
+
+    Shape:
+        - Input: ``(*, in_features)``
+        - Output: ``(*, out_features)``
+
+    Example:
+        >>> layer = LowRankLinear(1024, 512, rank=64)
+        >>> layer(torch.randn(8, 16, 1024)).shape
+        torch.Size([8, 16, 512])
+        >>> sum(p.numel() for p in layer.parameters())
+        98880
+    """
+
+    __constants__: ClassVar[list[str]] = ["in_features", "out_features", "rank"]
+
+    in_features: int
+    out_features: int
+    rank: int
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        *,
+        bias: bool = True,
+        balance: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = _check_features("in_features", in_features)
+        self.out_features = _check_features("out_features", out_features)
+        max_rank = min(in_features, out_features)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
+            raise ValueError(
+                f"rank must be an int in [1, {max_rank}] for a {out_features}x{in_features} "
+                f"weight, got {rank!r}"
+            )
+        self.rank = rank
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.S = nn.Parameter(torch.empty(rank, **kw))
+        self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
+        if balance:
+            self.D = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("D", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Orthonormal ``U``, ``V``; ``S = sqrt(out / (3·rank))``; ``D = 1``; bias as ``nn.Linear``.
+
+        ``nn.Linear``'s default weight has entries ``U(-1/√in, 1/√in)``, so
+        ``E‖W‖_F² = out/3``; with orthonormal factors ``‖W‖_F² = rank·S²``, which gives
+        the same value for this ``S``.
+        """
+        with torch.no_grad():
+            for factor in (self.U, self.V):
+                if factor.device.type == "meta":
+                    continue
+                # QR has no half-precision kernels: draw in float32, then copy
+                tmp = torch.empty(factor.shape, device=factor.device, dtype=torch.float32)
+                factor.copy_(nn.init.orthogonal_(tmp))
+            self.S.fill_(math.sqrt(self.out_features / (3 * self.rank)))
+            if self.D is not None:
+                self.D.fill_(1.0)
+            if self.bias is not None:
+                bound = 1 / math.sqrt(self.in_features)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        hidden = F.linear(input, self.V.mT)
+        return F.linear(hidden, self._out_weight(), self.bias)
+
+    def _out_weight(self) -> torch.Tensor:
+        """``diag(D)·U·diag(S)``, the ``(out, rank)`` weight of the second product."""
+        weight = self.U * self.S
+        if self.D is not None:
+            weight = weight * self.D[:, None]
+        return weight
+
+    # ----------------------------------------------------------------------------------
+    # conversion
+    # ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int | None = None,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        param_ratio: float | None = None,
+        method: Method = "svd",
+        balance: Balance = "none",
+        generator: torch.Generator | None = None,
+    ) -> LowRankLinear:
+        """Factorize an ``nn.Linear`` under exactly one rank policy (see ``factorize``).
+
+        The new layer has the source's device and dtype and a copy of its bias; the
+        source is not modified. At full rank with ``method="svd"`` it reproduces the
+        source to float32 rounding.
+
+        Example:
+            >>> dense = nn.Linear(256, 128)
+            >>> low = LowRankLinear.from_linear(dense, rank_ratio=0.25)
+            >>> low.rank
+            32
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            factors = factorize(
+                linear.weight.detach(),
+                rank=rank,
+                rank_ratio=rank_ratio,
+                energy=energy,
+                param_ratio=param_ratio,
+                method=method,
+                balance=balance,
+                generator=generator,
+            )
+            return cls.from_factors(factors, bias=linear.bias)
+
+    @classmethod
+    def from_factors(cls, factors: Factors, *, bias: torch.Tensor | None = None) -> LowRankLinear:
+        """A layer holding copies of ``factors`` (and of ``bias`` when given)."""
+        ref = factors.U
+        layer = cls(
+            factors.in_features,
+            factors.out_features,
+            factors.rank,
+            bias=bias is not None,
+            balance=factors.D is not None,
+            device="meta",
+            dtype=ref.dtype,
+        ).to_empty(device=ref.device)
+        with torch.no_grad():
+            layer.U.copy_(factors.U)
+            layer.S.copy_(factors.S)
+            layer.V.copy_(factors.V)
+            if factors.D is not None:
+                layer.D.copy_(factors.D)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def factors(self) -> Factors:
+        """The current parameters as detached :class:`~lowrank_layers.Factors`."""
+        D = None if self.D is None else self.D.detach()
+        return Factors(self.U.detach(), self.S.detach(), self.V.detach(), D)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight this layer represents (detached).
+
+        The product is formed in float32 (or float64) and cast to the layer's dtype.
+        """
+        dtype = self.U.dtype
+        compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        with torch.no_grad():
+            return self.factors().to(compute).dense().to(dtype)
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with weight ``diag(D)·U·diag(S)·Vᵀ`` and a copy of the bias."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.U.dtype,
+        ).to_empty(device=self.U.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, bias={self.bias is not None}, balance={self.D is not None}"
+        )
