@@ -24,10 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table  # noqa: E402
+from common import machine_description, markdown_table
 
-from lowrank_layers import factorize, relative_error  # noqa: E402
-from lowrank_layers.cli import train_digits_mlp  # noqa: E402
+from lowrank_layers import factorize, relative_error
+from lowrank_layers.cli import train_digits_mlp
 
 
 def cases(gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

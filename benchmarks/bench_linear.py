@@ -19,13 +19,14 @@ import argparse
 import json
 import statistics
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from common import (
     TUNED_MALLOC_ENV,
     machine_description,
     markdown_table,
@@ -33,7 +34,7 @@ from common import (  # noqa: E402
     rerun_with_env,
 )
 
-from lowrank_layers import LowRankLinear  # noqa: E402
+from lowrank_layers import LowRankLinear
 
 SHAPES = [(1024, 1024), (768, 3072), (3072, 768), (4096, 4096)]
 TOKENS = [32, 512, 4096]
@@ -42,6 +43,18 @@ RATIOS = [0.1, 0.25]
 
 def repeats_for(flops: float) -> int:
     return 15 if flops < 5e9 else 7 if flops < 5e10 else 5
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    layer(x).backward(grad_out)
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+
+
+def inference(layer: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer(x)
 
 
 def measure(threads: int, quick: bool) -> list[dict]:
@@ -60,20 +73,12 @@ def measure(threads: int, quick: bool) -> list[dict]:
                 r = low.rank
                 limit = in_f * out_f / (r * (in_f + out_f))
 
-                def step(layer: nn.Module) -> None:
-                    layer(x).backward(grad_out)
-                    x.grad = None
-                    for p in layer.parameters():
-                        p.grad = None
-
-                def infer(layer: nn.Module) -> None:
-                    with torch.no_grad():
-                        layer(x)
-
                 reps = repeats_for(6 * n * in_f * out_f)
-                t_dense, t_low = paired_median_times([lambda: step(dense), lambda: step(low)], reps)
+                t_dense, t_low = paired_median_times(
+                    [partial(train_step, m, x, grad_out) for m in (dense, low)], reps
+                )
                 f_dense, f_low = paired_median_times(
-                    [lambda: infer(dense), lambda: infer(low)], reps
+                    [partial(inference, m, x) for m in (dense, low)], reps
                 )
                 results.append(
                     {
