@@ -11,7 +11,7 @@ from torch import nn
 
 from .factorize import Balance, Factors, Method, factorize
 
-__all__ = ["LowRankLinear", "lowrank_linear"]
+__all__ = ["LowRankLinear", "dense_from_factors", "init_factors_", "lowrank_linear"]
 
 # GEMMs whose rank dimension is a multiple of 8 run markedly faster on CPU (AVX2 holds 8
 # floats): rank 77 took 6.6 ms where rank 80 took 5.6 ms for 512 tokens of a 768x3072
@@ -48,6 +48,46 @@ def _check_features(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+@torch.no_grad()
+def init_factors_(
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    D: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    active_rank: int | None = None,
+) -> None:
+    """Fill factors in place so the layer starts at ``nn.Linear``'s output scale.
+
+    ``U`` and ``V`` get orthonormal columns (QR of a Gaussian, drawn in float32 as QR
+    has no half-precision kernels), ``S = sqrt(out / (3·active_rank))``, ``D = 1``, and
+    the bias ``nn.Linear``'s ``U(-1/sqrt(in), 1/sqrt(in))``. ``nn.Linear``'s weight has
+    ``E‖W‖_F² = out/3``; orthonormal factors give ``‖W‖_F² = active_rank·S²``, the same.
+    Tensors on the ``meta`` device are left alone.
+    """
+    out_features, rank = U.shape
+    in_features = V.shape[0]
+    active_rank = rank if active_rank is None else active_rank
+    for factor in (U, V):
+        if factor.device.type != "meta":
+            tmp = torch.empty(factor.shape, device=factor.device, dtype=torch.float32)
+            factor.copy_(nn.init.orthogonal_(tmp))
+    S.fill_(math.sqrt(out_features / (3 * active_rank)))
+    if D is not None:
+        D.fill_(1.0)
+    if bias is not None:
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(bias, -bound, bound)
+
+
+def dense_from_factors(factors: Factors) -> torch.Tensor:
+    """``diag(D)·U·diag(S)·Vᵀ`` formed in float32 (or float64) and cast to the factors' dtype."""
+    dtype = factors.U.dtype
+    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    return factors.to(compute).dense().to(dtype)
 
 
 class LowRankLinear(nn.Module):
@@ -141,19 +181,7 @@ class LowRankLinear(nn.Module):
         ``E‖W‖_F² = out/3``; with orthonormal factors ``‖W‖_F² = rank·S²``, which gives
         the same value for this ``S``.
         """
-        with torch.no_grad():
-            for factor in (self.U, self.V):
-                if factor.device.type == "meta":
-                    continue
-                # QR has no half-precision kernels: draw in float32, then copy
-                tmp = torch.empty(factor.shape, device=factor.device, dtype=torch.float32)
-                factor.copy_(nn.init.orthogonal_(tmp))
-            self.S.fill_(math.sqrt(self.out_features / (3 * self.rank)))
-            if self.D is not None:
-                self.D.fill_(1.0)
-            if self.bias is not None:
-                bound = 1 / math.sqrt(self.in_features)
-                nn.init.uniform_(self.bias, -bound, bound)
+        init_factors_(self.U, self.S, self.V, self.D, self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return lowrank_linear(input, self.U, self.S, self.V, self.D, self.bias)
@@ -235,10 +263,8 @@ class LowRankLinear(nn.Module):
 
         The product is formed in float32 (or float64) and cast to the layer's dtype.
         """
-        dtype = self.U.dtype
-        compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         with torch.no_grad():
-            return self.factors().to(compute).dense().to(dtype)
+            return dense_from_factors(self.factors())
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with weight ``diag(D)·U·diag(S)·Vᵀ`` and a copy of the bias."""
