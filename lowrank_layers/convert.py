@@ -1,0 +1,597 @@
+"""Put low rank into any model: ``convert_model``, ``switch_to_lowrank``, ``prune_dynamic``."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from .adaptive import AdaptiveLowRankLinear, SwitchResult
+from .dynamic import DynamicLowRankLinear, ParamSwap
+from .factorize import (
+    BALANCE_MODES,
+    Balance,
+    Method,
+    _check_choice,
+    factor_parameters,
+    relative_error,
+    resolve_rank,
+)
+from .linear import LowRankLinear
+
+__all__ = [
+    "ConversionReport",
+    "LayerReport",
+    "convert_model",
+    "prune_dynamic",
+    "register_weight_reader",
+    "switch_to_lowrank",
+]
+
+LayerKind = Literal["lowrank", "adaptive", "dynamic"]
+LAYER_KINDS: tuple[str, ...] = ("lowrank", "adaptive", "dynamic")
+LOWRANK_TYPES = (LowRankLinear, AdaptiveLowRankLinear, DynamicLowRankLinear)
+
+# Parents whose forward reads a child's `.weight` directly instead of calling it: replacing
+# that child would break the parent. nn.MultiheadAttention passes out_proj.weight to
+# F.multi_head_attention_forward.
+_WEIGHT_READERS: dict[type[nn.Module], tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
+
+
+def register_weight_reader(parent_type: type[nn.Module], child_names: Iterable[str]) -> None:
+    """Declare that ``parent_type``'s forward reads ``child.weight`` of these children.
+
+    ``convert_model`` then leaves those children alone and says why in its report.
+    """
+    if not (isinstance(parent_type, type) and issubclass(parent_type, nn.Module)):
+        raise TypeError(f"parent_type must be an nn.Module subclass, got {parent_type!r}")
+    names = tuple(child_names)
+    _WEIGHT_READERS[parent_type] = tuple(_WEIGHT_READERS.get(parent_type, ())) + names
+
+
+# ------------------------------------------------------------------------------------------
+# the report
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerReport:
+    """One matched module: converted, or skipped with its reason."""
+
+    name: str
+    kind: str
+    in_features: int | None
+    out_features: int | None
+    rank: int | None
+    params_before: int
+    params_after: int
+    relative_error: float | None
+    seconds: float
+    reason: str | None = None
+
+    @property
+    def converted(self) -> bool:
+        return self.reason is None
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_model` did, layer by layer.
+
+    ``str(report)`` is an aligned table; :meth:`to_dict` / :meth:`to_json` are
+    JSON-serialisable. Parameter counts are of the matched layers' weights and factors
+    (biases excluded, as they are unchanged); ``model_params_before/after`` count the
+    whole model.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    model_params_before: int = 0
+    model_params_after: int = 0
+
+    @property
+    def converted(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.converted]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.converted]
+
+    @property
+    def params_before(self) -> int:
+        """Weight parameters of the converted layers before conversion."""
+        return sum(layer.params_before for layer in self.converted)
+
+    @property
+    def params_after(self) -> int:
+        """Factor parameters of the converted layers after conversion."""
+        return sum(layer.params_after for layer in self.converted)
+
+    @property
+    def seconds(self) -> float:
+        return sum(layer.seconds for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [{**asdict(layer), "converted": layer.converted} for layer in self.layers],
+            "totals": {
+                "converted": len(self.converted),
+                "skipped": len(self.skipped),
+                "params_before": self.params_before,
+                "params_after": self.params_after,
+                "model_params_before": self.model_params_before,
+                "model_params_after": self.model_params_after,
+                "seconds": self.seconds,
+            },
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        header = ("layer", "kind", "in", "out", "rank", "params", "after", "rel.err", "s", "note")
+        rows = [header]
+        for layer in self.layers:
+            err = "-" if layer.relative_error is None else f"{layer.relative_error:.4f}"
+            rows.append(
+                (
+                    layer.name,
+                    layer.kind,
+                    "-" if layer.in_features is None else str(layer.in_features),
+                    "-" if layer.out_features is None else str(layer.out_features),
+                    "-" if layer.rank is None else str(layer.rank),
+                    f"{layer.params_before:,}",
+                    f"{layer.params_after:,}",
+                    err,
+                    f"{layer.seconds:.2f}",
+                    "" if layer.converted else f"skipped: {layer.reason}",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        right = {2, 3, 4, 5, 6, 7, 8}
+
+        def fmt(row: Sequence[str]) -> str:
+            cells = [
+                cell.rjust(w) if i in right else cell.ljust(w)
+                for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ]
+            return "  ".join(cells).rstrip()
+
+        lines = [fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]]
+        saved = 1 - self.params_after / self.params_before if self.params_before else 0.0
+        lines.append(
+            f"converted {len(self.converted)} of {len(self.layers)} matched layers: "
+            f"{self.params_before:,} -> {self.params_after:,} parameters ({saved:.1%} fewer); "
+            f"model {self.model_params_before:,} -> {self.model_params_after:,}; "
+            f"{self.seconds:.2f} s"
+        )
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# selection
+# ------------------------------------------------------------------------------------------
+
+
+def _check_patterns(name: str, value: object) -> None:
+    if value is None or isinstance(value, str):
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{name} is not a valid regular expression: {exc}") from exc
+        return
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
+        return
+    raise TypeError(f"{name} must be a regex string or a list of module names, got {value!r}")
+
+
+def name_matches(fqn: str, patterns: str | Iterable[str]) -> bool:
+    """peft's rule: a string is a regex that must match the whole dotted name; a list holds
+    exact names or dotted suffixes (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``).
+    """
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, fqn) is not None
+    return any(fqn == p or fqn.endswith("." + p) for p in patterns)
+
+
+def _has_matrix(module: nn.Module) -> bool:
+    """Whether the module holds a weight matrix of its own (Embedding, Conv, Linear...)."""
+    weight = module._parameters.get("weight")
+    return weight is not None and weight.dim() >= 2
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear whose forward is nn.Linear's (subclasses that override it are not safe)."""
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
+    """For each module id: every (parent, attribute name, full name) that holds it."""
+    holders: dict[int, list[tuple[nn.Module, str, str]]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for child_name, child in parent._modules.items():  # named_children() dedups
+            if child is None:
+                continue
+            fqn = f"{parent_name}.{child_name}" if parent_name else child_name
+            holders.setdefault(id(child), []).append((parent, child_name, fqn))
+    return holders
+
+
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """For each parameter id: the full names of every module that holds it."""
+    owners: dict[int, list[str]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), []).append(mod_name)
+    return owners
+
+
+# ------------------------------------------------------------------------------------------
+# convert_model
+# ------------------------------------------------------------------------------------------
+
+
+def convert_model(
+    model: nn.Module,
+    *,
+    rank: int | None = None,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    param_ratio: float | None = None,
+    layer: LayerKind = "lowrank",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    threshold: int = 0,
+    method: Method = "svd",
+    balance: Balance = "none",
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> ConversionReport:
+    """Replace ``nn.Linear`` modules of ``model`` by low-rank layers, in place.
+
+    Selection, as peft's ``target_modules`` and torchao's ``quantize_``:
+
+    - ``include`` / ``exclude``: a regex that must match the full dotted module name
+      (``re.fullmatch``), or a list of exact names or dotted suffixes;
+    - ``filter_fn(module, fqn) -> bool``;
+    - without ``include`` or ``filter_fn``, every ``nn.Linear`` (and every layer of this
+      library, reported as already low rank) is a candidate; with them, so is every other
+      matched module holding a weight matrix of its own (``nn.Embedding``, ``nn.Conv1d``,
+      ...), reported as a type that cannot be converted. Modules without a weight matrix
+      (activations, norms, containers) are never candidates.
+
+    A matched layer is converted unless (each reported with its reason): its type cannot be
+    converted (not ``nn.Linear``, a subclass with its own forward, or already low rank); its
+    parent reads ``.weight`` directly (``nn.MultiheadAttention.out_proj``, see
+    :func:`register_weight_reader`); its weight is shared with another module (tied
+    embeddings and output head); ``in·out <= threshold²``; or the rank saves no
+    parameters (at or past break-even). A module held at several places in the tree is
+    replaced at all of them by one new layer.
+
+    Args:
+        model: any ``nn.Module``; changed in place.
+        rank, rank_ratio, energy, param_ratio: exactly one rank policy (see
+            :func:`~lowrank_layers.factorize`), applied to each layer.
+        layer: ``"lowrank"`` (:class:`~lowrank_layers.LowRankLinear`), ``"adaptive"``
+            (:class:`~lowrank_layers.AdaptiveLowRankLinear` in its dense phase, the policy
+            kept for its later switch) or ``"dynamic"``
+            (:class:`~lowrank_layers.DynamicLowRankLinear`, the policy's rank as ``max_rank``).
+        threshold: the original ``make_efficient_linear``'s size test; 0 converts any size.
+        method, balance, generator: as :func:`~lowrank_layers.factorize` (for
+            ``"adaptive"``, ``balance`` is the default of the later switch).
+        progress: show a tqdm progress bar (``pip install 'lowrank-layers[progress]'``).
+
+    Returns:
+        A :class:`ConversionReport`.
+
+    Raises:
+        ValueError: bad policy or option; no module matched at all (a likely typo in
+            ``include``). If modules matched but none could be converted, a
+            ``UserWarning`` says so and the report lists why.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        >>> report = convert_model(model, rank_ratio=0.25)
+        >>> [type(m).__name__ for m in model]
+        ['LowRankLinear', 'ReLU', 'LowRankLinear']
+        >>> len(report.converted)
+        2
+    """
+    _check_choice("layer", layer, LAYER_KINDS)
+    _check_choice("method", method, ("svd", "randomized"))
+    _check_choice("balance", balance, BALANCE_MODES)
+    _check_patterns("include", include)
+    _check_patterns("exclude", exclude)
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be callable, got {filter_fn!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+        raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+    policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
+    policy["param_ratio"] = param_ratio
+    policy = {k: v for k, v in policy.items() if v is not None}
+    resolve_rank(1 << 20, 1 << 20, **policy)  # validates "exactly one" and the ranges
+
+    def selected(fqn: str, module: nn.Module) -> bool:
+        linear_like = isinstance(module, (nn.Linear, *LOWRANK_TYPES))
+        if not linear_like and ((include is None and filter_fn is None) or not _has_matrix(module)):
+            return False
+        if include is not None and not name_matches(fqn, include):
+            return False
+        if exclude is not None and name_matches(fqn, exclude):
+            return False
+        return filter_fn is None or bool(filter_fn(module, fqn))
+
+    candidates = [(fqn, m) for fqn, m in model.named_modules() if fqn and selected(fqn, m)]
+    if not candidates:
+        raise ValueError(
+            f"convert_model: no module of {type(model).__name__} matched (include={include!r}, "
+            f"exclude={exclude!r}, filter_fn={getattr(filter_fn, '__name__', filter_fn)!r})"
+        )
+    holders = _parents(model)
+    owners = _weight_owners(model)
+    report = ConversionReport(model_params_before=_count(model))
+    iterator: Iterable[tuple[str, nn.Module]] = candidates
+    if progress:
+        iterator = _progress(candidates)
+    for fqn, module in iterator:
+        start = time.perf_counter()
+        entry = _convert_one(
+            fqn, module, holders, owners, layer, policy, threshold, method, balance, generator
+        )
+        entry.seconds = time.perf_counter() - start
+        report.layers.append(entry)
+    report.model_params_after = _count(model)
+    if not report.converted:
+        examples = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
+        more = f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else ""
+        warnings.warn(
+            f"convert_model: {len(report.layers)} modules matched but none was converted "
+            f"({examples}{more}); the report lists every reason",
+            UserWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _progress(items: list) -> Iterable:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError(
+            "progress=True needs tqdm: pip install 'lowrank-layers[progress]'"
+        ) from exc
+    return tqdm(items, desc="converting", unit="layer")
+
+
+def _skip(fqn: str, module: nn.Module, reason: str) -> LayerReport:
+    weight = getattr(module, "weight", None)
+    params = weight.numel() if isinstance(weight, torch.Tensor) else 0
+    return LayerReport(
+        name=fqn,
+        kind=type(module).__name__,
+        in_features=getattr(module, "in_features", None),
+        out_features=getattr(module, "out_features", None),
+        rank=None,
+        params_before=params,
+        params_after=params,
+        relative_error=None,
+        seconds=0.0,
+        reason=reason,
+    )
+
+
+def _convert_one(
+    fqn: str,
+    module: nn.Module,
+    holders: dict[int, list[tuple[nn.Module, str, str]]],
+    owners: dict[int, list[str]],
+    layer: str,
+    policy: dict[str, Any],
+    threshold: int,
+    method: Method,
+    balance: Balance,
+    generator: torch.Generator | None,
+) -> LayerReport:
+    if isinstance(module, LOWRANK_TYPES):
+        return _skip(fqn, module, f"already a {type(module).__name__}")
+    if not _is_plain_linear(module):
+        what = (
+            f"{type(module).__name__} overrides nn.Linear.forward"
+            if isinstance(module, nn.Linear)
+            else f"cannot convert a {type(module).__name__}"
+        )
+        return _skip(fqn, module, what)
+    for parent, child_name, _ in holders.get(id(module), []):
+        for parent_type, names in _WEIGHT_READERS.items():
+            if isinstance(parent, parent_type) and child_name in names:
+                return _skip(fqn, module, f"parent {type(parent).__name__} reads .weight directly")
+    sharers = [o for o in owners.get(id(module.weight), []) if o != fqn]
+    sharers = [o for o in sharers if all(o != h[2] for h in holders.get(id(module), []))]
+    if sharers:
+        return _skip(fqn, module, f"weight shared with {', '.join(sorted(sharers))}")
+    if module.weight.device.type == "meta":
+        return _skip(fqn, module, "weight is on the meta device (load it first)")
+    out_f, in_f = module.out_features, module.in_features
+    if in_f * out_f <= threshold**2:
+        return _skip(fqn, module, f"{out_f}x{in_f} is not above threshold {threshold}²")
+    keep_d = balance != "none"
+    planned = resolve_rank(out_f, in_f, balance=keep_d, **_clamped(policy, out_f, in_f))
+    if planned is not None and not _saves(out_f, in_f, planned, keep_d):
+        return _skip(fqn, module, f"rank {planned} saves no parameters (break-even)")
+
+    if layer == "adaptive":
+        new: nn.Module = AdaptiveLowRankLinear.from_linear(module, balance=balance, **policy)
+        rank, error = planned, None
+        after = (
+            factor_parameters(out_f, in_f, planned, balance=keep_d)
+            if planned is not None
+            else in_f * out_f
+        )
+    else:
+        cls = LowRankLinear if layer == "lowrank" else DynamicLowRankLinear
+        new = cls.from_linear(module, method=method, balance=balance, generator=generator, **policy)
+        factors = new.factors()
+        rank = factors.rank
+        if not _saves(out_f, in_f, rank, factors.D is not None):
+            return _skip(fqn, module, f"rank {rank} saves no parameters (break-even)")
+        error = relative_error(module.weight, factors)
+        after = factor_parameters(out_f, in_f, rank, balance=factors.D is not None)
+    new.train(module.training)
+    if not module.weight.requires_grad:
+        for p in new.parameters():
+            p.requires_grad_(False)
+    for parent, child_name, _ in holders.get(id(module), []):
+        setattr(parent, child_name, new)
+    return LayerReport(
+        name=fqn,
+        kind=type(new).__name__,
+        in_features=in_f,
+        out_features=out_f,
+        rank=rank,
+        params_before=in_f * out_f,
+        params_after=after,
+        relative_error=error,
+        seconds=0.0,
+    )
+
+
+def _clamped(policy: dict[str, Any], out_f: int, in_f: int) -> dict[str, Any]:
+    """An absolute ``rank`` larger than a small layer's ``min(in, out)`` means 'all of it'."""
+    if "rank" in policy and policy["rank"] > min(out_f, in_f):
+        return {"rank": min(out_f, in_f)}
+    return policy
+
+
+def _saves(out_f: int, in_f: int, rank: int, balance: bool) -> bool:
+    return factor_parameters(out_f, in_f, rank, balance=balance) < out_f * in_f
+
+
+# ------------------------------------------------------------------------------------------
+# structural changes during training, with the optimizer kept in step
+# ------------------------------------------------------------------------------------------
+
+
+def apply_param_swaps(optimizer: torch.optim.Optimizer, swaps: Iterable[ParamSwap]) -> int:
+    """Replace parameters inside ``optimizer``'s param groups, in place.
+
+    Each ``swap.old`` is replaced, at its position in its group, by ``swap.new`` (same
+    group, same hyper-parameters). Its state is dropped, or sliced with ``swap.index``
+    and carried to the single new parameter when an index is given. Every other
+    parameter's state is untouched. Returns how many swaps found their parameter.
+    """
+    found = 0
+    for swap in swaps:
+        for group in optimizer.param_groups:
+            params = group["params"]
+            pos = next((i for i, p in enumerate(params) if p is swap.old), None)
+            if pos is None:
+                continue
+            params[pos : pos + 1] = list(swap.new)
+            state = optimizer.state.pop(swap.old, None)
+            if state and swap.index is not None and len(swap.new) == 1:
+                optimizer.state[swap.new[0]] = {
+                    k: v[swap.index].clone()
+                    if isinstance(v, torch.Tensor) and v.shape == swap.old.shape
+                    else v
+                    for k, v in state.items()
+                }
+            found += 1
+            break
+    return found
+
+
+def switch_to_lowrank(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    rank: int | None = None,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    param_ratio: float | None = None,
+    method: Method = "svd",
+    balance: Balance | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, SwitchResult]:
+    """Switch every dense-phase :class:`~lowrank_layers.AdaptiveLowRankLinear` in ``model``.
+
+    Given the ``optimizer``, each old ``weight`` is removed from its param group (and its
+    state dropped) and the new factors take its place in the same group, with the same
+    hyper-parameters; every other parameter keeps its state (biases included), so the LR
+    scheduler and the training loop continue unchanged. Works with SGD (momentum), Adam
+    and AdamW, foreach or fused.
+
+    With no rank policy, each layer uses the one it was built with.
+
+    Returns:
+        ``{module name: SwitchResult}``.
+
+    Raises:
+        ValueError: no dense-phase ``AdaptiveLowRankLinear`` in the model.
+
+    Example:
+        >>> model = nn.Sequential(AdaptiveLowRankLinear(64, 64), nn.ReLU())
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> results = switch_to_lowrank(model, opt, rank_ratio=0.25)
+        >>> results["0"].rank, len(opt.param_groups[0]["params"])
+        (16, 4)
+    """
+    layers = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, AdaptiveLowRankLinear) and not m.is_lowrank
+    ]
+    if not layers:
+        raise ValueError(
+            "switch_to_lowrank: the model holds no AdaptiveLowRankLinear in its dense phase"
+        )
+    results: dict[str, SwitchResult] = {}
+    for name, layer in layers:
+        old = layer.weight
+        results[name] = layer.switch_to_lowrank(
+            rank=rank,
+            rank_ratio=rank_ratio,
+            energy=energy,
+            param_ratio=param_ratio,
+            method=method,
+            balance=balance,
+            generator=generator,
+        )
+        if optimizer is not None:
+            new = tuple(p for n, p in layer.named_parameters() if n in ("U", "S", "V", "D"))
+            apply_param_swaps(optimizer, [ParamSwap(old, new)])
+    return results
+
+
+def prune_dynamic(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, int]:
+    """:meth:`~lowrank_layers.DynamicLowRankLinear.prune` every dynamic layer, keeping the
+    optimizer in step: the pruned ``U``, ``S``, ``V`` replace the old ones in their groups,
+    with the optimizer state of the kept components carried over.
+
+    Returns:
+        ``{module name: new max_rank}``.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicLowRankLinear)]
+    if not layers:
+        raise ValueError("prune_dynamic: the model holds no DynamicLowRankLinear")
+    out = {}
+    for name, layer in layers:
+        swaps = layer.prune()
+        if optimizer is not None:
+            apply_param_swaps(optimizer, swaps)
+        out[name] = layer.max_rank
+    return out

@@ -1,0 +1,417 @@
+"""``DynamicLowRankLinear`` (a rank that changes during training) and ``RankScheduler``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .factorize import (
+    Balance,
+    Factors,
+    Method,
+    _check_fraction,
+    _promote,
+    factorize,
+    resolve_rank,
+    select_rank,
+)
+from .linear import dense_from_factors, init_factors_, lowrank_linear
+
+__all__ = ["DynamicLowRankLinear", "ParamSwap", "RankScheduler"]
+
+
+@dataclass(frozen=True)
+class ParamSwap:
+    """One parameter replaced by a structural change, for keeping an optimizer in step.
+
+    ``new`` replaces ``old``; optimizer state tensors shaped like ``old`` carry over as
+    ``state[index]`` when ``index`` is given, and are dropped otherwise.
+    """
+
+    old: nn.Parameter
+    new: tuple[nn.Parameter, ...]
+    index: tuple[slice, ...] | None = None
+
+
+def _check_rank(name: str, value: object, max_rank: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rank:
+        raise ValueError(f"{name} must be an int in [1, {max_rank}], got {value!r}")
+    return value
+
+
+class DynamicLowRankLinear(nn.Module):
+    r"""A low-rank linear layer whose rank can change during training.
+
+    It holds ``max_rank`` components ``U (out, max_rank)``, ``S (max_rank,)``,
+    ``V (in, max_rank)`` (and ``D``, ``bias``) and uses the first ``rank`` of them:
+    ``y = x·V[:, :r]·diag(S[:r])·U[:, :r]ᵀ·diag(D) + b``. Changing the rank keeps every
+    parameter's shape, so DDP and optimizers need no rebuilding; :meth:`prune` drops the
+    unused components for good.
+
+    Before the rank shrinks, the active components are re-orthonormalised and sorted by
+    singular value (:meth:`reorthonormalize`: QR of ``U`` and ``V``, SVD of the small
+    core), so what is dropped is the least important part of the *current* effective
+    weight, whatever training did to the factors — the rank-``r`` truncation is then the
+    best one (Eckart–Young). Growing the rank re-enables components that were dropped:
+    a shrink followed at once by a grow restores the weight exactly.
+
+    Args:
+        in_features, out_features: the layer's sizes.
+        max_rank: components held, in ``[1, min(in, out)]``; or
+        max_rank_ratio: ``max_rank = round(ratio · min(in, out))`` (default 0.2, the
+            original design's).
+        rank: components used at first (default ``max_rank``).
+        bias, balance, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
+
+    Example:
+        >>> layer = DynamicLowRankLinear(512, 512, max_rank_ratio=0.2)
+        >>> layer.max_rank, layer.rank
+        (102, 102)
+        >>> layer.adjust_rank(rank_ratio=0.1)
+        51
+        >>> layer(torch.randn(3, 512)).shape
+        torch.Size([3, 512])
+    """
+
+    in_features: int
+    out_features: int
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        max_rank: int | None = None,
+        max_rank_ratio: float | None = None,
+        rank: int | None = None,
+        bias: bool = True,
+        balance: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        if max_rank is not None and max_rank_ratio is not None:
+            raise ValueError(
+                f"give max_rank or max_rank_ratio, not both; got max_rank={max_rank}, "
+                f"max_rank_ratio={max_rank_ratio}"
+            )
+        if max_rank is None and max_rank_ratio is None:
+            max_rank_ratio = 0.2
+        if max_rank is not None:
+            _check_rank("max_rank", max_rank, min(in_features, out_features))
+        else:
+            _check_fraction("max_rank_ratio", max_rank_ratio)  # type: ignore[arg-type]
+            max_rank = resolve_rank(out_features, in_features, rank_ratio=max_rank_ratio)
+        assert max_rank is not None
+        self._rank = max_rank if rank is None else _check_rank("rank", rank, max_rank)
+        kw = {"device": device, "dtype": dtype}
+        self.U = nn.Parameter(torch.empty(out_features, max_rank, **kw))
+        self.S = nn.Parameter(torch.empty(max_rank, **kw))
+        self.V = nn.Parameter(torch.empty(in_features, max_rank, **kw))
+        if balance:
+            self.D = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("D", None)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """As :class:`~lowrank_layers.LowRankLinear`, with the scale set for the active rank."""
+        init_factors_(self.U, self.S, self.V, self.D, self.bias, active_rank=self._rank)
+
+    @property
+    def rank(self) -> int:
+        """Components in use."""
+        return self._rank
+
+    @property
+    def max_rank(self) -> int:
+        """Components held."""
+        return self.S.shape[0]
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        r = self._rank
+        return lowrank_linear(input, self.U[:, :r], self.S[:r], self.V[:, :r], self.D, self.bias)
+
+    # ----------------------------------------------------------------------------------
+    # changing the rank
+    # ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reorthonormalize(self) -> torch.Tensor:
+        """Rotate the active components into the SVD of the current effective weight.
+
+        With ``Ũ = diag(D)·U[:, :r]``: ``Ũ = Q_u·R_u``, ``V[:, :r] = Q_v·R_v``, and the
+        small core ``R_u·diag(S[:r])·R_vᵀ = P·Σ·Qᵀ``; then ``U = diag(1/D)·Q_u·P``,
+        ``S = Σ`` (descending), ``V = Q_v·Q``. The weight is unchanged (to rounding);
+        the components are now sorted by importance. Computed in float32 at least.
+
+        Returns:
+            The singular values ``Σ`` of the effective weight (length ``rank``).
+        """
+        r = self._rank
+        dtype = self.U.dtype
+        U = _promote(self.U[:, :r])
+        S = _promote(self.S[:r])
+        V = _promote(self.V[:, :r])
+        D = None if self.D is None else _promote(self.D)
+        if D is not None:
+            U = U * D[:, None]
+        Qu, Ru = torch.linalg.qr(U)
+        Qv, Rv = torch.linalg.qr(V)
+        P, sigma, Qh = torch.linalg.svd((Ru * S) @ Rv.mT)
+        new_U = Qu @ P
+        if D is not None:
+            safe = torch.where(D.abs() > torch.finfo(D.dtype).tiny, D, torch.ones_like(D))
+            new_U = torch.where((D == 0)[:, None], 0.0, new_U / safe[:, None])
+        self.U[:, :r] = new_U.to(dtype)
+        self.S[:r] = sigma.to(dtype)
+        self.V[:, :r] = (Qv @ Qh.mT).to(dtype)
+        return sigma.to(dtype)
+
+    def set_rank(self, rank: int) -> None:
+        """Use the first ``rank`` components; shrinking sorts them first (see reorthonormalize)."""
+        _check_rank("rank", rank, self.max_rank)
+        if rank < self._rank:
+            self.reorthonormalize()
+        self._rank = rank
+
+    def adjust_rank(self, *, rank_ratio: float | None = None, energy: float | None = None) -> int:
+        """Set the rank from a ratio of ``min(in, out)`` or an energy fraction; returns it.
+
+        ``energy`` keeps the smallest rank whose leading singular values of the current
+        effective weight hold that fraction of its ``Σσ²`` (it can only shrink or keep
+        the rank); ``rank_ratio`` may also grow it, up to ``max_rank``.
+        """
+        if (rank_ratio is None) == (energy is None):
+            raise ValueError(
+                "adjust_rank takes exactly one of rank_ratio or energy, got "
+                f"rank_ratio={rank_ratio!r}, energy={energy!r}"
+            )
+        if rank_ratio is not None:
+            rank = resolve_rank(self.out_features, self.in_features, rank_ratio=rank_ratio)
+            assert rank is not None
+            if rank > self.max_rank:
+                raise ValueError(
+                    f"rank_ratio={rank_ratio} gives rank {rank}, above max_rank={self.max_rank} "
+                    f"of this {self.out_features}x{self.in_features} layer"
+                )
+            self.set_rank(rank)
+            return rank
+        sigma = self.reorthonormalize()
+        rank = select_rank(sigma, energy)  # type: ignore[arg-type]
+        self._rank = rank
+        return rank
+
+    @torch.no_grad()
+    def prune(self) -> list[ParamSwap]:
+        """Drop the unused components for good: ``max_rank`` becomes ``rank``.
+
+        Returns the parameter swaps, for :func:`~lowrank_layers.prune_dynamic` to update an
+        optimizer (state of the kept components is carried over).
+        """
+        columns = (slice(None), slice(0, self._rank))
+        return [
+            self._swap("U", columns),
+            self._swap("S", (slice(0, self._rank),)),
+            self._swap("V", columns),
+        ]
+
+    def _swap(self, name: str, index: tuple[slice, ...]) -> ParamSwap:
+        old = self._parameters[name]
+        assert old is not None
+        new = nn.Parameter(old.detach()[index].clone(), requires_grad=old.requires_grad)
+        self._parameters[name] = new
+        return ParamSwap(old, (new,), index)
+
+    # ----------------------------------------------------------------------------------
+    # conversions
+    # ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        rank: int | None = None,
+        rank_ratio: float | None = None,
+        energy: float | None = None,
+        param_ratio: float | None = None,
+        active_rank: int | None = None,
+        method: Method = "svd",
+        balance: Balance = "none",
+        generator: torch.Generator | None = None,
+    ) -> DynamicLowRankLinear:
+        """Factorize an ``nn.Linear``; the policy's rank becomes ``max_rank``.
+
+        ``active_rank`` (default: all) sets the rank in use; the components are sorted,
+        so the active ones are the leading singular directions.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        with torch.no_grad():
+            f = factorize(
+                linear.weight.detach(),
+                rank=rank,
+                rank_ratio=rank_ratio,
+                energy=energy,
+                param_ratio=param_ratio,
+                method=method,
+                balance=balance,
+                generator=generator,
+            )
+            w = linear.weight
+            layer = cls(
+                f.in_features,
+                f.out_features,
+                max_rank=f.rank,
+                rank=active_rank,
+                bias=linear.bias is not None,
+                balance=f.D is not None,
+                device="meta",
+                dtype=w.dtype,
+            ).to_empty(device=w.device)
+            layer.U.copy_(f.U)
+            layer.S.copy_(f.S)
+            layer.V.copy_(f.V)
+            if f.D is not None:
+                layer.D.copy_(f.D)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def factors(self) -> Factors:
+        """The active factors (detached)."""
+        r = self._rank
+        D = None if self.D is None else self.D.detach()
+        return Factors(self.U[:, :r].detach(), self.S[:r].detach(), self.V[:, :r].detach(), D)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out_features, in_features)`` weight at the current rank (detached)."""
+        with torch.no_grad():
+            return dense_from_factors(self.factors())
+
+    def to_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` holding the weight at the current rank."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device="meta",
+            dtype=self.U.dtype,
+        ).to_empty(device=self.U.device)
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def get_extra_state(self) -> dict[str, int]:
+        return {"rank": self._rank}
+
+    def set_extra_state(self, state: dict[str, int]) -> None:
+        self._rank = _check_rank("rank", int(state["rank"]), self.max_rank)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        # a pruned checkpoint (fewer components) loads into a fresh layer by pruning it first
+        saved = state_dict.get(prefix + "S")
+        if saved is not None and saved.shape[0] < self.max_rank:
+            self._rank = saved.shape[0]
+            self.prune()
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"rank={self.rank}, max_rank={self.max_rank}, bias={self.bias is not None}, "
+            f"balance={self.D is not None}"
+        )
+
+
+class RankScheduler:
+    """Set every :class:`DynamicLowRankLinear`'s rank from an epoch schedule, like an LR scheduler.
+
+    ``schedule`` maps an epoch to a rank ratio (of ``min(in, out)``); at each
+    :meth:`step` the ratio of the largest milestone ``<= epoch`` applies, capped at each
+    layer's ``max_rank``. The original design's schedule: ``{0: 0.20, 10: 0.15, 30: 0.10}``
+    over 50 epochs. Call ``step(epoch)`` at the start of each epoch (or ``step()``, which
+    counts from 0).
+
+    Shrinking rotates the kept components (:meth:`DynamicLowRankLinear.reorthonormalize`),
+    so per-element optimizer moments of ``U``, ``S``, ``V`` no longer match their
+    coordinates: given the ``optimizer``, their state is reset when a layer shrinks.
+
+    Example:
+        >>> model = nn.Sequential(DynamicLowRankLinear(200, 200, max_rank_ratio=0.2))
+        >>> sched = RankScheduler(model, {0: 0.20, 10: 0.15, 30: 0.10})
+        >>> for epoch in range(50):
+        ...     sched.step(epoch)     # then train one epoch
+        >>> model[0].rank
+        20
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        schedule: Mapping[int, float],
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> None:
+        if not schedule:
+            raise ValueError("schedule must map at least one epoch to a rank ratio, got {}")
+        for epoch, ratio in schedule.items():
+            if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+                raise ValueError(f"schedule epochs must be ints >= 0, got {epoch!r}")
+            _check_fraction(f"schedule[{epoch}]", ratio)
+        self.layers = [m for m in model.modules() if isinstance(m, DynamicLowRankLinear)]
+        if not self.layers:
+            raise ValueError("RankScheduler: the model holds no DynamicLowRankLinear layer")
+        self.schedule = dict(sorted(schedule.items()))
+        self.optimizer = optimizer
+        self.last_epoch = -1
+
+    def ratio_at(self, epoch: int) -> float | None:
+        """The scheduled ratio at ``epoch`` (``None`` before the first milestone)."""
+        ratio = None
+        for milestone, value in self.schedule.items():
+            if milestone <= epoch:
+                ratio = value
+        return ratio
+
+    def step(self, epoch: int | None = None) -> None:
+        """Apply the schedule at ``epoch`` (default: the previous epoch + 1)."""
+        self.last_epoch = self.last_epoch + 1 if epoch is None else epoch
+        ratio = self.ratio_at(self.last_epoch)
+        if ratio is None:
+            return
+        for layer in self.layers:
+            before = layer.rank
+            rank = resolve_rank(layer.out_features, layer.in_features, rank_ratio=ratio)
+            assert rank is not None
+            layer.set_rank(min(rank, layer.max_rank))
+            if self.optimizer is not None and layer.rank < before:
+                for p in (layer.U, layer.S, layer.V):
+                    self.optimizer.state.pop(p, None)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "schedule": dict(self.schedule)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self.schedule = dict(sorted(state["schedule"].items()))
