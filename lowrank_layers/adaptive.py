@@ -21,7 +21,14 @@ from .factorize import (
     relative_error,
     resolve_rank,
 )
-from .linear import dense_from_factors, init_factors_, lowrank_linear
+from .linear import (
+    check_features,
+    check_linear,
+    dense_from_factors,
+    init_factors_,
+    lowrank_linear,
+    make_linear,
+)
 
 __all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
 
@@ -127,11 +134,8 @@ class AdaptiveLowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = check_features("in_features", in_features)
+        self.out_features = check_features("out_features", out_features)
         policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
         policy["param_ratio"] = param_ratio
         policy = {k: v for k, v in policy.items() if v is not None}
@@ -256,9 +260,7 @@ class AdaptiveLowRankLinear(nn.Module):
         balance: Balance = "none",
     ) -> AdaptiveLowRankLinear:
         """A dense-phase layer holding a copy of ``linear``'s weight and bias."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight
+        w = check_linear(linear).weight
         layer = cls(
             linear.in_features,
             linear.out_features,
@@ -293,19 +295,7 @@ class AdaptiveLowRankLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the layer's current (dense or multiplied-out) weight."""
-        ref = self.weight if not self.is_lowrank else self.U
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device="meta",
-            dtype=ref.dtype,
-        ).to_empty(device=ref.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return make_linear(self.dense_weight(), self.bias)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -19,7 +19,14 @@ from .factorize import (
     resolve_rank,
     select_rank,
 )
-from .linear import dense_from_factors, init_factors_, lowrank_linear
+from .linear import (
+    check_features,
+    check_linear,
+    dense_from_factors,
+    init_factors_,
+    lowrank_linear,
+    make_linear,
+)
 
 __all__ = ["DynamicLowRankLinear", "ParamSwap", "RankScheduler"]
 
@@ -94,11 +101,8 @@ class DynamicLowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.in_features = in_features
-        self.out_features = out_features
+        self.in_features = check_features("in_features", in_features)
+        self.out_features = check_features("out_features", out_features)
         if max_rank is not None and max_rank_ratio is not None:
             raise ValueError(
                 f"give max_rank or max_rank_ratio, not both; got max_rank={max_rank}, "
@@ -259,8 +263,7 @@ class DynamicLowRankLinear(nn.Module):
         ``active_rank`` (default: all) sets the rank in use; the components are sorted,
         so the active ones are the leading singular directions.
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_linear(linear)
         with torch.no_grad():
             f = factorize(
                 linear.weight.detach(),
@@ -305,18 +308,7 @@ class DynamicLowRankLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` holding the weight at the current rank."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device="meta",
-            dtype=self.U.dtype,
-        ).to_empty(device=self.U.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return make_linear(self.dense_weight(), self.bias)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"rank": self._rank}

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .factorize import factor_parameters, resolve_rank
-from .linear import LowRankLinear
+from .linear import LowRankLinear, check_features
 
 __all__ = ["make_efficient_linear"]
 
@@ -42,9 +42,8 @@ def make_efficient_linear(
         >>> make_efficient_linear(256, 256)
         Linear(in_features=256, out_features=256, bias=True)
     """
-    for name, value in (("in_features", in_features), ("out_features", out_features)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_features("in_features", in_features)
+    check_features("out_features", out_features)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
     rank = resolve_rank(out_features, in_features, rank_ratio=rank_ratio)

@@ -11,7 +11,15 @@ from torch import nn
 
 from .factorize import Balance, Factors, Method, factorize
 
-__all__ = ["LowRankLinear", "dense_from_factors", "init_factors_", "lowrank_linear"]
+__all__ = [
+    "LowRankLinear",
+    "check_features",
+    "check_linear",
+    "dense_from_factors",
+    "init_factors_",
+    "lowrank_linear",
+    "make_linear",
+]
 
 # GEMMs whose rank dimension is a multiple of 8 run markedly faster on CPU (AVX2 holds 8
 # floats): rank 77 took 6.6 ms where rank 80 took 5.6 ms for 512 tokens of a 768x3072
@@ -44,10 +52,31 @@ def lowrank_linear(
     return F.linear(F.linear(input, V.mT), weight, bias)
 
 
-def _check_features(name: str, value: object) -> int:
+def check_features(name: str, value: object) -> int:
+    """Validate a layer size: a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
+
+
+def check_linear(linear: object) -> nn.Linear:
+    """Validate the source of a ``from_linear`` conversion."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    return linear
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding copies of ``weight`` (out, in) and ``bias``, on their device."""
+    out_features, in_features = weight.shape
+    linear = nn.Linear(
+        in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
+    ).to_empty(device=weight.device)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear
 
 
 @torch.no_grad()
@@ -151,8 +180,8 @@ class LowRankLinear(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.in_features = _check_features("in_features", in_features)
-        self.out_features = _check_features("out_features", out_features)
+        self.in_features = check_features("in_features", in_features)
+        self.out_features = check_features("out_features", out_features)
         max_rank = min(in_features, out_features)
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
             raise ValueError(
@@ -215,8 +244,7 @@ class LowRankLinear(nn.Module):
             >>> low.rank
             32
         """
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        check_linear(linear)
         with torch.no_grad():
             factors = factorize(
                 linear.weight.detach(),
@@ -268,18 +296,7 @@ class LowRankLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with weight ``diag(D)·U·diag(S)·Vᵀ`` and a copy of the bias."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device="meta",
-            dtype=self.U.dtype,
-        ).to_empty(device=self.U.device)
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
+        return make_linear(self.dense_weight(), self.bias)
 
     def extra_repr(self) -> str:
         return (
