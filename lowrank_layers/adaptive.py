@@ -28,6 +28,7 @@ from .linear import (
     init_factors_,
     lowrank_linear,
     make_linear,
+    new_factor_params,
 )
 
 __all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
@@ -306,16 +307,15 @@ class AdaptiveLowRankLinear(nn.Module):
         kw = {"device": ref.device, "dtype": ref.dtype}
         grad = ref.requires_grad
         if has_factors and not has_weight and not self.is_lowrank:
-            rank = state_dict[prefix + "S"].shape[0]
-            new: dict[str, torch.Tensor | None] = {
-                "U": torch.empty(self.out_features, rank, **kw),
-                "S": torch.empty(rank, **kw),
-                "V": torch.empty(self.in_features, rank, **kw),
-                "D": torch.empty(self.out_features, **kw) if prefix + "D" in state_dict else None,
-            }
-            replace_parameters(
-                self, {k: None if v is None else nn.Parameter(v, grad) for k, v in new.items()}
+            new = new_factor_params(
+                self.out_features,
+                self.in_features,
+                state_dict[prefix + "S"].shape[0],
+                balance=prefix + "D" in state_dict,
+                requires_grad=grad,
+                **kw,
             )
+            replace_parameters(self, new)
         elif has_weight and not has_factors and self.is_lowrank:
             weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **kw), grad)
             replace_parameters(self, {"weight": weight})

@@ -26,6 +26,7 @@ from .linear import (
     init_factors_,
     lowrank_linear,
     make_linear,
+    register_lowrank_params,
 )
 
 __all__ = ["DynamicLowRankLinear", "ParamSwap", "RankScheduler"]
@@ -117,18 +118,16 @@ class DynamicLowRankLinear(nn.Module):
             max_rank = resolve_rank(out_features, in_features, rank_ratio=max_rank_ratio)
         assert max_rank is not None
         self._rank = max_rank if rank is None else _check_rank("rank", rank, max_rank)
-        kw = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(out_features, max_rank, **kw))
-        self.S = nn.Parameter(torch.empty(max_rank, **kw))
-        self.V = nn.Parameter(torch.empty(in_features, max_rank, **kw))
-        if balance:
-            self.D = nn.Parameter(torch.empty(out_features, **kw))
-        else:
-            self.register_parameter("D", None)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw))
-        else:
-            self.register_parameter("bias", None)
+        register_lowrank_params(
+            self,
+            out_features,
+            in_features,
+            max_rank,
+            balance=balance,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

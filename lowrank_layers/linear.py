@@ -66,6 +66,49 @@ def check_linear(linear: object) -> nn.Linear:
     return linear
 
 
+def new_factor_params(
+    out_features: int,
+    in_features: int,
+    rank: int,
+    *,
+    balance: bool,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    requires_grad: bool = True,
+) -> dict[str, nn.Parameter | None]:
+    """Uninitialised parameters ``U (out, r)``, ``S (r,)``, ``V (in, r)``, ``D (out,)`` or None."""
+    kw = {"device": device, "dtype": dtype}
+    shapes = {"U": (out_features, rank), "S": (rank,), "V": (in_features, rank)}
+    if balance:
+        shapes["D"] = (out_features,)
+    params: dict[str, nn.Parameter | None] = {
+        name: nn.Parameter(torch.empty(shape, **kw), requires_grad=requires_grad)
+        for name, shape in shapes.items()
+    }
+    params.setdefault("D", None)
+    return params
+
+
+def register_lowrank_params(
+    module: nn.Module,
+    out_features: int,
+    in_features: int,
+    rank: int,
+    *,
+    balance: bool,
+    bias: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> None:
+    """Register ``U``, ``S``, ``V``, ``D`` (or None) and ``bias`` (or None) on ``module``."""
+    for name, param in new_factor_params(
+        out_features, in_features, rank, balance=balance, device=device, dtype=dtype
+    ).items():
+        module.register_parameter(name, param)
+    b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+    module.register_parameter("bias", b)
+
+
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding copies of ``weight`` (out, in) and ``bias``, on their device."""
     out_features, in_features = weight.shape
@@ -189,18 +232,16 @@ class LowRankLinear(nn.Module):
                 f"weight, got {rank!r}"
             )
         self.rank = rank
-        kw = {"device": device, "dtype": dtype}
-        self.U = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.S = nn.Parameter(torch.empty(rank, **kw))
-        self.V = nn.Parameter(torch.empty(in_features, rank, **kw))
-        if balance:
-            self.D = nn.Parameter(torch.empty(out_features, **kw))
-        else:
-            self.register_parameter("D", None)
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_features, **kw))
-        else:
-            self.register_parameter("bias", None)
+        register_lowrank_params(
+            self,
+            out_features,
+            in_features,
+            rank,
+            balance=balance,
+            bias=bias,
+            device=device,
+            dtype=dtype,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
