@@ -40,10 +40,7 @@ def main() -> None:
 
             def run(method=method, ratio=ratio, reports=reports) -> None:
                 model = copy.deepcopy(base)
-                gen = torch.Generator().manual_seed(0)
-                reports.append(
-                    convert_model(model, param_ratio=ratio, method=method, generator=gen)
-                )
+                reports.append(convert_model(model, param_ratio=ratio, method=method, seed=0))
 
             seconds = median_time(run, args.repeats, warmup=0)
             report = reports[-1]

@@ -6,6 +6,7 @@ import json
 import re
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -30,6 +31,7 @@ __all__ = [
     "ConversionReport",
     "LayerReport",
     "convert_model",
+    "layer_seed",
     "prune_dynamic",
     "register_weight_reader",
     "switch_to_lowrank",
@@ -253,7 +255,7 @@ def convert_model(
     threshold: int = 0,
     method: Method = "svd",
     balance: Balance = "none",
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     progress: bool = False,
 ) -> ConversionReport:
     """Replace ``nn.Linear`` modules of ``model`` by low-rank layers, in place.
@@ -286,8 +288,12 @@ def convert_model(
             kept for its later switch) or ``"dynamic"``
             (:class:`~lowrank_layers.DynamicLowRankLinear`, the policy's rank as ``max_rank``).
         threshold: the original ``make_efficient_linear``'s size test; 0 converts any size.
-        method, balance, generator: as :func:`~lowrank_layers.factorize` (for
-            ``"adaptive"``, ``balance`` is the default of the later switch).
+        method, balance: as :func:`~lowrank_layers.factorize` (for ``"adaptive"``,
+            ``balance`` is the default of the later switch).
+        seed: with ``method="randomized"``, each layer's sketch is drawn from a generator
+            seeded by :func:`layer_seed` ``(seed, name)``: results do not depend on the
+            order or subset of layers converted, and ``convert_checkpoint`` with the same
+            seed gives the same factors.
         progress: show a tqdm progress bar (``pip install 'lowrank-layers[progress]'``).
 
     Returns:
@@ -345,7 +351,7 @@ def convert_model(
     for fqn, module in iterator:
         start = time.perf_counter()
         entry = _convert_one(
-            fqn, module, holders, owners, layer, policy, threshold, method, balance, generator
+            fqn, module, holders, owners, layer, policy, threshold, method, balance, seed
         )
         entry.seconds = time.perf_counter() - start
         report.layers.append(entry)
@@ -403,7 +409,7 @@ def _convert_one(
     threshold: int,
     method: Method,
     balance: Balance,
-    generator: torch.Generator | None,
+    seed: int,
 ) -> LayerReport:
     if isinstance(module, LOWRANK_TYPES):
         return _skip(fqn, module, f"already a {type(module).__name__}")
@@ -442,6 +448,7 @@ def _convert_one(
         )
     else:
         cls = LowRankLinear if layer == "lowrank" else DynamicLowRankLinear
+        generator = torch.Generator(module.weight.device).manual_seed(layer_seed(seed, fqn))
         new = cls.from_linear(module, method=method, balance=balance, generator=generator, **policy)
         factors = new.factors()
         rank = factors.rank
@@ -466,6 +473,11 @@ def _convert_one(
         relative_error=error,
         seconds=0.0,
     )
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """The seed of one layer's random sketch: ``seed`` mixed with a CRC32 of its name."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
 
 
 def _clamped(policy: dict[str, Any], out_f: int, in_f: int) -> dict[str, Any]:

@@ -246,3 +246,17 @@ def test_bad_arguments(kwargs, exc, match):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_randomized_conversion_is_seeded_per_layer():
+    torch.manual_seed(0)
+    a, b = Net(), Net()
+    b.load_state_dict(a.state_dict())
+    convert_model(a, rank=8, method="randomized", seed=5)
+    # converting a subset, in another order, gives the same factors for the same layer
+    convert_model(b, rank=8, method="randomized", seed=5, include=["blocks.1.mlp.0"])
+    assert torch.equal(a.blocks[1].mlp[0].U, b.blocks[1].mlp[0].U)
+    torch.manual_seed(0)
+    c = Net()
+    convert_model(c, rank=8, method="randomized", seed=6, include=["blocks.1.mlp.0"])
+    assert not torch.equal(c.blocks[1].mlp[0].U, b.blocks[1].mlp[0].U)  # another seed

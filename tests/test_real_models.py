@@ -47,7 +47,7 @@ def test_minilm_bert_converts_and_still_embeds(bert):
             converted,
             param_ratio=ratio,
             method="randomized",
-            generator=torch.Generator().manual_seed(0),
+            seed=0,
         )
         # 6 layers x (query, key, value, attention output, intermediate, output) + pooler
         assert len(report.converted) == 37 and not report.skipped
