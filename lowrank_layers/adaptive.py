@@ -298,6 +298,20 @@ class AdaptiveLowRankLinear(nn.Module):
         """An ``nn.Linear`` with the layer's current (dense or multiplied-out) weight."""
         return make_linear(self.dense_weight(), self.bias)
 
+    def _restructure(self, rank: int, *, balance: bool) -> None:
+        """Turn a dense-phase layer into an (uninitialised) low-rank one of this rank."""
+        ref = self.weight
+        new = new_factor_params(
+            self.out_features,
+            self.in_features,
+            rank,
+            balance=balance,
+            requires_grad=ref.requires_grad,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        replace_parameters(self, new)
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
@@ -307,15 +321,7 @@ class AdaptiveLowRankLinear(nn.Module):
         kw = {"device": ref.device, "dtype": ref.dtype}
         grad = ref.requires_grad
         if has_factors and not has_weight and not self.is_lowrank:
-            new = new_factor_params(
-                self.out_features,
-                self.in_features,
-                state_dict[prefix + "S"].shape[0],
-                balance=prefix + "D" in state_dict,
-                requires_grad=grad,
-                **kw,
-            )
-            replace_parameters(self, new)
+            self._restructure(state_dict[prefix + "S"].shape[0], balance=prefix + "D" in state_dict)
         elif has_weight and not has_factors and self.is_lowrank:
             weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **kw), grad)
             replace_parameters(self, {"weight": weight})

@@ -1,0 +1,1115 @@
+"""Low-rank checkpoints in safetensors: ``save_lowrank``, ``load_lowrank``, ``convert_checkpoint``.
+
+Format (see docs/checkpoints.md): ordinary safetensors files whose tensors are the model's
+state dict — a low-rank layer ``name`` stores ``name.U`` (out, r), ``name.S`` (r,),
+``name.V`` (in, r), optionally ``name.D`` (out,), and ``name.bias`` — and whose header
+metadata holds::
+
+    format          "lowrank-layers"
+    format_version  "1"
+    layers          JSON {name: {"type", "in_features", "out_features", "rank",
+                                 "balance", "bias", ["max_rank"]}}
+    aliases         JSON {key: key stored instead} (tied tensors are stored once)
+
+Checkpoints above ``max_shard_size`` are sharded as transformers shards them:
+``model-00001-of-0000N.safetensors`` and ``model.safetensors.index.json`` with a
+``weight_map`` and the same metadata. Every write goes to a temporary name first and is
+renamed into place at the end: an interrupted write leaves nothing at the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adaptive import AdaptiveLowRankLinear
+from .convert import (
+    ConversionReport,
+    LayerReport,
+    _check_patterns,
+    _parents,
+    layer_seed,
+    name_matches,
+)
+from .dynamic import DynamicLowRankLinear
+from .factorize import (
+    BALANCE_MODES,
+    METHODS,
+    Balance,
+    Method,
+    _check_choice,
+    factor_parameters,
+    factorize,
+    relative_error,
+    resolve_rank,
+    select_rank,
+)
+from .linear import LowRankLinear, make_linear
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "convert_checkpoint",
+    "load_lowrank",
+    "read_metadata",
+    "save_lowrank",
+    "weight_spectra",
+]
+
+FORMAT_NAME = "lowrank-layers"
+FORMAT_VERSION = 1
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
+
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
+
+_LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "LowRankLinear": LowRankLinear,
+    "AdaptiveLowRankLinear": AdaptiveLowRankLinear,
+    "DynamicLowRankLinear": DynamicLowRankLinear,
+}
+
+# module names treated as embeddings by convert_checkpoint (excluded by default)
+_EMBEDDING_COMPONENT = re.compile(r"(.*embed.*|emb|.*_emb|wte|wpe|shared)")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model, or is not one this library reads."""
+
+
+# ------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class _ShardWriter:
+    """Streams tensors into one safetensors file, one at a time.
+
+    The header is written last, into space reserved at the start of the file and padded
+    with spaces (the format allows trailing whitespace in the header); tensors are written
+    as they come, so memory stays at one tensor whatever the file size.
+    """
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self.reserve = _align8(max(reserve, 64))
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.offset = 0
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+        self.file.write(b"\0" * (8 + self.reserve))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"duplicate tensor name {name!r} in {self.path.name}")
+        if tensor.dtype not in _ST_DTYPES:
+            raise TypeError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold"
+            )
+        data = _tensor_bytes(tensor)
+        self.file.write(data)
+        self.entries[name] = {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.offset, self.offset + data.nbytes],
+        }
+        self.offset += data.nbytes
+
+    def finish(self, metadata: dict[str, str]) -> int:
+        header = {"__metadata__": metadata, **dict(sorted(self.entries.items()))}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) <= self.reserve:
+            self.file.seek(0)
+            self.file.write(
+                struct.pack("<Q", self.reserve) + raw + b" " * (self.reserve - len(raw))
+            )
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        else:  # the reserve was too small: rewrite with a larger header (copying the data)
+            self.file.close()
+            _rewrite_with_header(self.path, raw, 8 + self.reserve, self.offset)
+        return 8 + max(self.reserve, _align8(len(raw))) + self.offset
+
+    def abort(self) -> None:
+        self.file.close()
+
+
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+def _rewrite_with_header(path: Path, raw: bytes, data_start: int, data_len: int) -> None:
+    size = _align8(len(raw))
+    tmp = path.with_name(path.name + ".rewrite")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(struct.pack("<Q", size) + raw + b" " * (size - len(raw)))
+        src.seek(data_start)
+        shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+
+
+def _header_reserve(names: Iterable[str], metadata_bytes: int) -> int:
+    # per entry: the quoted name plus dtype, a shape of up to 4 dims and two offsets
+    return sum(len(json.dumps(n)) + 120 for n in names) + metadata_bytes + 1024
+
+
+@contextmanager
+def _atomic_destination(dst: Path, *, is_dir: bool, overwrite: bool) -> Iterator[Path]:
+    """A temporary sibling of ``dst`` that is renamed to ``dst`` only if the block succeeds."""
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if is_dir:
+        tmp.mkdir()
+    try:
+        yield tmp
+        _commit(tmp, dst)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _commit(tmp: Path, dst: Path) -> None:
+    if dst.exists():
+        trash = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, trash)
+        os.replace(tmp, dst)
+        _remove(trash)
+    else:
+        os.replace(tmp, dst)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()
+
+
+def _layer_entry(module: nn.Module) -> dict[str, Any] | None:
+    if isinstance(module, AdaptiveLowRankLinear) and not module.is_lowrank:
+        return None  # dense phase: an ordinary Linear-shaped weight
+    if not isinstance(module, (LowRankLinear, AdaptiveLowRankLinear, DynamicLowRankLinear)):
+        return None
+    entry: dict[str, Any] = {
+        "type": type(module).__name__,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "rank": int(module.S.shape[0]),
+        "balance": module.D is not None,
+        "bias": module.bias is not None,
+    }
+    if isinstance(module, DynamicLowRankLinear):
+        entry["active_rank"] = module.rank
+    return entry
+
+
+def _storage_identity(t: torch.Tensor) -> tuple | None:
+    """Equal for two state-dict entries that are the same tensor (tied weights)."""
+    if t.numel() == 0 or t.is_meta:
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    return (t.device, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _format_metadata(layers: dict[str, Any], aliases: dict[str, str]) -> dict[str, str]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps(layers, sort_keys=True),
+        "aliases": json.dumps(aliases, sort_keys=True),
+    }
+
+
+def _parse_size(value: int | str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", value.upper())
+        if m:
+            scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[m.group(2)]
+            size = int(float(m.group(1)) * scale)
+            if size > 0:
+                return size
+    raise ValueError(f"max_shard_size must be a positive int or a size like '2GB', got {value!r}")
+
+
+def save_lowrank(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = True,
+) -> list[Path]:
+    """Save ``model``'s state dict, with the description of its low-rank layers, as safetensors.
+
+    ``path`` ending in ``.safetensors`` is one file; any other path is a folder that gets
+    ``model.safetensors``, or shards and ``model.safetensors.index.json`` when the tensors
+    exceed ``max_shard_size`` (bytes, or a string such as ``"2GB"``). Tied tensors are stored
+    once (``aliases`` in the metadata). The write is atomic.
+
+    Returns:
+        The files written.
+
+    Example:
+        >>> import tempfile
+        >>> model = nn.Sequential(LowRankLinear(64, 64, 8))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     files = save_lowrank(model, f"{d}/m.safetensors")
+        ...     json.loads(read_metadata(files[0])["layers"])["0"]["rank"]
+        8
+    """
+    path = Path(path)
+    limit = _parse_size(max_shard_size)
+    state = model.state_dict()
+    layers: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        entry = _layer_entry(module)
+        if entry is not None:
+            layers[name] = entry
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, value in state.items():
+        if key.endswith("._extra_state") or key == "_extra_state":
+            owner = key[: -len("._extra_state")] if "." in key else ""
+            if owner in layers and layers[owner]["type"] == "DynamicLowRankLinear":
+                continue  # the active rank is in the layer description
+            raise TypeError(f"{key}: extra module state cannot be stored in safetensors")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"{key}: state dict value of type {type(value).__name__} is not a tensor"
+            )
+        ident = _storage_identity(value)
+        if ident is not None and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        if ident is not None:
+            seen[ident] = key
+        tensors[key] = value
+    metadata = _format_metadata(layers, aliases)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    single_file = path.suffix == ".safetensors"
+    if single_file or total <= limit:
+        groups = [list(tensors)]
+    else:
+        groups, current, size = [], [], 0
+        for key, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if current and size + nbytes > limit:
+                groups.append(current)
+                current, size = [], 0
+            current.append(key)
+            size += nbytes
+        groups.append(current)
+    meta_bytes = len(json.dumps(metadata))
+    if single_file:
+        with _atomic_destination(path, is_dir=False, overwrite=overwrite) as tmp:
+            _write_group(tmp, groups[0], tensors, metadata, meta_bytes)
+        return [path]
+    with _atomic_destination(path, is_dir=True, overwrite=overwrite) as tmp:
+        names = _shard_names(len(groups))
+        weight_map: dict[str, str] = {}
+        for fname, keys in zip(names, groups, strict=True):
+            _write_group(tmp / fname, keys, tensors, metadata, meta_bytes)
+            weight_map.update(dict.fromkeys(keys, fname))
+        if len(groups) > 1:
+            _write_index(tmp / INDEX_FILE, weight_map, metadata, total)
+    files = [path / n for n in names]
+    return files + ([path / INDEX_FILE] if len(groups) > 1 else [])
+
+
+def _write_group(
+    path: Path,
+    keys: Sequence[str],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    meta_bytes: int,
+) -> None:
+    writer = _ShardWriter(path, _header_reserve(keys, meta_bytes))
+    try:
+        for key in keys:
+            writer.add(key, tensors[key])
+        writer.finish(metadata)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def _write_index(path: Path, weight_map: dict[str, str], metadata: dict[str, str], total: int):
+    index = {
+        "metadata": {"total_size": total, **metadata},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Checkpoint:
+    """The files of a checkpoint and its merged metadata."""
+
+    files: list[Path]
+    weight_map: dict[str, Path]
+    metadata: dict[str, str]
+    total_size: int = 0
+    extra_files: list[Path] = field(default_factory=list)
+
+
+def _read_header(path: Path) -> tuple[dict[str, Any], int]:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 1024**2 or n > path.stat().st_size - 8:
+                raise CheckpointError(f"{path} is not a safetensors file (bad header size)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not an object)")
+    return header, 8 + n
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a safetensors file, or the merged metadata of a checkpoint folder."""
+    return _open_checkpoint(Path(path)).metadata
+
+
+def _open_checkpoint(path: Path) -> _Checkpoint:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        index = path / INDEX_FILE
+        if index.exists():
+            return _open_index(index)
+        single = path / SINGLE_FILE
+        shards = [single] if single.exists() else sorted(path.glob("*.safetensors"))
+        if len(shards) != 1:
+            raise CheckpointError(
+                f"{path} holds no {SINGLE_FILE} or {INDEX_FILE}"
+                + (f" but {len(shards)} .safetensors files" if shards else "")
+            )
+        ckpt = _open_file(shards[0])
+        ckpt.extra_files = [p for p in sorted(path.iterdir()) if p.is_file() and p != shards[0]]
+        return ckpt
+    if path.name.endswith(".index.json"):
+        return _open_index(path)
+    return _open_file(path)
+
+
+def _open_file(path: Path) -> _Checkpoint:
+    header, _ = _read_header(path)
+    metadata = header.get("__metadata__") or {}
+    keys = [k for k in header if k != "__metadata__"]
+    size = sum(
+        v["data_offsets"][1] - v["data_offsets"][0]
+        for k, v in header.items()
+        if k != "__metadata__"
+    )
+    return _Checkpoint([path], dict.fromkeys(keys, path), dict(metadata), size)
+
+
+def _open_index(index: Path) -> _Checkpoint:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index} is not a safetensors index ({exc})") from exc
+    folder = index.parent
+    files = sorted({folder / f for f in weight_map.values()})
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{index} names {f.name}, which does not exist")
+    metadata = {k: v for k, v in (data.get("metadata") or {}).items() if isinstance(v, str)}
+    if "layers" not in metadata:  # an index written by others: merge the shards' metadata
+        metadata = _merge_metadata([_open_file(f).metadata for f in files])
+    shard_set = set(files) | {index}
+    extra = [p for p in sorted(folder.iterdir()) if p.is_file() and p not in shard_set]
+    total = int((data.get("metadata") or {}).get("total_size", 0))
+    return _Checkpoint(
+        files, {k: folder / v for k, v in weight_map.items()}, metadata, total, extra
+    )
+
+
+def _merge_metadata(parts: Sequence[dict[str, str]]) -> dict[str, str]:
+    layers: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    merged: dict[str, str] = {}
+    for meta in parts:
+        merged.update(meta)
+        layers.update(json.loads(meta.get("layers", "{}")))
+        aliases.update(json.loads(meta.get("aliases", "{}")))
+    if any("format" in m for m in parts):
+        merged["layers"] = json.dumps(layers, sort_keys=True)
+        merged["aliases"] = json.dumps(aliases, sort_keys=True)
+    return merged
+
+
+def _check_format(meta: dict[str, str], where: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{where} is not a {FORMAT_NAME} checkpoint (metadata format={meta.get('format')!r}); "
+            "a dense checkpoint loads with load_state_dict or from_pretrained"
+        )
+    version = meta.get("format_version")
+    if version != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{where} has format_version {version!r}; this version of lowrank-layers reads "
+            f"format_version {FORMAT_VERSION!r}"
+        )
+    try:
+        return json.loads(meta["layers"]), json.loads(meta.get("aliases", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: malformed layers metadata ({exc})") from exc
+
+
+def _read_tensors(ckpt: _Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for key, f in ckpt.weight_map.items():
+        by_file.setdefault(f, []).append(key)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as handle:
+            for key in keys:
+                yield key, handle.get_tensor(key)
+
+
+def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
+    """Load a checkpoint written by :func:`save_lowrank` or :func:`convert_checkpoint`.
+
+    ``model`` is the dense architecture (e.g. a transformers model built from its config),
+    on any device or on ``meta``: each layer listed in the checkpoint is replaced by the
+    low-rank layer it describes (on the module's device), then every tensor is loaded. On
+    ``meta``, tensors are assigned rather than copied, so the model comes out materialised
+    on the CPU. Modules already of the right type and rank are kept.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        CheckpointError (a ``ValueError``): not a safetensors file, another format, an
+            unknown ``format_version``, or, naming the key, a listed layer the model lacks,
+            a tensor the model does not have or lacks (with ``strict``), or a wrong shape.
+
+    Returns:
+        ``model``, changed in place.
+    """
+    path = Path(path)
+    ckpt = _open_checkpoint(path)
+    layers, aliases = _check_format(ckpt.metadata, path)
+    holders = _parents(model)
+    for name, entry in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{path}: layer {name!r} ({entry.get('type')}) is not in the model"
+            ) from None
+        new = _layer_for(module, entry, name, path)
+        if new is not module:
+            for parent, child_name, _ in holders.get(id(module), []):
+                setattr(parent, child_name, new)
+    state = dict(_read_tensors(ckpt))
+    for alias, target in aliases.items():
+        if target not in state:
+            raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
+        state[alias] = state[target]
+    for name, entry in layers.items():
+        if entry["type"] == "DynamicLowRankLinear":
+            prefix = f"{name}." if name else ""
+            state[prefix + "_extra_state"] = {"rank": entry.get("active_rank", entry["rank"])}
+    expected = model.state_dict(keep_vars=True)
+    non_persistent = {
+        (f"{mod_name}." if mod_name else "") + b
+        for mod_name, mod in model.named_modules()
+        for b in mod._non_persistent_buffers_set
+    }
+    for key in [k for k in state if k not in expected and k in non_persistent]:
+        del state[key]  # e.g. BERT's position_ids, saved by older transformers
+    tied: dict[int, list[str]] = {}
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            tied.setdefault(id(value), []).append(key)
+    for keys in tied.values():  # a tied tensor saved under one of its names fills the others
+        present = [k for k in keys if k in state]
+        for k in keys:
+            if k not in state and present:
+                state[k] = state[present[0]]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append(f"missing from the checkpoint: {', '.join(missing[:10])}")
+        if unexpected:
+            parts.append(f"not in the model: {', '.join(unexpected[:10])}")
+        raise CheckpointError(f"{path}: " + "; ".join(parts))
+    for key, value in state.items():
+        target = expected.get(key)
+        if (
+            isinstance(value, torch.Tensor)
+            and isinstance(target, torch.Tensor)
+            and tuple(value.shape) != tuple(target.shape)
+        ):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(value.shape)} in the checkpoint but "
+                f"{tuple(target.shape)} in the model"
+            )
+    on_meta = any(t.is_meta for t in expected.values() if isinstance(t, torch.Tensor))
+    model.load_state_dict(state, strict=strict, assign=on_meta)
+    if on_meta:
+        left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+        if left:
+            raise CheckpointError(
+                f"{path}: still on the meta device after loading: {', '.join(left[:5])} "
+                "(non-persistent buffers are not saved in checkpoints: build the model with "
+                "only its parameters on meta, e.g. accelerate.init_empty_weights())"
+            )
+    return model
+
+
+def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) -> nn.Module:
+    kind = entry.get("type")
+    cls = _LAYER_TYPES.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise CheckpointError(f"{path}: layer {name!r} has unknown type {kind!r}")
+    rank = int(entry["rank"])
+    if (
+        type(module) is cls
+        and isinstance(module, (LowRankLinear, DynamicLowRankLinear))
+        and module.S.shape[0] == rank
+        and (module.D is not None) == entry["balance"]
+    ):
+        return module
+    if isinstance(module, AdaptiveLowRankLinear) and cls is AdaptiveLowRankLinear:
+        if module.rank != rank or (
+            module.is_lowrank and (module.D is not None) != entry["balance"]
+        ):
+            if module.is_lowrank:
+                module.load_state_dict(make_linear(module.dense_weight(), module.bias).state_dict())
+            module._restructure(rank, balance=entry["balance"])
+        return module
+    ref = next(iter(module.parameters()), None)
+    if ref is None or not hasattr(module, "in_features"):
+        raise CheckpointError(
+            f"{path}: layer {name!r} is a {type(module).__name__} in the model, which cannot "
+            f"hold a {kind}"
+        )
+    if (module.in_features, module.out_features) != (entry["in_features"], entry["out_features"]):
+        raise CheckpointError(
+            f"{path}: layer {name!r} is {entry['out_features']}x{entry['in_features']} in the "
+            f"checkpoint but {module.out_features}x{module.in_features} in the model"
+        )
+    kw = {"bias": entry["bias"], "device": ref.device, "dtype": ref.dtype}
+    if cls is LowRankLinear:
+        return LowRankLinear(
+            entry["in_features"], entry["out_features"], rank, balance=entry["balance"], **kw
+        )
+    if cls is DynamicLowRankLinear:
+        return DynamicLowRankLinear(
+            entry["in_features"],
+            entry["out_features"],
+            max_rank=rank,
+            balance=entry["balance"],
+            **kw,
+        )
+    layer = AdaptiveLowRankLinear(entry["in_features"], entry["out_features"], **kw)
+    layer._restructure(rank, balance=entry["balance"])
+    return layer
+
+
+# ------------------------------------------------------------------------------------------
+# converting a checkpoint without model code
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What one worker converts: some tensors of one source file into one output file."""
+
+    src: str
+    keys: tuple[str, ...]
+    out: str
+    policy: tuple[tuple[str, Any], ...]
+    selected: frozenset[str]
+    threshold: int
+    method: str
+    balance: str
+    seed: int
+    threads: int
+
+
+def is_embedding_name(module_name: str) -> bool:
+    """Whether a module name looks like an embedding (excluded by default by convert_checkpoint)."""
+    return any(_EMBEDDING_COMPONENT.fullmatch(part) for part in module_name.split("."))
+
+
+def convert_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    param_ratio: float | None = None,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    exclude_embeddings: bool = True,
+    threshold: int = 0,
+    method: Method = "svd",
+    balance: Balance = "none",
+    seed: int = 0,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> ConversionReport:
+    """Factorize the 2-D weights of a safetensors checkpoint, without model code.
+
+    ``src`` is a ``.safetensors`` file, a sharded checkpoint's ``.index.json``, or a
+    folder (a transformers model folder: its other files — config, tokenizer — are copied
+    to ``dst``). Each tensor ``<module>.weight`` that is 2-D, floating point, selected by
+    ``include`` / ``exclude`` (matched against ``<module>`` as in
+    :func:`~lowrank_layers.convert_model`), not an embedding (unless
+    ``exclude_embeddings=False``), above ``threshold`` and saving parameters at its rank is
+    read memory-mapped, factorized and written as ``<module>.U/.S/.V(/.D)``; every other
+    tensor is copied bit for bit. Tensors are processed one at a time: peak memory stays
+    near the largest tensor and its factors, not the checkpoint.
+
+    The result loads with :func:`load_lowrank` into the dense architecture and gives the
+    same outputs as :func:`~lowrank_layers.convert_model` with the same policy, method and
+    seed. ``dst`` is a file when ``src`` is one file and ``dst`` ends in ``.safetensors``
+    (and ``workers == 1``), else a folder mirroring ``src``'s shards (one shard per worker
+    for a single-file source) with an index. Nothing appears at ``dst`` unless the whole
+    conversion succeeds.
+
+    Work is shared by ``workers`` processes on this machine, or, when called inside an
+    initialised ``torch.distributed`` job (torchrun), by its ranks: each rank converts its
+    share of the files into a common temporary folder and rank 0 writes the index and
+    commits. Every rank returns the full report.
+
+    Raises:
+        FileNotFoundError, CheckpointError: a missing or unreadable ``src``.
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        ValueError, TypeError: bad options (named, with the value and what is allowed).
+    """
+    policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
+    policy["param_ratio"] = param_ratio
+    policy = {k: v for k, v in policy.items() if v is not None}
+    resolve_rank(1 << 20, 1 << 20, **policy)
+    _check_choice("method", method, METHODS)
+    _check_choice("balance", balance, BALANCE_MODES)
+    _check_patterns("include", include)
+    _check_patterns("exclude", exclude)
+    for name, value, low in (("threshold", threshold, 0), ("workers", workers, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    src, dst = Path(src), Path(dst)
+    ckpt = _open_checkpoint(src)
+    if ckpt.metadata.get("format") == FORMAT_NAME:
+        raise CheckpointError(f"{src} is already a {FORMAT_NAME} checkpoint")
+
+    headers = {f: _read_header(f)[0] for f in ckpt.files}
+    selected: set[str] = set()
+    report = ConversionReport()
+    for f in ckpt.files:
+        for key, info in headers[f].items():
+            if key == "__metadata__":
+                continue
+            report.model_params_before += math.prod(info["shape"])
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            if (
+                module is None
+                or len(info["shape"]) != 2
+                or info["dtype"] not in ("F64", "F32", "F16", "BF16")
+                or (include is not None and not name_matches(module, include))
+                or (exclude is not None and name_matches(module, exclude))
+                or (exclude_embeddings and is_embedding_name(module))
+            ):
+                continue
+            selected.add(key)
+    if not selected:
+        raise ValueError(
+            f"convert_checkpoint: no 2-D weight of {src} matched (include={include!r}, "
+            f"exclude={exclude!r}, exclude_embeddings={exclude_embeddings})"
+        )
+
+    distributed = _dist_world()
+    world, rank_id = distributed
+    single_out = (
+        len(ckpt.files) == 1 and dst.suffix == ".safetensors" and workers == 1 and world == 1
+    )
+    if len(ckpt.files) > 1:
+        plan = [
+            (f, tuple(k for k in headers[f] if k != "__metadata__"), f.name) for f in ckpt.files
+        ]
+    else:
+        f = ckpt.files[0]
+        keys = [k for k in headers[f] if k != "__metadata__"]
+        groups = _balance(keys, headers[f], max(workers, world))
+        names = [SINGLE_FILE] if single_out else _shard_names(len(groups))
+        plan = [(f, tuple(g), n) for g, n in zip(groups, names, strict=True)]
+
+    total_threads = torch.get_num_threads()
+    threads = max(1, total_threads // max(1, min(workers, len(plan))))
+
+    def jobs_in(folder: Path) -> list[_Job]:
+        return [
+            _Job(
+                str(f),
+                keys,
+                str(folder / name) if not single_out else str(folder),
+                tuple(sorted(policy.items())),
+                frozenset(selected & set(keys)),
+                threshold,
+                method,
+                balance,
+                seed,
+                threads if workers > 1 else total_threads,
+            )
+            for f, keys, name in plan
+        ]
+
+    if world > 1:
+        results = _run_distributed(jobs_in, dst, overwrite, rank_id, world, ckpt, plan, single_out)
+    else:
+        with _atomic_destination(dst, is_dir=not single_out, overwrite=overwrite) as tmp:
+            jobs = jobs_in(tmp)
+            results = _run_jobs(jobs, workers, progress)
+            if not single_out:
+                _finish_folder(tmp, ckpt, results, plan)
+    for layer_reports, _, _, _ in results:
+        report.layers.extend(layer_reports)
+    report.layers.sort(key=lambda r: r.name)
+    report.model_params_after = report.model_params_before - sum(
+        r.params_before - r.params_after for r in report.converted
+    )
+    return report
+
+
+def _balance(keys: list[str], header: dict[str, Any], n: int) -> list[list[str]]:
+    """Split keys into ``n`` groups of similar byte size (largest first, into the lightest)."""
+    n = max(1, min(n, len(keys)))
+    sizes = {k: header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in keys}
+    groups: list[list[str]] = [[] for _ in range(n)]
+    loads = [0] * n
+    for key in sorted(keys, key=lambda k: (-sizes[k], k)):
+        i = loads.index(min(loads))
+        groups[i].append(key)
+        loads[i] += sizes[key]
+    order = {k: i for i, k in enumerate(keys)}
+    return [sorted(g, key=order.__getitem__) for g in groups]
+
+
+def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> list[tuple]:
+    if workers == 1 or len(jobs) == 1:
+        return [_convert_job(job, progress=progress) for job in jobs]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(workers, len(jobs))) as pool:
+        return pool.map(_convert_job, jobs)
+
+
+def _convert_job(job: _Job, progress: bool = False) -> tuple:
+    """Convert one job's tensors into its output file; returns (reports, keys, layers, bytes)."""
+    from safetensors import safe_open
+
+    torch.set_num_threads(job.threads)
+    policy = dict(job.policy)
+    header, _ = _read_header(Path(job.src))
+    out_keys: list[str] = []
+    for key in job.keys:
+        if key in job.selected:
+            module = key[: -len(".weight")]
+            out_keys += [f"{module}.{n}" for n in ("U", "S", "V", "D")]
+        else:
+            out_keys.append(key)
+    layers_bound = sum(len(k) + 200 for k in job.selected)
+    writer = _ShardWriter(Path(job.out), _header_reserve(out_keys, layers_bound + 512))
+    reports: list[LayerReport] = []
+    layers: dict[str, Any] = {}
+    written: list[str] = []
+    bias_of = {k[: -len(".bias")] for k in header if k.endswith(".bias")}
+    keys: Iterable[str] = job.keys
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError(
+                "progress=True needs tqdm: pip install 'lowrank-layers[progress]'"
+            ) from exc
+        keys = tqdm(job.keys, desc=Path(job.src).name, unit="tensor")
+    try:
+        with safe_open(job.src, framework="pt") as handle:
+            for key in keys:
+                tensor = handle.get_tensor(key)
+                if key not in job.selected:
+                    writer.add(key, tensor)
+                    written.append(key)
+                    continue
+                module = key[: -len(".weight")]
+                start = time.perf_counter()
+                entry = _factorize_tensor(module, tensor, policy, job, bias=module in bias_of)
+                if isinstance(entry, LayerReport):  # skipped: copy the weight unchanged
+                    writer.add(key, tensor)
+                    written.append(key)
+                    reports.append(entry)
+                    continue
+                factors, layer_report, layer_entry = entry
+                for name, t in factors.items():
+                    writer.add(f"{module}.{name}", t)
+                    written.append(f"{module}.{name}")
+                layer_report.seconds = time.perf_counter() - start
+                reports.append(layer_report)
+                layers[module] = layer_entry
+                del tensor, factors
+        size = writer.finish(_format_metadata(layers, {}))
+    except BaseException:
+        writer.abort()
+        raise
+    return reports, written, layers, size
+
+
+def _factorize_tensor(
+    module: str, W: torch.Tensor, policy: dict[str, Any], job: _Job, *, bias: bool
+) -> tuple[dict[str, torch.Tensor], LayerReport, dict[str, Any]] | LayerReport:
+    out_f, in_f = W.shape
+
+    def skipped(reason: str) -> LayerReport:
+        return LayerReport(
+            module, "Linear", in_f, out_f, None, W.numel(), W.numel(), None, 0.0, reason
+        )
+
+    if in_f * out_f <= job.threshold**2:
+        return skipped(f"{out_f}x{in_f} is not above threshold {job.threshold}²")
+    keep_d = job.balance != "none"
+    clamped = (
+        {"rank": min(out_f, in_f)}
+        if "rank" in policy and policy["rank"] > min(out_f, in_f)
+        else policy
+    )
+    planned = resolve_rank(out_f, in_f, balance=keep_d, **clamped)
+    if planned is not None and factor_parameters(out_f, in_f, planned, balance=keep_d) >= W.numel():
+        return skipped(f"rank {planned} saves no parameters (break-even)")
+    if not bool(torch.isfinite(W).all()):
+        return skipped("weight has NaN or Inf entries")
+    generator = torch.Generator().manual_seed(layer_seed(job.seed, module))
+    factors = factorize(W, method=job.method, balance=job.balance, generator=generator, **policy)  # type: ignore[arg-type]
+    if factor_parameters(out_f, in_f, factors.rank, balance=keep_d) >= W.numel():
+        return skipped(f"rank {factors.rank} saves no parameters (break-even)")
+    tensors = {
+        "U": factors.U.contiguous(),
+        "S": factors.S.contiguous(),
+        "V": factors.V.contiguous(),
+    }
+    if factors.D is not None:
+        tensors["D"] = factors.D.contiguous()
+    after = factor_parameters(out_f, in_f, factors.rank, balance=keep_d)
+    report = LayerReport(
+        module, "LowRankLinear", in_f, out_f, factors.rank, W.numel(), after,
+        relative_error(W, factors), 0.0,
+    )  # fmt: skip
+    entry = {
+        "type": "LowRankLinear",
+        "in_features": in_f,
+        "out_features": out_f,
+        "rank": factors.rank,
+        "balance": factors.D is not None,
+        "bias": bias,
+    }
+    return tensors, report, entry
+
+
+def _finish_folder(tmp: Path, ckpt: _Checkpoint, results: list[tuple], plan: list) -> None:
+    for extra in ckpt.extra_files:
+        if extra.name not in {name for _, _, name in plan} and not extra.name.startswith("."):
+            shutil.copy2(extra, tmp / extra.name)
+    if len(plan) == 1 and plan[0][2] == SINGLE_FILE:
+        return
+    weight_map: dict[str, str] = {}
+    layers: dict[str, Any] = {}
+    total = 0
+    for (_, _, name), (_, written, layer_entries, size) in zip(plan, results, strict=True):
+        weight_map.update(dict.fromkeys(written, name))
+        layers.update(layer_entries)
+        total += size
+    _write_index(tmp / INDEX_FILE, weight_map, _format_metadata(layers, {}), total)
+
+
+def _dist_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def _run_distributed(jobs_in, dst, overwrite, rank_id, world, ckpt, plan, single_out):
+    """Each rank converts jobs rank, rank + world, ...; rank 0 writes the index and commits."""
+    import torch.distributed as dist
+
+    if single_out:  # cannot happen: world > 1 always writes a folder
+        raise AssertionError("distributed conversion writes a folder")
+    box: list[Any] = [None]
+    error: list[Any] = [None]
+    if rank_id == 0:
+        try:
+            if dst.exists() and not overwrite:
+                raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir()
+            box[0] = str(tmp)
+        except BaseException as exc:
+            error[0] = repr(exc)
+    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise FileExistsError(error[0]) if "FileExistsError" in error[0] else RuntimeError(error[0])
+    tmp = Path(box[0])
+    jobs = jobs_in(tmp)
+    mine = {i: _convert_job(job) for i, job in enumerate(jobs) if i % world == rank_id}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, mine)
+    results = [None] * len(jobs)
+    for part in gathered:
+        for i, res in part.items():
+            results[i] = res
+    if rank_id == 0:
+        try:
+            _finish_folder(tmp, ckpt, results, plan)
+            _commit(tmp, dst)
+        except BaseException:
+            _remove(tmp)
+            raise
+    dist.barrier()
+    return results
+
+
+# ------------------------------------------------------------------------------------------
+# inspecting
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WeightSpectrum:
+    """The singular values of one 2-D weight (or of a stored low-rank layer's ``S``)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    singular_values: torch.Tensor
+    stored_rank: int | None = None  # set for low-rank layers of a lowrank-layers checkpoint
+
+    def rank_for(self, energy: float) -> int:
+        return select_rank(self.singular_values, energy)
+
+    def params_at(self, rank: int) -> int:
+        return factor_parameters(self.out_features, self.in_features, rank, balance=False)
+
+
+def weight_spectra(
+    path: str | os.PathLike, *, include: str | Sequence[str] | None = None
+) -> list[WeightSpectrum]:
+    """Singular values of every 2-D floating-point ``*.weight`` in a checkpoint.
+
+    Low-rank layers of a lowrank-layers checkpoint report the singular values of their
+    stored factors (``diag(D)·U·diag(S)·Vᵀ``, computed from the small factors). Tensors are
+    read one at a time; each exact SVD runs in float32.
+    """
+    _check_patterns("include", include)
+    ckpt = _open_checkpoint(Path(path))
+    layers: dict[str, Any] = {}
+    if ckpt.metadata.get("format") == FORMAT_NAME:
+        layers, _ = _check_format(ckpt.metadata, Path(path))
+    from safetensors import safe_open
+
+    spectra: list[WeightSpectrum] = []
+    handles: dict[Path, Any] = {}
+    try:
+        for key in sorted(ckpt.weight_map):
+            f = ckpt.weight_map[key]
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt").__enter__()
+            handle = handles[f]
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            if module is None or (include is not None and not name_matches(module, include)):
+                continue
+            W = handle.get_tensor(key)
+            if W.dim() != 2 or not W.is_floating_point():
+                continue
+            sv = torch.linalg.svdvals(W.to(torch.float32))
+            spectra.append(WeightSpectrum(module, W.shape[0], W.shape[1], sv))
+        for module, entry in sorted(layers.items()):
+            if include is not None and not name_matches(module, include):
+                continue
+            parts = {}
+            for n in ("U", "S", "V", "D"):
+                key = f"{module}.{n}"
+                if key in ckpt.weight_map:
+                    f = ckpt.weight_map[key]
+                    if f not in handles:
+                        handles[f] = safe_open(str(f), framework="pt").__enter__()
+                    parts[n] = handles[f].get_tensor(key).to(torch.float32)
+            U = parts["U"] * parts["D"][:, None] if "D" in parts else parts["U"]
+            _, Ru = torch.linalg.qr(U)
+            _, Rv = torch.linalg.qr(parts["V"])
+            sv = torch.linalg.svdvals((Ru * parts["S"]) @ Rv.mT)
+            spectra.append(
+                WeightSpectrum(
+                    module, entry["out_features"], entry["in_features"], sv, entry["rank"]
+                )
+            )
+    finally:
+        for handle in handles.values():
+            handle.__exit__(None, None, None)
+    spectra.sort(key=lambda s: s.name)
+    return spectra

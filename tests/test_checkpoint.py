@@ -1,0 +1,380 @@
+"""Checkpoints: bit-identical round trips, conversion without model code, atomic writes."""
+
+import json
+import os
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lowrank_layers import (
+    AdaptiveLowRankLinear,
+    DynamicLowRankLinear,
+    LowRankLinear,
+    convert_model,
+    switch_to_lowrank,
+)
+from lowrank_layers import checkpoint as ckpt_mod
+from lowrank_layers.checkpoint import (
+    CheckpointError,
+    convert_checkpoint,
+    load_lowrank,
+    read_metadata,
+    save_lowrank,
+    weight_spectra,
+)
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 32)
+        self.fc1 = nn.Linear(32, 96)
+        self.fc2 = nn.Linear(96, 32)
+        self.norm = nn.LayerNorm(32)
+        self.head = nn.Linear(32, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.head(self.norm(h + self.fc2(torch.relu(self.fc1(h)))))
+
+
+IDS = torch.arange(12).reshape(2, 6)
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")) if path.is_dir() else [path]:
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
+    return out
+
+
+@pytest.fixture
+def tiny() -> Tiny:
+    torch.manual_seed(0)
+    return Tiny().eval()
+
+
+def test_save_load_is_bit_identical(tiny, tmp_path):
+    convert_model(tiny, rank=8, include=["fc1", "fc2"], balance="rownorm")
+    path = tmp_path / "m.safetensors"
+    assert save_lowrank(tiny, path) == [path]
+    meta = read_metadata(path)
+    assert meta["format"] == "lowrank-layers" and meta["format_version"] == "1"
+    layers = json.loads(meta["layers"])
+    assert layers["fc1"] == {
+        "type": "LowRankLinear",
+        "in_features": 32,
+        "out_features": 96,
+        "rank": 8,
+        "balance": True,
+        "bias": True,
+    }
+    assert json.loads(meta["aliases"]) == {"head.weight": "emb.weight"}  # tied: stored once
+    stored = _tensors(path)
+    assert "head.weight" not in stored
+
+    torch.manual_seed(1)
+    fresh = Tiny().eval()  # the dense architecture, other weights
+    load_lowrank(fresh, path)
+    assert isinstance(fresh.fc1, LowRankLinear) and fresh.fc1.D is not None
+    assert fresh.head.weight is fresh.emb.weight  # still tied
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    assert torch.equal(fresh(IDS), tiny(IDS))
+
+
+def test_save_shards_with_an_index(tiny, tmp_path):
+    convert_model(tiny, rank=8, include=["fc1", "fc2"])
+    files = save_lowrank(tiny, tmp_path / "out", max_shard_size="4KB")
+    assert files[-1].name == "model.safetensors.index.json" and len(files) > 2
+    index = json.loads(files[-1].read_text())
+    assert set(index["weight_map"]) == set(tiny.state_dict()) - {"head.weight"}
+    assert json.loads(index["metadata"]["layers"])["fc2"]["rank"] == 8
+    fresh = Tiny()
+    load_lowrank(fresh, tmp_path / "out")
+    assert torch.equal(fresh.eval()(IDS), tiny(IDS))
+    with pytest.raises(ValueError, match=r"max_shard_size must be a positive int or a size"):
+        save_lowrank(tiny, tmp_path / "x", max_shard_size="lots")
+
+
+def test_load_into_a_model_on_meta(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    convert_model(model, rank=4, include=["0"])
+    save_lowrank(model, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8))
+    load_lowrank(skeleton, tmp_path / "m.safetensors")
+    x = torch.randn(3, 32)
+    assert not skeleton[0].U.is_meta and torch.equal(skeleton(x), model(x))
+
+
+def test_training_layers_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        AdaptiveLowRankLinear(32, 32), DynamicLowRankLinear(32, 32, max_rank=12, rank=5)
+    )
+    switch_to_lowrank(model, rank=6)
+    save_lowrank(model, tmp_path / "m.safetensors")
+    layers = json.loads(read_metadata(tmp_path / "m.safetensors")["layers"])
+    assert layers["0"]["type"] == "AdaptiveLowRankLinear" and layers["1"]["active_rank"] == 5
+    fresh = nn.Sequential(AdaptiveLowRankLinear(32, 32), nn.Linear(32, 32))
+    load_lowrank(fresh, tmp_path / "m.safetensors")
+    assert fresh[0].is_lowrank and fresh[1].rank == 5 and fresh[1].max_rank == 12
+    x = torch.randn(2, 32)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_mismatches_name_the_key(tiny, tmp_path):
+    convert_model(tiny, rank=8, include=["fc1"])
+    path = tmp_path / "m.safetensors"
+    save_lowrank(tiny, path)
+
+    class Other(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.extra = nn.Linear(4, 4)
+
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: extra\.weight"):
+        load_lowrank(Other(), path)
+    smaller = Tiny()
+    del smaller.fc2
+    with pytest.raises(CheckpointError, match=r"not in the model: fc2\.bias, fc2\.weight"):
+        load_lowrank(smaller, path)
+    load_lowrank(smaller, path, strict=False)  # non-strict loads what matches
+    wide = Tiny()
+    wide.fc2.bias = nn.Parameter(torch.zeros(33))
+    with pytest.raises(CheckpointError, match=r"fc2\.bias has shape \(32,\) .* but \(33,\)"):
+        load_lowrank(wide, path)
+    mismatch = Tiny()
+    mismatch.fc1 = nn.Linear(32, 97)
+    with pytest.raises(CheckpointError, match=r"layer 'fc1' is 96x32 in the checkpoint but 97x32"):
+        load_lowrank(mismatch, path)
+    no_layer = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(CheckpointError, match=r"layer 'fc1' \(LowRankLinear\) is not in the model"):
+        load_lowrank(no_layer, path)
+
+
+def _rewrite_metadata(path, **changes) -> None:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    header["__metadata__"].update(changes)
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_format_errors(tiny, tmp_path):
+    convert_model(tiny, rank=8, include=["fc1"])
+    path = tmp_path / "m.safetensors"
+    save_lowrank(tiny, path)
+    _rewrite_metadata(path, format_version="7")
+    with pytest.raises(
+        CheckpointError, match=r"format_version '7'; this version .* reads format_version 1"
+    ):
+        load_lowrank(Tiny(), path)
+    dense = tmp_path / "dense.safetensors"
+    save_file({"w": torch.zeros(2)}, dense)
+    with pytest.raises(CheckpointError, match=r"is not a lowrank-layers checkpoint"):
+        load_lowrank(Tiny(), dense)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(CheckpointError, match=r"is not a safetensors file"):
+        load_lowrank(Tiny(), junk)
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+        load_lowrank(Tiny(), tmp_path / "nope.safetensors")
+
+
+# ------------------------------------------------------------------------------------------
+# convert_checkpoint
+# ------------------------------------------------------------------------------------------
+
+
+def _dense_checkpoint(model: nn.Module, path) -> None:
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    save_file(state, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("method", ["svd", "randomized"])
+def test_convert_checkpoint_equals_convert_model(tiny, tmp_path, method):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    report = convert_checkpoint(src, tmp_path / "lr.safetensors", rank=8, method=method, seed=3)
+    assert [r.name for r in report.converted] == ["fc1", "fc2"]  # emb excluded by default
+    reference = convert_model(tiny, rank=8, method=method, seed=3, include=["fc1", "fc2"])
+    assert [r.rank for r in report.converted] == [r.rank for r in reference.converted]
+    fresh = Tiny()
+    load_lowrank(fresh, tmp_path / "lr.safetensors")
+    assert torch.equal(fresh.eval()(IDS), tiny(IDS))
+    stored = _tensors(tmp_path / "lr.safetensors")
+    assert torch.equal(stored["norm.weight"], tiny.norm.weight)  # copied bit for bit
+    assert torch.equal(stored["emb.weight"], tiny.emb.weight)
+
+
+def test_sharded_source_equals_single_file(tiny, tmp_path):
+    state = {k: v.contiguous() for k, v in tiny.state_dict().items() if k != "head.weight"}
+    save_file(state, tmp_path / "single.safetensors")
+    shard_dir = tmp_path / "sharded"
+    shard_dir.mkdir()
+    keys = sorted(state)
+    halves = {
+        "model-00001-of-00002.safetensors": keys[::2],
+        "model-00002-of-00002.safetensors": keys[1::2],
+    }
+    for name, part in halves.items():
+        save_file({k: state[k] for k in part}, shard_dir / name)
+    weight_map = {k: name for name, part in halves.items() for k in part}
+    (shard_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": 0}, "weight_map": weight_map})
+    )
+    (shard_dir / "config.json").write_text("{}")
+    convert_checkpoint(tmp_path / "single.safetensors", tmp_path / "a.safetensors", rank=8)
+    convert_checkpoint(shard_dir, tmp_path / "b", rank=8)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "config.json",  # the folder's other files come along
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    a, b = _tensors(tmp_path / "a.safetensors"), _tensors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_workers_share_the_work(tiny, tmp_path):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    convert_checkpoint(src, tmp_path / "one.safetensors", rank=8)
+    report = convert_checkpoint(src, tmp_path / "two", rank=8, workers=2)
+    assert len(report.converted) == 2
+    assert len(list((tmp_path / "two").glob("model-*.safetensors"))) == 2
+    a, b = _tensors(tmp_path / "one.safetensors"), _tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    # one thread per process instead of two: the same maths in another floating-point order,
+    # so singular vectors may differ by rounding (or sign); the products and copies agree
+    for m in ("fc1", "fc2"):
+        wa = (a[f"{m}.U"] * a[f"{m}.S"]) @ a[f"{m}.V"].mT
+        wb = (b[f"{m}.U"] * b[f"{m}.S"]) @ b[f"{m}.V"].mT
+        assert torch.allclose(wa, wb, atol=1e-5), m
+    for k in ("emb.weight", "norm.weight", "fc1.bias"):
+        assert torch.equal(a[k], b[k])
+
+
+def test_failure_mid_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    real = ckpt_mod._factorize_tensor
+    monkeypatch.setattr(ckpt_mod, "_factorize_tensor", failing)
+    for dst in (tmp_path / "out.safetensors", tmp_path / "outdir"):
+        calls.clear()
+        with pytest.raises(RuntimeError, match="injected failure"):
+            convert_checkpoint(src, dst, rank=8)
+        assert not dst.exists()
+    assert sorted(os.listdir(tmp_path)) == ["dense.safetensors"]  # no temporary left either
+
+
+def test_convert_checkpoint_errors(tiny, tmp_path):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    with pytest.raises(ValueError, match=r"exactly one rank policy"):
+        convert_checkpoint(src, tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match=r"workers must be an int >= 1, got 0"):
+        convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, workers=0)
+    with pytest.raises(ValueError, match=r"no 2-D weight of .* matched \(include='nothing'"):
+        convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, include="nothing")
+    convert_checkpoint(src, tmp_path / "o.safetensors", rank=4)
+    with pytest.raises(FileExistsError, match=r"already exists \(pass overwrite=True"):
+        convert_checkpoint(src, tmp_path / "o.safetensors", rank=4)
+    convert_checkpoint(src, tmp_path / "o.safetensors", rank=6, overwrite=True)
+    assert json.loads(read_metadata(tmp_path / "o.safetensors")["layers"])["fc1"]["rank"] == 6
+    with pytest.raises(CheckpointError, match=r"already a lowrank-layers checkpoint"):
+        convert_checkpoint(tmp_path / "o.safetensors", tmp_path / "p.safetensors", rank=4)
+
+
+def test_skips_are_reported_and_weights_copied(tiny, tmp_path):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    report = convert_checkpoint(src, tmp_path / "o.safetensors", rank=30, threshold=40)
+    reasons = {r.name: r.reason for r in report.skipped}
+    assert reasons == {
+        "fc1": "rank 30 saves no parameters (break-even)",
+        "fc2": "rank 30 saves no parameters (break-even)",
+    }
+    report = convert_checkpoint(
+        src, tmp_path / "p.safetensors", rank=4, threshold=60, exclude_embeddings=False
+    )
+    reasons = {r.name: r.reason for r in report.skipped}
+    assert reasons == {
+        "emb": "50x32 is not above threshold 60²",
+        "fc1": "96x32 is not above threshold 60²",
+        "fc2": "32x96 is not above threshold 60²",
+    }
+    stored = _tensors(tmp_path / "p.safetensors")
+    assert torch.equal(stored["fc1.weight"], tiny.fc1.weight)  # skipped: copied unchanged
+    report = convert_checkpoint(
+        src, tmp_path / "q.safetensors", rank=4, include=["emb"], exclude_embeddings=False
+    )
+    assert [r.name for r in report.converted] == ["emb"]
+
+
+def test_weight_spectra(tiny, tmp_path):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    spectra = {s.name: s for s in weight_spectra(src)}
+    assert set(spectra) == {"emb", "fc1", "fc2"}  # LayerNorm's weight is 1-D
+    assert torch.allclose(spectra["fc1"].singular_values, torch.linalg.svdvals(tiny.fc1.weight))
+    convert_checkpoint(src, tmp_path / "o.safetensors", rank=8)
+    low = {s.name: s for s in weight_spectra(tmp_path / "o.safetensors")}
+    assert low["fc1"].stored_rank == 8
+    assert torch.allclose(
+        low["fc1"].singular_values, torch.linalg.svdvals(tiny.fc1.weight)[:8], rtol=1e-4
+    )
+
+
+def _distributed_worker(rank: int, world: int, init_file: str, src: str, dst: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        report = convert_checkpoint(src, dst, rank=8, method="randomized", seed=1)
+        assert [r.name for r in report.converted] == ["fc1", "fc2"]  # every rank: full report
+    finally:
+        dist.destroy_process_group()
+
+
+def test_torch_distributed_ranks_share_the_conversion(tiny, tmp_path):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    dst = tmp_path / "dist"
+    torch.multiprocessing.spawn(
+        _distributed_worker,
+        args=(2, str(tmp_path / "init"), str(src), str(dst)),
+        nprocs=2,
+        join=True,
+    )
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    fresh = Tiny()
+    load_lowrank(fresh, dst)
+    reference = convert_model(tiny, rank=8, method="randomized", seed=1, include=["fc1", "fc2"])
+    assert len(reference.converted) == 2
+    assert torch.allclose(fresh.eval()(IDS), tiny(IDS), atol=1e-5)
