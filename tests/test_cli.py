@@ -1,30 +1,111 @@
-"""The command line, run in-process."""
+"""The command line, run in-process: every subcommand and every user-error path."""
+
+import json
 
 import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
 
 from lowrank_layers import __version__
+from lowrank_layers.checkpoint import load_lowrank, read_metadata
 from lowrank_layers.cli import main
 
 
-def test_demo_prints_a_report(capsys):
-    assert main(["demo", "--hidden", "64", "--epochs", "2"]) == 0
+@pytest.fixture
+def dense_file(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 32))
+    path = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return path, model
+
+
+def test_convert_writes_a_loadable_checkpoint_and_a_table(dense_file, tmp_path, capsys):
+    src, _ = dense_file
+    dst = tmp_path / "out.safetensors"
+    assert main(["convert", str(src), str(dst), "--rank", "8", "--method", "randomized"]) == 0
     out = capsys.readouterr().out
-    assert "| nn.Linear (dense) |" in out
-    assert out.count("| LowRankLinear param_ratio=") == 3
+    assert out.splitlines()[0].split()[:5] == ["layer", "kind", "in", "out", "rank"]
+    assert "converted 2 of 2 matched layers" in out and f"wrote {dst}" in out
+    layers = json.loads(read_metadata(dst)["layers"])
+    assert layers["0"]["rank"] == 8 and layers["2"]["rank"] == 8
+    fresh = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(96, 32))
+    load_lowrank(fresh, dst)
+    assert fresh[0].rank == 8
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--rank-ratio", "0.25"],
+        ["--energy", "0.9", "--balance", "rownorm"],
+        ["--param-ratio", "0.5", "--include", "0", "--threshold", "10"],
+        ["--rank", "4", "--exclude", "2", "--workers", "2", "--seed", "3"],
+    ],
+)
+def test_convert_flags(flags, dense_file, tmp_path):
+    src, _ = dense_file
+    dst = tmp_path / "out"
+    assert main(["convert", str(src), str(dst), *flags]) == 0
+    assert dst.exists()
+
+
+def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
+    src, model = dense_file
+    png = tmp_path / "spectra.png"
+    assert main(["inspect", str(src), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header == [
+        "layer", "shape", "params", "stored", "rank", "rank@0.9", "kept@0.9",
+        "rank@0.95", "kept@0.95", "rank@0.99", "kept@0.99",
+    ]  # fmt: skip
+    row = next(line.split() for line in out.splitlines() if line.startswith("0 "))
+    assert row[1] == "96x32"
+    s = torch.linalg.svdvals(model[0].weight.detach())
+    expected = int((torch.cumsum(s**2, 0) / (s**2).sum() < 0.9).sum()) + 1
+    assert int(row[4]) == expected
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
     ("argv", "match"),
     [
-        (["demo", "--hidden", "4"], "--hidden must be >= 16, got 4"),
-        (["demo", "--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["convert", "{missing}", "{out}", "--rank", "4"], "does not exist"),
+        (["convert", "{junk}", "{out}", "--rank", "4"], "is not a safetensors file"),
+        (["convert", "{src}", "{out}"], "one of the arguments --rank --rank-ratio"),
+        (["convert", "{src}", "{out}", "--rank", "4", "--energy", "0.9"], "not allowed with"),
+        (["convert", "{src}", "{out}", "--rank-ratio", "1.5"], "expected a number in (0, 1]"),
+        (["convert", "{src}", "{out}", "--rank", "0"], "expected a positive integer, got 0"),
+        (["convert", "{src}", "{out}", "--rank", "4", "--workers", "x"], "expected a positive"),
+        (["convert", "{src}", "{out}", "--rank", "4", "--method", "qr"], "invalid choice: 'qr'"),
+        (["convert", "{src}", "{out}", "--rank", "4", "--include", "("], "not a valid regular"),
+        (["convert", "{src}", "{out}", "--rank", "4", "--include", "zz"], "no 2-D weight"),
+        (["convert", "{src}", "{src}", "--rank", "4"], "already exists"),
+        (["inspect", "{missing}"], "does not exist"),
+        (["inspect", "{src}", "--plot", "{out}.jpg"], "--plot must name a .png file"),
+        (["inspect", "{src}", "--energies", "0"], "expected a number in (0, 1]"),
+        (["demo", "--budgets", "2"], "expected a number in (0, 1]"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: command"),
     ],
 )
-def test_usage_errors_are_one_line_and_exit_2(argv, match, capsys):
-    assert main(argv) == 2
+def test_user_errors_are_one_line_exit_2_and_write_nothing(
+    argv, match, dense_file, tmp_path, capsys
+):
+    src, _ = dense_file
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"hello, not a checkpoint")
+    paths = {"src": src, "out": tmp_path / "out", "missing": tmp_path / "nope", "junk": junk}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main([a.format(**paths) for a in argv])
     err = capsys.readouterr().err
-    assert err.strip().count("\n") == 0
-    assert err.startswith("lowrank-layers: error: ") and match in err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("lowrank-layers: error: "), err
+    assert match in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
 def test_version(capsys):
