@@ -92,6 +92,7 @@ _ST_DTYPES: dict[torch.dtype, str] = {
 for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
     if hasattr(torch, _name):
         _ST_DTYPES[getattr(torch, _name)] = _code
+_DTYPES_FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
 
 _LAYER_TYPES: dict[str, type[nn.Module]] = {
     "LowRankLinear": LowRankLinear,
@@ -516,16 +517,57 @@ def _check_format(meta: dict[str, str], where: Path) -> tuple[dict[str, Any], di
         raise CheckpointError(f"{where}: malformed layers metadata ({exc})") from exc
 
 
-def _read_tensors(ckpt: _Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import safe_open
+class _TensorReader:
+    """Reads tensors of one safetensors file, one at a time, into fresh memory.
 
+    Plain ``seek`` + ``readinto`` rather than a memory map: pages of a mapped file count
+    as the process's resident memory for as long as the map lives, so reading a whole
+    checkpoint through one map would hold all of it; here each tensor's memory is freed
+    when the tensor is.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header, self.data_start = _read_header(path)
+        self.file = open(path, "rb")  # noqa: SIM115 - closed in close() / __exit__
+
+    def keys(self) -> list[str]:
+        return [k for k in self.header if k != "__metadata__"]
+
+    def get(self, key: str) -> torch.Tensor:
+        info = self.header.get(key)
+        if info is None:
+            raise CheckpointError(f"{self.path} holds no tensor {key!r}")
+        dtype = _DTYPES_FROM_ST.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}"
+            )
+        start, end = info["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        self.file.seek(self.data_start + start)
+        if end > start and self.file.readinto(memoryview(buf.numpy())) != end - start:
+            raise CheckpointError(f"{self.path} is truncated (tensor {key!r})")
+        return buf.view(dtype).reshape(info["shape"])
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> _TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _read_tensors(ckpt: _Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     by_file: dict[Path, list[str]] = {}
     for key, f in ckpt.weight_map.items():
         by_file.setdefault(f, []).append(key)
     for f, keys in by_file.items():
-        with safe_open(str(f), framework="pt") as handle:
+        with _TensorReader(f) as reader:
             for key in keys:
-                yield key, handle.get_tensor(key)
+                yield key, reader.get(key)
 
 
 def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = True) -> nn.Module:
@@ -723,9 +765,9 @@ def convert_checkpoint(
     ``include`` / ``exclude`` (matched against ``<module>`` as in
     :func:`~lowrank_layers.convert_model`), not an embedding (unless
     ``exclude_embeddings=False``), above ``threshold`` and saving parameters at its rank is
-    read memory-mapped, factorized and written as ``<module>.U/.S/.V(/.D)``; every other
-    tensor is copied bit for bit. Tensors are processed one at a time: peak memory stays
-    near the largest tensor and its factors, not the checkpoint.
+    read, factorized and written as ``<module>.U/.S/.V(/.D)``; every other tensor is copied
+    bit for bit. Tensors are read and written one at a time: peak memory stays near the
+    largest tensor and its factors, not the checkpoint.
 
     The result loads with :func:`load_lowrank` into the dense architecture and gives the
     same outputs as :func:`~lowrank_layers.convert_model` with the same policy, method and
@@ -862,8 +904,6 @@ def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> list[tuple]:
 
 def _convert_job(job: _Job, progress: bool = False) -> tuple:
     """Convert one job's tensors into its output file; returns (reports, keys, layers, bytes)."""
-    from safetensors import safe_open
-
     torch.set_num_threads(job.threads)
     policy = dict(job.policy)
     header, _ = _read_header(Path(job.src))
@@ -890,9 +930,9 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
             ) from exc
         keys = tqdm(job.keys, desc=Path(job.src).name, unit="tensor")
     try:
-        with safe_open(job.src, framework="pt") as handle:
+        with _TensorReader(Path(job.src)) as reader:
             for key in keys:
-                tensor = handle.get_tensor(key)
+                tensor = reader.get(key)
                 if key not in job.selected:
                     writer.add(key, tensor)
                     written.append(key)
@@ -1070,20 +1110,21 @@ def weight_spectra(
     layers: dict[str, Any] = {}
     if ckpt.metadata.get("format") == FORMAT_NAME:
         layers, _ = _check_format(ckpt.metadata, Path(path))
-    from safetensors import safe_open
+    readers: dict[Path, _TensorReader] = {}
+
+    def get(key: str) -> torch.Tensor:
+        f = ckpt.weight_map[key]
+        if f not in readers:
+            readers[f] = _TensorReader(f)
+        return readers[f].get(key)
 
     spectra: list[WeightSpectrum] = []
-    handles: dict[Path, Any] = {}
     try:
         for key in sorted(ckpt.weight_map):
-            f = ckpt.weight_map[key]
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt").__enter__()
-            handle = handles[f]
             module = key[: -len(".weight")] if key.endswith(".weight") else None
             if module is None or (include is not None and not name_matches(module, include)):
                 continue
-            W = handle.get_tensor(key)
+            W = get(key)
             if W.dim() != 2 or not W.is_floating_point():
                 continue
             sv = torch.linalg.svdvals(W.to(torch.float32))
@@ -1091,14 +1132,11 @@ def weight_spectra(
         for module, entry in sorted(layers.items()):
             if include is not None and not name_matches(module, include):
                 continue
-            parts = {}
-            for n in ("U", "S", "V", "D"):
-                key = f"{module}.{n}"
-                if key in ckpt.weight_map:
-                    f = ckpt.weight_map[key]
-                    if f not in handles:
-                        handles[f] = safe_open(str(f), framework="pt").__enter__()
-                    parts[n] = handles[f].get_tensor(key).to(torch.float32)
+            parts = {
+                n: get(f"{module}.{n}").to(torch.float32)
+                for n in ("U", "S", "V", "D")
+                if f"{module}.{n}" in ckpt.weight_map
+            }
             U = parts["U"] * parts["D"][:, None] if "D" in parts else parts["U"]
             _, Ru = torch.linalg.qr(U)
             _, Rv = torch.linalg.qr(parts["V"])
@@ -1109,7 +1147,7 @@ def weight_spectra(
                 )
             )
     finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
+        for reader in readers.values():
+            reader.close()
     spectra.sort(key=lambda s: s.name)
     return spectra

@@ -386,3 +386,18 @@ def test_select_rank_and_balance_reject_bad_arguments():
         select_rank(torch.ones(2, 2), 0.5)
     with pytest.raises(ValueError, match=r"balance must be one of .* got 'rows'"):
         balance_rows(torch.ones(2, 2), "rows")
+
+
+@pytest.mark.parametrize("rank", [2, 30, 40])  # large error (Gram identity), small, exact zero
+@pytest.mark.parametrize("balance", ["none", "rowsum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_relative_error_matches_the_direct_computation(rank, balance, dtype, gen):
+    s = torch.logspace(0, -4, 40, dtype=torch.float64)
+    W = matrix_with_spectrum(s, 70, 40, gen).to(dtype)
+    f = factorize(W, rank=rank, balance=balance)
+    W64 = W.to(torch.float64)
+    direct = float(torch.linalg.norm(W64 - f.to(torch.float64).dense()) / torch.linalg.norm(W64))
+    # both paths agree with the dense difference to float64 rounding (or 1e-9 absolute near 0)
+    assert relative_error(W, f) == pytest.approx(direct, rel=1e-6, abs=1e-9)
+    zero = Factors(torch.zeros(3, 1), torch.ones(1), torch.zeros(2, 1))
+    assert relative_error(torch.zeros(3, 2), zero) == 0.0
