@@ -529,7 +529,9 @@ def relative_error(W: torch.Tensor, factors: Factors) -> float:
     W = W.detach()
     f = factors.to(torch.float64)
     A = f.U if f.D is None else f.D[:, None] * f.U  # Ŵ = A·diag(S)·Vᵀ
-    norm2 = float(torch.linalg.vector_norm(W, dtype=torch.float64) ** 2)
+    step = max(1, (1 << 21) // max(1, W.shape[1]))  # ~16 MB of float64 rows at a time
+    blocks = [slice(start, start + step) for start in range(0, W.shape[0], step)]
+    norm2 = sum(float(torch.linalg.vector_norm(W[b].to(torch.float64)) ** 2) for b in blocks)
     WV = (
         (W.to(torch.float64) @ f.V)
         if W.dtype == torch.float64
@@ -543,9 +545,7 @@ def relative_error(W: torch.Tensor, factors: Factors) -> float:
     if err2 > 1e-2 * norm2:
         return (err2 / norm2) ** 0.5
     total = 0.0
-    step = max(1, (1 << 21) // max(1, W.shape[1]))  # ~16 MB of float64 rows at a time
-    for start in range(0, W.shape[0], step):
-        rows = slice(start, start + step)
+    for rows in blocks:
         block = W[rows].to(torch.float64) - (A[rows] * f.S) @ f.V.mT
         total += float(torch.linalg.vector_norm(block) ** 2)
     return (total / norm2) ** 0.5

@@ -93,3 +93,32 @@ def test_llama_converts_and_generates(tied):
         ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, pad_token_id=0
     )
     assert out.shape == (2, 12)
+
+
+def test_minilm_checkpoint_round_trip_and_folder_conversion(bert, tmp_path):
+    from lowrank_layers.checkpoint import convert_checkpoint, load_lowrank, save_lowrank
+
+    model, batch = bert
+    converted = copy.deepcopy(model)
+    convert_model(converted, param_ratio=0.5, method="randomized", seed=0)
+    save_lowrank(converted, tmp_path / "minilm.safetensors")
+    fresh = transformers.AutoModel.from_config(model.config).eval()  # dense, random weights
+    load_lowrank(fresh, tmp_path / "minilm.safetensors")
+    with torch.no_grad():
+        expected = converted(**batch).last_hidden_state
+        assert torch.equal(fresh(**batch).last_hidden_state, expected)  # bit-identical
+
+    # straight from the package's model folder, without model code: config and tokenizer
+    # files come along, and the result equals convert_model with the same policy and seed
+    report = convert_checkpoint(
+        minilm.get_model_path(), tmp_path / "folder", param_ratio=0.5, method="randomized"
+    )
+    assert len(report.converted) == 37
+    assert (tmp_path / "folder" / "config.json").exists()
+    assert (tmp_path / "folder" / "tokenizer.json").exists()
+    reloaded = transformers.AutoModel.from_config(
+        transformers.AutoConfig.from_pretrained(tmp_path / "folder")
+    ).eval()
+    load_lowrank(reloaded, tmp_path / "folder")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch).last_hidden_state, expected)
