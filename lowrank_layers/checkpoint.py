@@ -43,8 +43,11 @@ from .convert import (
     LayerReport,
     _check_patterns,
     _parents,
+    break_even_reason,
     layer_seed,
     name_matches,
+    plan_rank,
+    saves_parameters,
 )
 from .dynamic import DynamicLowRankLinear
 from .factorize import (
@@ -970,23 +973,16 @@ def _factorize_tensor(
             module, "Linear", in_f, out_f, None, W.numel(), W.numel(), None, 0.0, reason
         )
 
-    if in_f * out_f <= job.threshold**2:
-        return skipped(f"{out_f}x{in_f} is not above threshold {job.threshold}²")
     keep_d = job.balance != "none"
-    clamped = (
-        {"rank": min(out_f, in_f)}
-        if "rank" in policy and policy["rank"] > min(out_f, in_f)
-        else policy
-    )
-    planned = resolve_rank(out_f, in_f, balance=keep_d, **clamped)
-    if planned is not None and factor_parameters(out_f, in_f, planned, balance=keep_d) >= W.numel():
-        return skipped(f"rank {planned} saves no parameters (break-even)")
+    _, reason = plan_rank(out_f, in_f, policy, threshold=job.threshold, balance=keep_d)
+    if reason is not None:
+        return skipped(reason)
     if not bool(torch.isfinite(W).all()):
         return skipped("weight has NaN or Inf entries")
     generator = torch.Generator().manual_seed(layer_seed(job.seed, module))
     factors = factorize(W, method=job.method, balance=job.balance, generator=generator, **policy)  # type: ignore[arg-type]
-    if factor_parameters(out_f, in_f, factors.rank, balance=keep_d) >= W.numel():
-        return skipped(f"rank {factors.rank} saves no parameters (break-even)")
+    if not saves_parameters(out_f, in_f, factors.rank, balance=keep_d):
+        return skipped(break_even_reason(factors.rank))
     tensors = {
         "U": factors.U.contiguous(),
         "S": factors.S.contiguous(),

@@ -431,12 +431,10 @@ def _convert_one(
     if module.weight.device.type == "meta":
         return _skip(fqn, module, "weight is on the meta device (load it first)")
     out_f, in_f = module.out_features, module.in_features
-    if in_f * out_f <= threshold**2:
-        return _skip(fqn, module, f"{out_f}x{in_f} is not above threshold {threshold}²")
     keep_d = balance != "none"
-    planned = resolve_rank(out_f, in_f, balance=keep_d, **_clamped(policy, out_f, in_f))
-    if planned is not None and not _saves(out_f, in_f, planned, keep_d):
-        return _skip(fqn, module, f"rank {planned} saves no parameters (break-even)")
+    planned, reason = plan_rank(out_f, in_f, policy, threshold=threshold, balance=keep_d)
+    if reason is not None:
+        return _skip(fqn, module, reason)
 
     if layer == "adaptive":
         new: nn.Module = AdaptiveLowRankLinear.from_linear(module, balance=balance, **policy)
@@ -452,8 +450,8 @@ def _convert_one(
         new = cls.from_linear(module, method=method, balance=balance, generator=generator, **policy)
         factors = new.factors()
         rank = factors.rank
-        if not _saves(out_f, in_f, rank, factors.D is not None):
-            return _skip(fqn, module, f"rank {rank} saves no parameters (break-even)")
+        if not saves_parameters(out_f, in_f, rank, balance=factors.D is not None):
+            return _skip(fqn, module, break_even_reason(rank))
         error = relative_error(module.weight, factors)
         after = factor_parameters(out_f, in_f, rank, balance=factors.D is not None)
     new.train(module.training)
@@ -480,15 +478,33 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
 
 
-def _clamped(policy: dict[str, Any], out_f: int, in_f: int) -> dict[str, Any]:
-    """An absolute ``rank`` larger than a small layer's ``min(in, out)`` means 'all of it'."""
+def plan_rank(
+    out_f: int, in_f: int, policy: dict[str, Any], *, threshold: int, balance: bool
+) -> tuple[int | None, str | None]:
+    """The rank a policy gives one weight before factorizing it, or why it is not converted.
+
+    Returns ``(rank, None)`` (``rank`` is None for ``energy``, known only from the
+    spectrum) or ``(None, reason)`` for a weight not above ``threshold`` or a rank that
+    saves no parameters. An absolute ``rank`` above a small weight's ``min(in, out)``
+    means all of it (and so saves nothing).
+    """
+    if in_f * out_f <= threshold**2:
+        return None, f"{out_f}x{in_f} is not above threshold {threshold}²"
     if "rank" in policy and policy["rank"] > min(out_f, in_f):
-        return {"rank": min(out_f, in_f)}
-    return policy
+        policy = {"rank": min(out_f, in_f)}
+    planned = resolve_rank(out_f, in_f, balance=balance, **policy)
+    if planned is not None and not saves_parameters(out_f, in_f, planned, balance=balance):
+        return None, break_even_reason(planned)
+    return planned, None
 
 
-def _saves(out_f: int, in_f: int, rank: int, balance: bool) -> bool:
+def saves_parameters(out_f: int, in_f: int, rank: int, *, balance: bool) -> bool:
+    """Whether factors of this rank hold fewer numbers than the ``out x in`` weight."""
     return factor_parameters(out_f, in_f, rank, balance=balance) < out_f * in_f
+
+
+def break_even_reason(rank: int) -> str:
+    return f"rank {rank} saves no parameters (break-even)"
 
 
 # ------------------------------------------------------------------------------------------
