@@ -15,21 +15,26 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
+from .calibrate import collect_input_stats
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import (
     BALANCE_MODES,
     Balance,
     Method,
     _check_choice,
+    _check_fraction,
     factor_parameters,
+    output_error,
     relative_error,
     resolve_rank,
+    truncated_spectrum,
 )
 from .linear import LowRankLinear
 
 __all__ = [
     "ConversionReport",
     "LayerReport",
+    "allocate_ranks",
     "convert_model",
     "layer_seed",
     "prune_dynamic",
@@ -77,6 +82,7 @@ class LayerReport:
     relative_error: float | None
     seconds: float
     reason: str | None = None
+    output_error: float | None = None  # relative, on the calibration inputs (when calibrated)
 
     @property
     def converted(self) -> bool:
@@ -137,26 +143,31 @@ class ConversionReport:
         return json.dumps(self.to_dict(), **kwargs)
 
     def __str__(self) -> str:
-        header = ("layer", "kind", "in", "out", "rank", "params", "after", "rel.err", "s", "note")
+        calibrated = any(layer.output_error is not None for layer in self.layers)
+
+        def num(value: float | None) -> str:
+            return "-" if value is None else f"{value:.4f}"
+
+        header = ["layer", "kind", "in", "out", "rank", "params", "after", "rel.err"]
+        header += ["out.err"] if calibrated else []
+        header += ["s", "note"]
         rows = [header]
         for layer in self.layers:
-            err = "-" if layer.relative_error is None else f"{layer.relative_error:.4f}"
-            rows.append(
-                (
-                    layer.name,
-                    layer.kind,
-                    "-" if layer.in_features is None else str(layer.in_features),
-                    "-" if layer.out_features is None else str(layer.out_features),
-                    "-" if layer.rank is None else str(layer.rank),
-                    f"{layer.params_before:,}",
-                    f"{layer.params_after:,}",
-                    err,
-                    f"{layer.seconds:.2f}",
-                    "" if layer.converted else f"skipped: {layer.reason}",
-                )
-            )
+            row = [
+                layer.name,
+                layer.kind,
+                "-" if layer.in_features is None else str(layer.in_features),
+                "-" if layer.out_features is None else str(layer.out_features),
+                "-" if layer.rank is None else str(layer.rank),
+                f"{layer.params_before:,}",
+                f"{layer.params_after:,}",
+                num(layer.relative_error),
+            ]
+            row += [num(layer.output_error)] if calibrated else []
+            row += [f"{layer.seconds:.2f}", "" if layer.converted else f"skipped: {layer.reason}"]
+            rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-        right = {2, 3, 4, 5, 6, 7, 8}
+        right = set(range(2, len(header) - 1))
 
         def fmt(row: Sequence[str]) -> str:
             cells = [
@@ -256,6 +267,8 @@ def convert_model(
     method: Method = "svd",
     balance: Balance = "none",
     seed: int = 0,
+    calibration: Iterable[Any] | None = None,
+    budget: float | None = None,
     progress: bool = False,
 ) -> ConversionReport:
     """Replace ``nn.Linear`` modules of ``model`` by low-rank layers, in place.
@@ -290,6 +303,16 @@ def convert_model(
         threshold: the original ``make_efficient_linear``'s size test; 0 converts any size.
         method, balance: as :func:`~lowrank_layers.factorize` (for ``"adaptive"``,
             ``balance`` is the default of the later switch).
+        calibration: batches to run through ``model`` (``model(**b)`` for a dict,
+            ``model(*b)`` for a tuple, ``model(b)`` otherwise) to collect each layer's input
+            second moment (:mod:`~lowrank_layers.calibrate`); each layer is then factorized
+            activation-aware (``factorize(..., input_cov=...)``), minimising its output
+            error on such inputs, and the report gives that output error. Not with
+            ``layer="adaptive"``.
+        budget: instead of a rank policy, keep at most this fraction (0, 1] of the converted
+            layers' weight parameters over the whole model, choosing each layer's rank from
+            its spectrum (whitened when calibrated): greedily, the component that removes
+            the most relative output energy per parameter first (:func:`allocate_ranks`).
         seed: with ``method="randomized"``, each layer's sketch is drawn from a generator
             seeded by :func:`layer_seed` ``(seed, name)``: results do not depend on the
             order or subset of layers converted, and ``convert_checkpoint`` with the same
@@ -324,7 +347,20 @@ def convert_model(
     policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
     policy["param_ratio"] = param_ratio
     policy = {k: v for k, v in policy.items() if v is not None}
-    resolve_rank(1 << 20, 1 << 20, **policy)  # validates "exactly one" and the ranges
+    if budget is not None:
+        _check_fraction("budget", budget)
+        if policy:
+            raise ValueError(
+                "budget replaces the rank policy: give one or the other, got budget="
+                f"{budget} and {', '.join(f'{k}={v}' for k, v in policy.items())}"
+            )
+    else:
+        resolve_rank(1 << 20, 1 << 20, **policy)  # validates "exactly one" and the ranges
+    if layer == "adaptive" and (calibration is not None or budget is not None):
+        raise ValueError(
+            "calibration and budget apply to layer='lowrank' or 'dynamic'; an adaptive "
+            "layer is factorized later, by switch_to_lowrank"
+        )
 
     def selected(fqn: str, module: nn.Module) -> bool:
         linear_like = isinstance(module, (nn.Linear, *LOWRANK_TYPES))
@@ -345,13 +381,45 @@ def convert_model(
     holders = _parents(model)
     owners = _weight_owners(model)
     report = ConversionReport(model_params_before=_count(model))
+    eligible = {
+        fqn: m for fqn, m in candidates if _structural_reason(fqn, m, holders, owners) is None
+    }
+    covariances: dict[str, torch.Tensor] = {}
+    if calibration is not None and eligible:
+        stats = collect_input_stats(model, calibration, eligible)
+        covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
+    layer_policy: dict[str, dict[str, Any]] = {}
+    if budget is not None:
+        spectra = {
+            fqn: truncated_spectrum(
+                m.weight.detach(), balance=balance, input_cov=covariances.get(fqn)
+            )
+            for fqn, m in eligible.items()
+            if m.in_features * m.out_features > threshold**2
+        }
+        ranks = allocate_ranks(
+            {f: (s, eligible[f].out_features, eligible[f].in_features) for f, s in spectra.items()},
+            budget,
+            balance=balance != "none",
+        )
+        layer_policy = {f: {"rank": r} for f, r in ranks.items()}
     iterator: Iterable[tuple[str, nn.Module]] = candidates
     if progress:
         iterator = _progress(candidates)
     for fqn, module in iterator:
         start = time.perf_counter()
         entry = _convert_one(
-            fqn, module, holders, owners, layer, policy, threshold, method, balance, seed
+            fqn,
+            module,
+            holders,
+            owners,
+            layer,
+            layer_policy.get(fqn, policy) if budget is None or fqn in layer_policy else {},
+            threshold,
+            method,
+            balance,
+            seed,
+            covariances.get(fqn),
         )
         entry.seconds = time.perf_counter() - start
         report.layers.append(entry)
@@ -399,6 +467,32 @@ def _skip(fqn: str, module: nn.Module, reason: str) -> LayerReport:
     )
 
 
+def _structural_reason(
+    fqn: str,
+    module: nn.Module,
+    holders: dict[int, list[tuple[nn.Module, str, str]]],
+    owners: dict[int, list[str]],
+) -> str | None:
+    """Why a matched module cannot be converted whatever its rank, or None."""
+    if isinstance(module, LOWRANK_TYPES):
+        return f"already a {type(module).__name__}"
+    if not _is_plain_linear(module):
+        if isinstance(module, nn.Linear):
+            return f"{type(module).__name__} overrides nn.Linear.forward"
+        return f"cannot convert a {type(module).__name__}"
+    for parent, child_name, _ in holders.get(id(module), []):
+        for parent_type, names in _WEIGHT_READERS.items():
+            if isinstance(parent, parent_type) and child_name in names:
+                return f"parent {type(parent).__name__} reads .weight directly"
+    sharers = [o for o in owners.get(id(module.weight), []) if o != fqn]
+    sharers = [o for o in sharers if all(o != h[2] for h in holders.get(id(module), []))]
+    if sharers:
+        return f"weight shared with {', '.join(sorted(sharers))}"
+    if module.weight.device.type == "meta":
+        return "weight is on the meta device (load it first)"
+    return None
+
+
 def _convert_one(
     fqn: str,
     module: nn.Module,
@@ -410,32 +504,18 @@ def _convert_one(
     method: Method,
     balance: Balance,
     seed: int,
+    input_cov: torch.Tensor | None = None,
 ) -> LayerReport:
-    if isinstance(module, LOWRANK_TYPES):
-        return _skip(fqn, module, f"already a {type(module).__name__}")
-    if not _is_plain_linear(module):
-        what = (
-            f"{type(module).__name__} overrides nn.Linear.forward"
-            if isinstance(module, nn.Linear)
-            else f"cannot convert a {type(module).__name__}"
-        )
-        return _skip(fqn, module, what)
-    for parent, child_name, _ in holders.get(id(module), []):
-        for parent_type, names in _WEIGHT_READERS.items():
-            if isinstance(parent, parent_type) and child_name in names:
-                return _skip(fqn, module, f"parent {type(parent).__name__} reads .weight directly")
-    sharers = [o for o in owners.get(id(module.weight), []) if o != fqn]
-    sharers = [o for o in sharers if all(o != h[2] for h in holders.get(id(module), []))]
-    if sharers:
-        return _skip(fqn, module, f"weight shared with {', '.join(sorted(sharers))}")
-    if module.weight.device.type == "meta":
-        return _skip(fqn, module, "weight is on the meta device (load it first)")
+    reason = _structural_reason(fqn, module, holders, owners)
+    if reason is not None:
+        return _skip(fqn, module, reason)
     out_f, in_f = module.out_features, module.in_features
     keep_d = balance != "none"
     planned, reason = plan_rank(out_f, in_f, policy, threshold=threshold, balance=keep_d)
     if reason is not None:
         return _skip(fqn, module, reason)
 
+    out_error = None
     if layer == "adaptive":
         new: nn.Module = AdaptiveLowRankLinear.from_linear(module, balance=balance, **policy)
         rank, error = planned, None
@@ -447,13 +527,22 @@ def _convert_one(
     else:
         cls = LowRankLinear if layer == "lowrank" else DynamicLowRankLinear
         generator = torch.Generator(module.weight.device).manual_seed(layer_seed(seed, fqn))
-        new = cls.from_linear(module, method=method, balance=balance, generator=generator, **policy)
+        new = cls.from_linear(
+            module,
+            method=method,
+            balance=balance,
+            input_cov=input_cov,
+            generator=generator,
+            **policy,
+        )
         factors = new.factors()
         rank = factors.rank
         if not saves_parameters(out_f, in_f, rank, balance=factors.D is not None):
             return _skip(fqn, module, break_even_reason(rank))
         error = relative_error(module.weight, factors)
         after = factor_parameters(out_f, in_f, rank, balance=factors.D is not None)
+        if input_cov is not None:
+            out_error = output_error(module.weight, factors, input_cov)
     new.train(module.training)
     if not module.weight.requires_grad:
         for p in new.parameters():
@@ -470,7 +559,57 @@ def _convert_one(
         params_after=after,
         relative_error=error,
         seconds=0.0,
+        output_error=out_error,
     )
+
+
+def allocate_ranks(
+    spectra: dict[str, tuple[torch.Tensor, int, int]], budget: float, *, balance: bool = False
+) -> dict[str, int]:
+    """Per-layer ranks keeping at most ``budget`` of the layers' weight parameters.
+
+    ``spectra`` maps a layer to ``(singular values, out, in)`` of the matrix that will be
+    truncated. Every layer starts at rank 1; then, greedily, the component with the largest
+    ``σ² / ‖·‖_F²`` (the fraction of that layer's energy it restores) per parameter it costs
+    (``in + out + 1``) is added, as long as the total stays within the budget and the layer
+    still saves parameters. Ties go to the earlier layer name: the result is deterministic.
+
+    Raises:
+        ValueError: ``budget`` outside (0, 1], or too small for rank 1 everywhere.
+    """
+    import heapq
+
+    _check_fraction("budget", budget)
+    total = sum(out * inp for _, out, inp in spectra.values())
+    allowed = budget * total
+    names = sorted(spectra)
+    ranks = dict.fromkeys(names, 1)
+    used = sum(factor_parameters(spectra[n][1], spectra[n][2], 1, balance=balance) for n in names)
+    if used > allowed:
+        raise ValueError(
+            f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but rank 1 in "
+            f"each of the {len(names)} layers already needs {used:,}"
+        )
+    heap: list[tuple[float, int, str]] = []
+    energy = {}
+    for i, n in enumerate(names):
+        s, out, inp = spectra[n]
+        sq = s.detach().to(torch.float64).square()
+        energy[n] = (sq / sq.sum().clamp_min(1e-300)).tolist()
+        if len(energy[n]) > 1:
+            heapq.heappush(heap, (-energy[n][1] / (out + inp + 1), i, n))
+    while heap:
+        _, i, n = heapq.heappop(heap)
+        _, out, inp = spectra[n]
+        r = ranks[n]
+        step = out + inp + 1
+        if used + step > allowed or not saves_parameters(out, inp, r + 1, balance=balance):
+            continue
+        ranks[n] = r + 1
+        used += step
+        if r + 1 < len(energy[n]):
+            heapq.heappush(heap, (-energy[n][r + 1] / step, i, n))
+    return ranks
 
 
 def layer_seed(seed: int, name: str) -> int:

@@ -255,6 +255,7 @@ class DynamicLowRankLinear(nn.Module):
         active_rank: int | None = None,
         method: Method = "svd",
         balance: Balance = "none",
+        input_cov: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> DynamicLowRankLinear:
         """Factorize an ``nn.Linear``; the policy's rank becomes ``max_rank``.
@@ -272,6 +273,7 @@ class DynamicLowRankLinear(nn.Module):
                 param_ratio=param_ratio,
                 method=method,
                 balance=balance,
+                input_cov=input_cov,
                 generator=generator,
             )
             w = linear.weight

@@ -26,10 +26,13 @@ __all__ = [
     "break_even_rank",
     "factor_parameters",
     "factorize",
+    "output_error",
     "randomized_svd",
     "relative_error",
     "resolve_rank",
     "select_rank",
+    "truncated_spectrum",
+    "whitening_factor",
 ]
 
 Method = Literal["svd", "randomized"]
@@ -424,6 +427,7 @@ def factorize(
     param_ratio: float | None = None,
     method: Method = "svd",
     balance: Balance = "none",
+    input_cov: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Factors:
     """Factorize ``W ≈ diag(D) · U · diag(S) · Vᵀ`` under exactly one rank policy.
@@ -444,6 +448,14 @@ def factorize(
             (:func:`randomized_svd`; with ``energy`` the sketch grows until the
             target is met, falling back to the exact SVD).
         balance: ``"none"``, ``"rownorm"`` or ``"rowsum"`` (:func:`balance_rows`).
+        input_cov: ``(in, in)`` second moment ``E[x xᵀ]`` of the layer's inputs
+            (:func:`~lowrank_layers.calibrate.collect_input_stats`). Then the truncated
+            matrix is ``diag(1/D)·W·L`` with ``L = chol(C + εI)``, and ``V`` maps back with
+            ``L⁻ᵀ`` (a triangular solve): the factorization minimises the layer's output
+            error ``E‖(W − Ŵ)x‖²`` instead of the weight error (SVD-LLM). ``ε`` starts at
+            ``1e-6·trace(C)/in`` and grows tenfold until the Cholesky factorization
+            succeeds, so singular or rank-deficient covariances work. The energy policy
+            then refers to the whitened spectrum.
         generator: random generator for ``method="randomized"``.
 
     Returns:
@@ -474,10 +486,7 @@ def factorize(
         balance=balance != "none",
     )
     dtype = W.dtype
-    A = _promote(W)
-    D = balance_rows(A, balance)
-    if D is not None:
-        A = A / D[:, None]
+    A, D, L = _prepare(W, balance, input_cov)
 
     if method == "svd" or (r is None and min(A.shape) <= 64):
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -489,8 +498,90 @@ def factorize(
     else:
         U, S, Vh = _randomized_by_energy(A, energy, generator)  # type: ignore[arg-type]
 
+    V = Vh.mT
+    if L is not None:  # W·L ≈ U·S·Zᵀ  =>  W ≈ U·S·(L⁻ᵀ·Z)ᵀ, solved in float64
+        V = torch.linalg.solve_triangular(L.mT, V.to(torch.float64), upper=True)
     D = None if D is None else D.to(dtype)
-    return Factors(U.to(dtype), S.to(dtype), Vh.mT.to(dtype), D)
+    return Factors(U.to(dtype), S.to(dtype), V.to(dtype), D)
+
+
+def _prepare(
+    W: torch.Tensor, balance: Balance, input_cov: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The matrix that is truncated, ``diag(1/D)·W·L``, with ``D`` and ``L`` (or None)."""
+    A = _promote(W)
+    D = balance_rows(A, balance)
+    if D is not None:
+        A = A / D[:, None]
+    L = None
+    if input_cov is not None:
+        L = whitening_factor(input_cov, W.shape[1])  # float64
+        A = A @ L.to(A.dtype)
+    return A, D, L
+
+
+def truncated_spectrum(
+    W: torch.Tensor, *, balance: Balance = "none", input_cov: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Singular values of the matrix :func:`factorize` truncates (balanced, whitened), float32+.
+
+    ``Σ_{i>r} σᵢ²`` is the squared error a rank-``r`` factorization leaves: of the weight,
+    or, with ``input_cov``, of the layer's output on those inputs.
+    """
+    _check_weight(W)
+    _check_choice("balance", balance, BALANCE_MODES)
+    A, _, _ = _prepare(W, balance, input_cov)
+    return torch.linalg.svdvals(A)
+
+
+def output_error(W: torch.Tensor, factors: Factors, input_cov: torch.Tensor) -> float:
+    """Relative output error ``sqrt(E‖(W − Ŵ)x‖² / E‖Wx‖²)`` for inputs with ``E[x xᵀ] = C``.
+
+    ``= sqrt(tr(E·C·Eᵀ) / tr(W·C·Wᵀ))`` with ``E = W − Ŵ``, in float64.
+    """
+    W64 = W.detach().to(torch.float64)
+    C = input_cov.detach().to(torch.float64)
+    E = W64 - factors.to(torch.float64).dense()
+    denom = float(((W64 @ C) * W64).sum())
+    num = float(((E @ C) * E).sum())
+    if denom <= 0.0:
+        return max(num, 0.0) ** 0.5
+    return (max(num, 0.0) / denom) ** 0.5
+
+
+def whitening_factor(C: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Lower-triangular ``L`` with ``L·Lᵀ = C + εI`` (float64), ``ε`` raised until it exists.
+
+    ``ε`` starts at ``1e-6·trace(C)/in`` (or 1e-12 for an all-zero ``C``) and grows tenfold
+    per failed attempt, so a singular or rank-deficient covariance, or one with rounding
+    below zero, never makes the conversion fail.
+
+    Raises:
+        ValueError: ``C`` is not a finite, symmetric ``(in, in)`` matrix.
+    """
+    if not isinstance(C, torch.Tensor) or C.shape != (in_features, in_features):
+        shape = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
+        raise ValueError(
+            f"input_cov must be a ({in_features}, {in_features}) tensor for a weight with "
+            f"{in_features} inputs, got {shape}"
+        )
+    C64 = C.detach().to(torch.float64)
+    if not bool(torch.isfinite(C64).all()):
+        raise ValueError("input_cov must be finite, got NaN or Inf entries")
+    asym = float((C64 - C64.mT).abs().max())
+    scale = float(C64.abs().max())
+    if asym > 1e-6 * max(scale, 1e-300):
+        raise ValueError(f"input_cov must be symmetric, got max |C - Cᵀ| = {asym:.3g}")
+    C64 = (C64 + C64.mT) / 2
+    trace = float(C64.diagonal().sum())
+    eps = 1e-6 * trace / in_features if trace > 0 else 1e-12
+    eye = torch.eye(in_features, dtype=torch.float64, device=C64.device)
+    for _ in range(40):
+        L, info = torch.linalg.cholesky_ex(C64 + eps * eye)
+        if int(info) == 0:
+            return L
+        eps *= 10
+    raise ValueError("input_cov could not be regularised to positive definite")  # unreachable
 
 
 def _randomized_by_energy(

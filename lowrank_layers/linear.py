@@ -271,6 +271,7 @@ class LowRankLinear(nn.Module):
         param_ratio: float | None = None,
         method: Method = "svd",
         balance: Balance = "none",
+        input_cov: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> LowRankLinear:
         """Factorize an ``nn.Linear`` under exactly one rank policy (see ``factorize``).
@@ -295,6 +296,7 @@ class LowRankLinear(nn.Module):
                 param_ratio=param_ratio,
                 method=method,
                 balance=balance,
+                input_cov=input_cov,
                 generator=generator,
             )
             return cls.from_factors(factors, bias=linear.bias)
