@@ -7,7 +7,7 @@ import re
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
-from .calibrate import collect_input_stats
+from .calibrate import InputStats, collect_input_stats
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import (
     BALANCE_MODES,
@@ -307,7 +307,10 @@ def convert_model(
             ``model(*b)`` for a tuple, ``model(b)`` otherwise) to collect each layer's input
             second moment (:mod:`~lowrank_layers.calibrate`); each layer is then factorized
             activation-aware (``factorize(..., input_cov=...)``), minimising its output
-            error on such inputs, and the report gives that output error. Not with
+            error on such inputs, and the report gives that output error. Statistics
+            collected beforehand (``{name: InputStats or (in, in) tensor}`` from
+            :func:`~lowrank_layers.calibrate.collect_input_stats`) are accepted too, to
+            convert copies of a model at several budgets from one calibration run. Not with
             ``layer="adaptive"``.
         budget: instead of a rank policy, keep at most this fraction (0, 1] of the converted
             layers' weight parameters over the whole model, choosing each layer's rank from
@@ -385,7 +388,13 @@ def convert_model(
         fqn: m for fqn, m in candidates if _structural_reason(fqn, m, holders, owners) is None
     }
     covariances: dict[str, torch.Tensor] = {}
-    if calibration is not None and eligible:
+    if isinstance(calibration, Mapping):  # statistics collected beforehand
+        covariances = {
+            name: s.covariance if isinstance(s, InputStats) else s
+            for name, s in calibration.items()
+            if name in eligible and (not isinstance(s, InputStats) or s.tokens)
+        }
+    elif calibration is not None and eligible:
         stats = collect_input_stats(model, calibration, eligible)
         covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
     layer_policy: dict[str, dict[str, Any]] = {}
