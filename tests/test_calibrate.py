@@ -182,17 +182,42 @@ def test_budget_is_respected_exactly_and_deterministic(gen):
     assert len({r for _, r in totals[0]}) > 1  # ranks differ by layer: chosen from spectra
 
 
-def test_allocate_ranks_greedy_and_errors():
+@pytest.mark.parametrize("strategy", ["minimax", "greedy"])
+def test_allocate_ranks(strategy):
     flat = torch.ones(20)
     steep = torch.logspace(0, -3, 20)
-    ranks = allocate_ranks({"a": (flat, 20, 20), "b": (steep, 20, 20)}, budget=0.5)
+    spectra = {"a": (flat, 20, 20), "b": (steep, 20, 20)}
+    ranks = allocate_ranks(spectra, budget=0.5, strategy=strategy)
     assert ranks["a"] > ranks["b"]  # the flat spectrum needs more components
     used = sum(r * 41 for r in ranks.values())
     assert used <= 0.5 * 800 and used + 41 > 0.5 * 800  # budget filled as far as it goes
+    assert allocate_ranks(spectra, budget=0.5, strategy=strategy) == ranks  # deterministic
+
+
+def test_minimax_equalises_relative_error():
+    spectra = {
+        name: (torch.logspace(0, -decay, 64), 64, 64) for name, decay in [("a", 1), ("b", 3)]
+    }
+    ranks = allocate_ranks(spectra, budget=0.3)
+
+    def residual(s, r):
+        return float(s[r:].square().sum() / s.square().sum())
+
+    res = {n: residual(spectra[n][0], r) for n, r in ranks.items()}
+    greedy = allocate_ranks(spectra, budget=0.3, strategy="greedy")
+    res_greedy = {n: residual(spectra[n][0], r) for n, r in greedy.items()}
+    assert max(res.values()) <= max(res_greedy.values())
+
+
+def test_allocate_ranks_errors():
+    flat = torch.ones(20)
+    steep = torch.logspace(0, -3, 20)
     with pytest.raises(ValueError, match=r"budget=0\.01 keeps 8 of 800 parameters, but rank 1"):
         allocate_ranks({"a": (flat, 20, 20), "b": (steep, 20, 20)}, budget=0.01)
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1\.5"):
         allocate_ranks({"a": (flat, 20, 20)}, budget=1.5)
+    with pytest.raises(ValueError, match=r"strategy must be one of 'minimax', 'greedy'"):
+        allocate_ranks({"a": (flat, 20, 20)}, budget=0.5, strategy="even")
 
 
 def test_budget_and_calibration_errors():

@@ -148,6 +148,7 @@ def small_demo(tmp_path_factory):
         out,
         budgets=(0.5,),
         per_class=6,
+        calibration_per_class=2,
         max_length=32,
         save_check=fake_save_check,
         progress=messages.append,
@@ -164,6 +165,7 @@ def test_run_demo_writes_the_report_and_the_figure(small_demo):
     text = result.report_path.read_text(encoding="utf-8")
     assert text == result.markdown
     assert "\n| original |" in text and "\n| param_ratio=0.5 |" in text
+    assert "\n| calibrated param_ratio=0.5 |" in text
     assert "15 reference and 15 evaluation articles" in text
     assert sorted(p.name for p in out.iterdir()) == ["report.md", "spectra.png"]
     umask = os.umask(0)
@@ -175,8 +177,11 @@ def test_run_demo_writes_the_report_and_the_figure(small_demo):
 @pytest.mark.slow
 def test_run_demo_measures_every_row(small_demo):
     _, result, _, _ = small_demo
-    original, compressed = result.rows
+    original, compressed, calibrated = result.rows
     assert original["model"] == "original" and compressed["budget"] == 0.5
+    assert calibrated["model"] == "calibrated param_ratio=0.5"
+    assert calibrated["linear_params"] == compressed["linear_params"]  # same budget
+    assert 0.0 < calibrated["cosine"] <= 1.0 + 1e-6
     for row in result.rows:
         assert 0.0 <= row["knn_accuracy"] <= 1.0
         assert row["latency_ms"] > 0
@@ -192,7 +197,10 @@ def test_run_demo_calls_save_check_with_the_checkpoint_path(small_demo):
     out, result, calls, _ = small_demo
     from lowrank_layers import LowRankLinear
 
-    assert len(calls) == 1
+    assert [path.name for _, path in calls] == [
+        "minilm-50.safetensors",
+        "minilm-50-calibrated.safetensors",
+    ]
     model, path = calls[0]
     assert path == out / "minilm-50.safetensors"
     assert isinstance(model.encoder.layer[0].attention.self.query, LowRankLinear)

@@ -122,3 +122,29 @@ def test_minilm_checkpoint_round_trip_and_folder_conversion(bert, tmp_path):
     load_lowrank(reloaded, tmp_path / "folder")
     with torch.no_grad():
         assert torch.equal(reloaded(**batch).last_hidden_state, expected)
+
+
+def test_cli_calibrated_budget_conversion_of_a_model_folder(bert, tmp_path, capsys):
+    from lowrank_layers.checkpoint import load_lowrank
+    from lowrank_layers.cli import main
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i, sentence in enumerate(SENTENCES * 2):
+        (texts / f"{i}.txt").write_text(sentence + " " + sentence)
+    dst = tmp_path / "out"
+    argv = [
+        "convert", str(minilm.get_model_path()), str(dst), "--calibrate", str(texts),
+        "--budget", "0.8", "--calib-max-length", "32",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "out.err" in out and "converted 37 of 37" in out
+    assert (dst / "config.json").exists() and (dst / "vocab.txt").exists()
+    model, batch = bert
+    fresh = transformers.AutoModel.from_config(model.config).eval()
+    load_lowrank(fresh, dst)
+    ranks = {m.rank for m in fresh.modules() if isinstance(m, LowRankLinear)}
+    assert len(ranks) > 1  # the budget chose ranks per layer
+    with torch.no_grad():
+        assert bool(torch.isfinite(fresh(**batch).last_hidden_state).all())
