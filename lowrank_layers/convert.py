@@ -399,6 +399,21 @@ def convert_model(
     elif calibration is not None and eligible:
         stats = collect_input_stats(model, calibration, eligible)
         covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
+    if calibration is not None and eligible:
+        missing = [name for name in eligible if name not in covariances]
+        if len(missing) == len(eligible):
+            raise ValueError(
+                "convert_model: the calibration reached none of the layers to convert (a "
+                "batch the model does not use, or statistics keyed by other names)"
+            )
+        if missing:
+            warnings.warn(
+                f"convert_model: no calibration input reached {len(missing)} layers "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they are "
+                "factorized without it",
+                UserWarning,
+                stacklevel=2,
+            )
     layer_policy: dict[str, dict[str, Any]] = {}
     if budget is not None:
         spectra = {

@@ -227,3 +227,15 @@ def test_budget_and_calibration_errors():
         convert_model(Net(), rank=4, budget=0.5)
     with pytest.raises(ValueError, match=r"calibration and budget apply to layer='lowrank'"):
         convert_model(Net(), rank=4, layer="adaptive", calibration=[torch.zeros(1, 48)])
+
+
+def test_calibration_that_misses_layers_is_reported():
+    model = Net()
+    with pytest.raises(ValueError, match=r"the calibration reached none of the layers"):
+        convert_model(model, rank=8, calibration={"input_ids": torch.zeros(3)})
+    stats = collect_input_stats(model, [torch.randn(4, 48)], {"q": model.q})
+    with pytest.warns(UserWarning, match=r"no calibration input reached 3 layers \(k, up, down\)"):
+        report = convert_model(model, rank=8, calibration=stats)
+    assert {r.name: r.output_error is not None for r in report.converted} == {
+        "q": True, "k": False, "up": False, "down": False,
+    }  # fmt: skip
