@@ -32,6 +32,7 @@ from common import machine_description, markdown_table
 from lowrank_layers import convert_model
 from lowrank_layers.calibrate import collect_input_stats
 from lowrank_layers.demo import knn_accuracy, load_bbc_news
+from lowrank_layers.hf import text_batches
 
 METHODS = ["svd", "rowsum", "rownorm", "aware", "aware+budget", "aware+greedy"]
 
@@ -80,20 +81,6 @@ def load_smollm2():
     return model.eval(), tokenizer
 
 
-def lm_batches(tokenizer, texts: list[str], max_length: int, batch: int) -> list[dict]:
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = tokenizer(
-            texts[i : i + batch],
-            return_tensors="pt",
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-        )
-        out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
-    return out
-
-
 def perplexity(model, batches: list[dict]) -> float:
     nll, count = 0.0, 0
     with torch.inference_mode():
@@ -111,10 +98,8 @@ def perplexity(model, batches: list[dict]) -> float:
 
 def run_smollm2(budgets, calib_texts, eval_texts, rows) -> None:
     model, tokenizer = load_smollm2()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    calib = lm_batches(tokenizer, calib_texts, 256, 8)
-    evals = lm_batches(tokenizer, eval_texts, 256, 8)
+    calib = text_batches(tokenizer, calib_texts, max_length=256)
+    evals = text_batches(tokenizer, eval_texts, max_length=256)
     start = time.perf_counter()
     stats = collect_input_stats(model, calib, linear_stats(model))
     calib_s = time.perf_counter() - start
