@@ -52,6 +52,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_convert.py
 	$(BIN)/python benchmarks/bench_checkpoint.py
 	$(BIN)/python benchmarks/conversion_quality.py
+	$(BIN)/python benchmarks/bench_grad.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

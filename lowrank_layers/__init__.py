@@ -24,6 +24,7 @@ from .factorize import (
     select_rank,
 )
 from .factory import make_efficient_linear
+from .grad import GradientProjector
 from .linear import LowRankLinear, lowrank_linear
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "ConversionReport",
     "DynamicLowRankLinear",
     "Factors",
+    "GradientProjector",
     "LayerReport",
     "LowRankLinear",
     "RankScheduler",
