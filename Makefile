@@ -53,6 +53,7 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python benchmarks/bench_checkpoint.py
 	$(BIN)/python benchmarks/conversion_quality.py
 	$(BIN)/python benchmarks/bench_grad.py
+	$(BIN)/python benchmarks/progressive_training.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
