@@ -18,6 +18,7 @@ from .factorize import (
     _check_choice,
     factor_parameters,
     factorize,
+    rank_policy,
     relative_error,
     resolve_rank,
 )
@@ -137,9 +138,7 @@ class AdaptiveLowRankLinear(nn.Module):
         super().__init__()
         self.in_features = check_features("in_features", in_features)
         self.out_features = check_features("out_features", out_features)
-        policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
-        policy["param_ratio"] = param_ratio
-        policy = {k: v for k, v in policy.items() if v is not None}
+        policy = rank_policy(rank, rank_ratio, energy, param_ratio)
         if policy:  # validate now, not at the switch many epochs later
             resolve_rank(out_features, in_features, balance=balance != "none", **policy)
         _check_choice("balance", balance, BALANCE_MODES)

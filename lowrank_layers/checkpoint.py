@@ -58,6 +58,7 @@ from .factorize import (
     _check_choice,
     factor_parameters,
     factorize,
+    rank_policy,
     relative_error,
     resolve_rank,
     select_rank,
@@ -789,9 +790,7 @@ def convert_checkpoint(
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
         ValueError, TypeError: bad options (named, with the value and what is allowed).
     """
-    policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
-    policy["param_ratio"] = param_ratio
-    policy = {k: v for k, v in policy.items() if v is not None}
+    policy = rank_policy(rank, rank_ratio, energy, param_ratio)
     resolve_rank(1 << 20, 1 << 20, **policy)
     _check_choice("method", method, METHODS)
     _check_choice("balance", balance, BALANCE_MODES)

@@ -25,6 +25,7 @@ from .factorize import (
     _check_fraction,
     factor_parameters,
     output_error,
+    rank_policy,
     relative_error,
     resolve_rank,
     truncated_spectrum,
@@ -349,9 +350,7 @@ def convert_model(
         raise TypeError(f"filter_fn must be callable, got {filter_fn!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
-    policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
-    policy["param_ratio"] = param_ratio
-    policy = {k: v for k, v in policy.items() if v is not None}
+    policy = rank_policy(rank, rank_ratio, energy, param_ratio)
     if budget is not None:
         _check_fraction("budget", budget)
         if policy:

@@ -218,6 +218,17 @@ def resolve_rank(
     return None
 
 
+def rank_policy(
+    rank: int | None = None,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+    param_ratio: float | None = None,
+) -> dict[str, int | float]:
+    """The given rank policy as keyword arguments (the ``None`` ones dropped), unvalidated."""
+    given = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def select_rank(
     S: torch.Tensor, energy: float, *, total: float | torch.Tensor | None = None
 ) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .convert import _check_patterns, layer_seed, name_matches
-from .factorize import METHODS, Method, _check_choice, factorize, resolve_rank
+from .factorize import METHODS, Method, _check_choice, factorize, rank_policy, resolve_rank
 
 __all__ = ["GradientProjector"]
 
@@ -74,9 +74,7 @@ class GradientProjector:
         exclude: str | Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
-        policy = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy}
-        policy["param_ratio"] = param_ratio
-        self.policy = {k: v for k, v in policy.items() if v is not None}
+        self.policy = rank_policy(rank, rank_ratio, energy, param_ratio)
         resolve_rank(1 << 20, 1 << 20, **self.policy)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
