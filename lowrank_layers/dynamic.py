@@ -22,6 +22,7 @@ from .factorize import (
 from .linear import (
     check_features,
     check_linear,
+    copy_factors_,
     dense_from_factors,
     init_factors_,
     lowrank_linear,
@@ -287,13 +288,7 @@ class DynamicLowRankLinear(nn.Module):
                 device="meta",
                 dtype=w.dtype,
             ).to_empty(device=w.device)
-            layer.U.copy_(f.U)
-            layer.S.copy_(f.S)
-            layer.V.copy_(f.V)
-            if f.D is not None:
-                layer.D.copy_(f.D)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+            copy_factors_(layer, f, linear.bias)
         return layer
 
     def factors(self) -> Factors:

@@ -15,6 +15,7 @@ __all__ = [
     "LowRankLinear",
     "check_features",
     "check_linear",
+    "copy_factors_",
     "dense_from_factors",
     "init_factors_",
     "lowrank_linear",
@@ -107,6 +108,18 @@ def register_lowrank_params(
         module.register_parameter(name, param)
     b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
     module.register_parameter("bias", b)
+
+
+@torch.no_grad()
+def copy_factors_(layer: nn.Module, factors: Factors, bias: torch.Tensor | None) -> None:
+    """Copy ``factors`` (and ``bias``) into a layer's ``U``, ``S``, ``V``, ``D``, ``bias``."""
+    layer.U.copy_(factors.U)
+    layer.S.copy_(factors.S)
+    layer.V.copy_(factors.V)
+    if factors.D is not None:
+        layer.D.copy_(factors.D)
+    if bias is not None:
+        layer.bias.copy_(bias)
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -314,14 +327,7 @@ class LowRankLinear(nn.Module):
             device="meta",
             dtype=ref.dtype,
         ).to_empty(device=ref.device)
-        with torch.no_grad():
-            layer.U.copy_(factors.U)
-            layer.S.copy_(factors.S)
-            layer.V.copy_(factors.V)
-            if factors.D is not None:
-                layer.D.copy_(factors.D)
-            if bias is not None:
-                layer.bias.copy_(bias)
+        copy_factors_(layer, factors, bias)
         return layer
 
     def factors(self) -> Factors:
