@@ -4,9 +4,12 @@ The public API; see ``docs/`` for the guide, the design notes and the benchmarks
 """
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
+from .calibrate import InputStats, collect_input_stats
+from .checkpoint import convert_checkpoint, load_lowrank, save_lowrank
 from .convert import (
     ConversionReport,
     LayerReport,
+    allocate_ranks,
     convert_model,
     prune_dynamic,
     register_weight_reader,
@@ -35,22 +38,28 @@ __all__ = [
     "DynamicLowRankLinear",
     "Factors",
     "GradientProjector",
+    "InputStats",
     "LayerReport",
     "LowRankLinear",
     "RankScheduler",
     "SwitchResult",
     "__version__",
+    "allocate_ranks",
     "balance_rows",
     "break_even_rank",
+    "collect_input_stats",
+    "convert_checkpoint",
     "convert_model",
     "factor_parameters",
     "factorize",
+    "load_lowrank",
     "lowrank_linear",
     "make_efficient_linear",
     "prune_dynamic",
     "randomized_svd",
     "register_weight_reader",
     "relative_error",
+    "save_lowrank",
     "select_rank",
     "switch_to_lowrank",
 ]
