@@ -35,7 +35,6 @@ from .linear import (
 __all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
 
 FACTOR_NAMES = ("U", "S", "V", "D")
-POLICY_NAMES = ("rank", "rank_ratio", "energy", "param_ratio")
 
 
 @dataclass(frozen=True)
@@ -181,10 +180,6 @@ class AdaptiveLowRankLinear(nn.Module):
     # the switch
     # ----------------------------------------------------------------------------------
 
-    def _policy(self, given: dict[str, Any]) -> dict[str, Any]:
-        chosen = {k: v for k, v in given.items() if v is not None}
-        return chosen if chosen else dict(self.default_policy)
-
     @torch.no_grad()
     def switch_to_lowrank(
         self,
@@ -216,9 +211,7 @@ class AdaptiveLowRankLinear(nn.Module):
                 f"switch_to_lowrank: the layer is already low rank (rank {self.rank})"
             )
         balance = self.default_balance if balance is None else balance
-        policy = self._policy(
-            {"rank": rank, "rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}
-        )
+        policy = rank_policy(rank, rank_ratio, energy, param_ratio) or dict(self.default_policy)
         weight = self.weight
         factors = factorize(
             weight.detach(), method=method, balance=balance, generator=generator, **policy
