@@ -1,13 +1,15 @@
 """Input statistics for activation-aware conversion: ``collect_input_stats``.
 
 For each selected ``nn.Linear``, forward pre-hooks accumulate the second moment of its
-inputs, ``C = E[x xᵀ]`` over every token of every calibration batch. ``factorize(...,
-input_cov=C)`` then minimises the layer's output error on such inputs.
+inputs, ``C = E[x xᵀ]`` over every token of every calibration batch (padding, marked by
+a batch's ``attention_mask``, left out). ``factorize(..., input_cov=C)`` then minimises the
+layer's output error on such inputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +50,34 @@ def run_batch(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _some(names: list[str]) -> str:
+    """The first three of ``names``, then ``...`` when there are more."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def _count(n: int, one: str, many: str) -> str:
+    """``n`` with the noun in the right number: ``1 layer``, ``2 layers``."""
+    return f"{n} {one if n == 1 else many}"
+
+
+def _linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` of ``model`` below the root, by qualified name."""
+    return {name: m for name, m in model.named_modules() if name and isinstance(m, nn.Linear)}
+
+
+def _padding_mask(batch: Any) -> torch.Tensor | None:
+    """The batch's ``attention_mask`` tensor (``0`` = padding), if it is a mapping with one."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return mask
+    return None
+
+
 def collect_input_stats(
-    model: nn.Module, batches: Iterable[Any], modules: Mapping[str, nn.Module]
+    model: nn.Module,
+    batches: Iterable[Any],
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> dict[str, InputStats]:
     """Run ``batches`` through ``model`` (no grad) and accumulate each module's ``Σ x xᵀ``.
 
@@ -57,61 +85,153 @@ def collect_input_stats(
     precision (float32 for half-precision inputs) over all tokens, added to a float64
     accumulator: float32 rounding stays within one batch, and long runs do not drift.
     Modules fed the same tensor (attention's q/k/v projections, an MLP's gate and up
-    projections) share one GEMM. The hooks are removed afterwards, also when a batch raises.
+    projections) share one GEMM.
+
+    The model runs in eval mode (no dropout); every submodule's own ``training`` flag is
+    restored afterwards, and the hooks removed, also when a batch raises.
+
+    Padding: when a batch is a mapping holding an ``attention_mask`` tensor of shape
+    ``(batch, tokens)`` (``0`` = padding), tokens under ``0`` count neither in the Gram
+    matrix nor in the token count. A layer's input is matched to the mask when its leading
+    dimensions are the mask's shape, or when it is 2-D with one row per mask entry (the
+    tokens flattened). An input that matches neither (tokens routed to an expert, a pooled
+    first token) is taken whole, and one ``UserWarning`` names those layers: their
+    statistics include padding.
 
     Args:
         model: the model to run.
         batches: an iterable of batches (see :func:`run_batch`).
         modules: ``{name: module}`` of the layers to observe (``nn.Linear`` or any module
-            whose input's last dimension is its ``in_features``).
+            whose input's last dimension is its ``in_features``); ``None`` observes every
+            ``nn.Linear`` of ``model`` (its ``named_modules()``, the root excluded).
 
     Returns:
-        ``{name: InputStats}``.
+        ``{name: InputStats}``; a layer that no batch reached has no entry. A layer that
+        saw fewer tokens than its inputs gets a ``UserWarning`` (its statistics are
+        rank-deficient).
 
     Raises:
-        ValueError: ``modules`` is empty, or no batch was given.
+        TypeError: ``modules`` is neither a mapping nor ``None``.
+        ValueError: ``modules`` is empty (or, for ``None``, the model has no
+            ``nn.Linear``), no batch was given, or the batches yielded no tokens (every
+            token masked out by ``attention_mask``, or empty inputs).
     """
-    if not modules:
+    if modules is None:
+        modules = _linears(model)
+        if not modules:
+            raise ValueError(
+                "collect_input_stats: modules is empty (modules=None selects every "
+                f"nn.Linear below the root of the model, and {type(model).__name__} has none)"
+            )
+    elif not isinstance(modules, Mapping):
+        raise TypeError(
+            "collect_input_stats: modules must be a mapping {name: module} or None, got "
+            f"{type(modules).__name__}"
+        )
+    elif not modules:
         raise ValueError("collect_input_stats: modules is empty")
     stats: dict[str, InputStats] = {}
-    # the last input seen and its Gram matrix; holding the tensor keeps its memory from
-    # being reused by another tensor while it is cached
+    unmatched: dict[str, None] = {}  # layers whose inputs could not be masked, in order
+    # the current batch's attention_mask, and its boolean copy on each device it was used on
+    batch_mask: dict[str, Any] = {"mask": None, "keep": {}}
+    # the last input seen, its Gram matrix and token count; holding the tensor keeps its
+    # memory from being reused by another tensor while it is cached
     cache: dict[str, Any] = {}
     handles = []
 
-    def hook_for(name: str, module: nn.Module):
+    def tokens_of(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """``x``'s unmasked token vectors as rows, and whether the mask could be applied."""
+        mask = batch_mask["mask"]
+        if mask is not None:
+            keep = batch_mask["keep"].get(x.device)
+            if keep is None:
+                keep = batch_mask["keep"][x.device] = mask.to(device=x.device, dtype=torch.bool)
+            if x.shape[:-1] == mask.shape:
+                return x[keep], True
+            if x.dim() == 2 and x.shape[0] == mask.numel():
+                return x[keep.reshape(-1)], True
+        return rearrange(x, "... d -> (...) d"), mask is None
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(mod: nn.Module, args: tuple) -> None:
             x = args[0]
             if cache.get("input") is x and cache.get("version") == x._version:
-                gram = cache["gram"]
+                gram, count, matched = cache["gram"], cache["tokens"], cache["matched"]
             else:
-                flat = rearrange(x.detach(), "... d -> (...) d")
+                flat, matched = tokens_of(x.detach())
                 if flat.dtype not in (torch.float32, torch.float64):
                     flat = flat.float()
                 gram = (flat.mT @ flat).to(torch.float64)
-                cache.update(input=x, version=x._version, gram=gram)
+                count = flat.shape[0]
+                cache.update(input=x, version=x._version, gram=gram, tokens=count, matched=matched)
+            if not matched:
+                unmatched[name] = None
             entry = stats.get(name)
             if entry is None:
                 n = gram.shape[0]
                 entry = stats[name] = InputStats(torch.zeros(n, n, dtype=torch.float64))
             entry.gram += gram.to(entry.gram.device)
-            entry.tokens += x.numel() // x.shape[-1]
+            entry.tokens += count
 
         return hook
 
+    modes = {m: m.training for m in model.modules()}  # each submodule's own flag
     try:
         for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(hook_for(name, module)))
-        seen = 0
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
+        model.eval()
+        seen = masked = 0
         with torch.no_grad():
             for batch in batches:
+                mask = _padding_mask(batch)
+                batch_mask.update(mask=mask, keep={})
+                masked += mask is not None and not bool(mask.any())
                 run_batch(model, batch)
                 cache.clear()
                 seen += 1
         if seen == 0:
             raise ValueError("collect_input_stats: batches is empty")
+        if all(s.tokens == 0 for s in stats.values()) and (stats or masked == seen):
+            runs = _count(seen, "batch", "batches")
+            if masked == seen:
+                why = f"the attention_mask of every one of the {runs} is all zeros (all padding)"
+            else:
+                why = (
+                    f"{runs} ran ({masked} with an all-zero attention_mask), but the observed "
+                    "layers' inputs held no token"
+                )
+            raise ValueError(
+                f"collect_input_stats: the calibration batches yielded no tokens: {why}; "
+                "calibrate on batches with unmasked tokens"
+            )
     finally:
         for handle in handles:
             handle.remove()
         cache.clear()
+        batch_mask.clear()
+        for m, training in modes.items():
+            m.training = training
+    if unmatched:
+        names = list(unmatched)
+        warnings.warn(
+            f"collect_input_stats: the inputs of {_count(len(names), 'layer', 'layers')} "
+            f"({_some(names)}) do not match the batches' attention_mask in shape (neither "
+            "(batch, tokens, features) nor (batch * tokens, features), e.g. tokens routed to "
+            "experts); their statistics include padding",
+            UserWarning,
+            stacklevel=2,
+        )
+    few = [(name, s) for name, s in stats.items() if s.tokens < s.gram.shape[0]]
+    if few:
+        detail = "; ".join(
+            f"{name} saw {s.tokens} tokens, fewer than its {s.gram.shape[0]} inputs"
+            for name, s in few[:3]
+        )
+        warnings.warn(
+            f"collect_input_stats: {_count(len(few), 'layer', 'layers')} saw fewer tokens than "
+            f"inputs ({detail}{'; ...' if len(few) > 3 else ''}); their statistics are "
+            "rank-deficient: calibrate on more text",
+            UserWarning,
+            stacklevel=2,
+        )
     return stats

@@ -1,7 +1,10 @@
 """Activation-aware conversion: calibration hooks, whitening, the global rank budget."""
 
+import warnings
+
 import pytest
 import torch
+from einops import rearrange
 from torch import nn
 
 from lowrank_layers import convert_model, factorize
@@ -102,7 +105,10 @@ def test_collect_input_stats_accumulates_exactly_and_removes_hooks(gen):
     torch.manual_seed(0)
     model = Net()
     batches = [torch.randn(3, 7, 48, generator=gen) for _ in range(4)]
-    stats = collect_input_stats(model, batches, {"q": model.q, "k": model.k, "down": model.down})
+    with pytest.warns(UserWarning, match=r"down saw 84 tokens, fewer than its 128 inputs"):
+        stats = collect_input_stats(
+            model, batches, {"q": model.q, "k": model.k, "down": model.down}
+        )
     X = torch.cat([b.reshape(-1, 48) for b in batches]).double()
     assert stats["q"].tokens == 84
     # each batch's Gram is a float32 GEMM (then summed in float64): float32 rounding
@@ -222,10 +228,12 @@ def test_allocate_ranks_errors():
 
 def test_budget_and_calibration_errors():
     with pytest.raises(
-        ValueError, match=r"budget replaces the rank policy.*budget=0\.5 and rank=4"
+        ValueError, match=r"budget and ranks replace the rank policy.*budget=0\.5 and rank=4"
     ):
         convert_model(Net(), rank=4, budget=0.5)
-    with pytest.raises(ValueError, match=r"calibration and budget apply to layer='lowrank'"):
+    with pytest.raises(
+        ValueError, match=r"calibration, budget, ranks and propagate apply to layer='lowrank'"
+    ):
         convert_model(Net(), rank=4, layer="adaptive", calibration=[torch.zeros(1, 48)])
 
 
@@ -233,9 +241,268 @@ def test_calibration_that_misses_layers_is_reported():
     model = Net()
     with pytest.raises(ValueError, match=r"the calibration reached none of the layers"):
         convert_model(model, rank=8, calibration={"input_ids": torch.zeros(3)})
-    stats = collect_input_stats(model, [torch.randn(4, 48)], {"q": model.q})
+    with pytest.warns(UserWarning, match=r"q saw 4 tokens, fewer than its 48 inputs"):
+        stats = collect_input_stats(model, [torch.randn(4, 48)], {"q": model.q})
     with pytest.warns(UserWarning, match=r"no calibration input reached 3 layers \(k, up, down\)"):
         report = convert_model(model, rank=8, calibration=stats)
     assert {r.name: r.output_error is not None for r in report.converted} == {
         "q": True, "k": False, "up": False, "down": False,
     }  # fmt: skip
+
+
+def test_modules_default_to_every_linear_below_the_root(gen):
+    model = nn.Sequential(Net(), nn.ReLU(), nn.Linear(48, 8))
+    batches = [torch.randn(300, 48, generator=gen)]
+    stats = collect_input_stats(model, batches)
+    assert list(stats) == ["0.q", "0.k", "0.up", "0.down", "2"]
+    named = dict(model.named_modules())
+    explicit = collect_input_stats(model, batches, {"0.up": named["0.up"], "2": named["2"]})
+    for name in explicit:
+        assert torch.equal(stats[name].gram, explicit[name].gram)
+        assert stats[name].tokens == explicit[name].tokens == 300
+
+
+def test_collect_input_stats_argument_errors():
+    model = Net()
+    with pytest.raises(ValueError, match=r"^collect_input_stats: modules is empty$"):
+        collect_input_stats(model, [torch.zeros(2, 48)], {})
+    # the root is not one of its own layers: a bare nn.Linear has none below it
+    for bare in (nn.Linear(4, 4), nn.Sequential(nn.ReLU())):
+        with pytest.raises(
+            ValueError,
+            match=r"modules is empty \(modules=None selects every nn\.Linear below the root "
+            rf"of the model, and {type(bare).__name__} has none\)",
+        ):
+            collect_input_stats(bare, [torch.zeros(2, 4)])
+    with pytest.raises(
+        TypeError, match=r"modules must be a mapping \{name: module\} or None, got list"
+    ):
+        collect_input_stats(model, [torch.zeros(2, 48)], [model.q])  # type: ignore[arg-type]
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+class DropNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(16, 32)
+        self.drop = nn.Dropout(0.5)
+        self.lin2 = nn.Linear(32, 16)
+        self.sub = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.5), nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.sub(self.lin2(self.drop(torch.relu(self.lin1(x)))))
+
+
+def modes(model: nn.Module) -> dict[str, bool]:
+    return {name: m.training for name, m in model.named_modules()}
+
+
+def test_dropout_is_off_and_every_mode_is_restored(gen):
+    torch.manual_seed(0)
+    model = DropNet()
+    model.sub[1].eval()  # mixed: sub trains, its dropout does not
+    before = modes(model)
+    assert before[""] and before["drop"] and before["sub"] and not before["sub.1"]
+    reference = DropNet()
+    reference.load_state_dict(model.state_dict())
+    reference.eval()
+    batches = [torch.randn(64, 16, generator=gen) for _ in range(3)]
+    stats = collect_input_stats(model, batches)
+    expected = collect_input_stats(reference, batches)
+    assert list(stats) == ["lin1", "lin2", "sub.0", "sub.2"]
+    for name in stats:  # the same computation, dropout off: bit for bit
+        assert torch.equal(stats[name].gram, expected[name].gram)
+        assert stats[name].tokens == expected[name].tokens == 192
+    assert modes(model) == before
+    assert not any(modes(reference).values())
+
+
+def test_modes_and_hooks_are_restored_when_a_batch_raises(gen):
+    model = DropNet()
+    model.sub.eval()
+    model.sub[2].train()
+    before = modes(model)
+
+    def batches():
+        yield torch.randn(2, 16, generator=gen)
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        collect_input_stats(model, batches())
+    assert modes(model) == before
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+class MaskedToy(nn.Module):
+    """Takes ``x`` of shape (batch, tokens, 8) and an ``attention_mask`` it ignores, as a
+    transformer's linear layers do (padding rows are computed, then never looked at)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.k = nn.Linear(8, 16)  # shares its input with a
+        self.flat = nn.Linear(16, 8)  # sees the tokens flattened, (batch * tokens, 16)
+        self.pool = nn.Linear(8, 4)  # sees one vector per sequence: cannot be masked
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x) + self.k(x))
+        return self.flat(rearrange(h, "b t d -> (b t) d")).sum() + self.pool(x[:, 0]).sum()
+
+
+def right_padding(lengths: list[int], width: int) -> torch.Tensor:
+    """An attention mask (1 = token, 0 = padding) for sequences padded on the right."""
+    return (torch.arange(width) < torch.tensor(lengths)[:, None]).long()
+
+
+def test_padding_is_left_out_of_a_plain_model(gen):
+    torch.manual_seed(0)
+    model = MaskedToy()
+    lengths = [6, 3, 5, 1, 6, 2, 4, 6, 3, 5]
+    mask = right_padding(lengths, 6)
+    x = torch.randn(10, 6, 8, generator=gen)
+    tokens = int(mask.sum())  # 41
+    # the same sequences with 4 more padding columns, filled with large junk
+    junk = 1e3 * torch.randn(10, 4, 8, generator=gen)
+    x_long = torch.cat([x, junk], dim=1)
+    x_long[:, :6][mask == 0] = 1e3
+    mask_long = torch.cat([mask, torch.zeros(10, 4, dtype=mask.dtype)], dim=1).bool()
+    runs = []
+    for batch in ({"x": x, "attention_mask": mask}, {"x": x_long, "attention_mask": mask_long}):
+        with pytest.warns(
+            UserWarning,
+            match=r"the inputs of 1 layer \(pool\) do not match the batches' attention_mask "
+            r"in shape .*; their statistics include padding",
+        ):
+            runs.append(collect_input_stats(model, [batch]))
+    stats, padded = runs
+    real = x[mask.bool()].double()
+    with torch.no_grad():
+        h = torch.relu(model.a(real.float()) + model.k(real.float())).double()
+    # float32 GEMMs of the same tokens, against a float64 reference
+    assert torch.allclose(stats["a"].gram, real.mT @ real, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(stats["flat"].gram, h.mT @ h, rtol=1e-5, atol=1e-5)
+    assert torch.equal(stats["a"].gram, stats["k"].gram)  # one masked GEMM, shared
+    assert stats["a"].tokens == stats["k"].tokens == stats["flat"].tokens == tokens
+    pooled = x[:, 0].double()
+    assert stats["pool"].tokens == 10  # taken whole
+    assert torch.allclose(stats["pool"].gram, pooled.mT @ pooled, rtol=1e-5, atol=1e-5)
+    for name in stats:  # more padding, however large, changes nothing
+        assert padded[name].tokens == stats[name].tokens
+        assert torch.allclose(padded[name].gram, stats[name].gram, rtol=1e-5, atol=1e-6)
+
+
+def right_padded_ids(gen: torch.Generator, lengths: list[int], width: int) -> dict:
+    """Token ids (pad id 0) and attention masks for sequences of ``lengths``, padded to
+    ``width`` and to ``width + 7``."""
+    ids = torch.randint(1, 100, (len(lengths), width), generator=gen)
+    out = []
+    for w in (width, width + 7):
+        mask = right_padding(lengths, w)
+        padded = torch.zeros(len(lengths), w, dtype=torch.long)
+        padded[:, :width] = ids
+        out.append({"input_ids": padded * mask, "attention_mask": mask})
+    return out
+
+
+LENGTHS = [20, 17, 12, 20, 5, 9, 20, 14]  # 117 tokens
+
+
+def assert_padding_changes_nothing(model: nn.Module, gen: torch.Generator) -> list[str]:
+    """Collect statistics of one batch padded to two widths; return the warnings."""
+    short, long = right_padded_ids(gen, LENGTHS, 20)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats = collect_input_stats(model, [short])
+        padded = collect_input_stats(model, [long])
+    assert stats.keys() == padded.keys()
+    for name in stats:
+        assert padded[name].tokens == stats[name].tokens
+        # float32 activations; attention over 7 more (masked) keys rounds differently
+        assert torch.allclose(padded[name].gram, stats[name].gram, rtol=1e-5, atol=1e-6), name
+    assert all(s.tokens == sum(LENGTHS) for n, s in stats.items() if n != "pooler.dense")
+    return [str(w.message) for w in caught]
+
+
+def test_padding_is_left_out_of_bert(gen):
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+    )
+    model = transformers.BertModel(config)  # in train mode: dropout is on until collected
+    assert model.training
+    caught = assert_padding_changes_nothing(model, gen)
+    assert model.training
+    # the pooler reads each sequence's first token: one vector per sequence, unmaskable
+    unmasked = [m for m in caught if "their statistics include padding" in m]
+    assert len(unmasked) == 2 and all("1 layer (pooler.dense)" in m for m in unmasked)
+    few = [m for m in caught if "rank-deficient" in m]
+    assert len(few) == 2 and all("pooler.dense saw 8 tokens" in m for m in few)
+
+
+def test_padding_is_left_out_of_llama(gen):
+    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    assert assert_padding_changes_nothing(model, gen) == []  # every layer matched the mask
+
+
+def test_too_few_tokens_warn_once_naming_the_layers(gen):
+    model = Net()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        collect_input_stats(model, [torch.randn(2, 2, 48, generator=gen)])
+    assert [str(w.message) for w in caught] == [
+        "collect_input_stats: 4 layers saw fewer tokens than inputs (q saw 4 tokens, fewer "
+        "than its 48 inputs; k saw 4 tokens, fewer than its 48 inputs; up saw 4 tokens, "
+        "fewer than its 48 inputs; ...); their statistics are rank-deficient: calibrate on "
+        "more text"
+    ]
+    with pytest.warns(
+        UserWarning,
+        match=r"^collect_input_stats: 1 layer saw fewer tokens than inputs \(down saw 100 "
+        r"tokens, fewer than its 128 inputs\); their statistics are rank-deficient: "
+        r"calibrate on more text$",
+    ):
+        collect_input_stats(model, [torch.randn(100, 48, generator=gen)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # enough tokens: no warning
+        collect_input_stats(model, [torch.randn(128, 48, generator=gen)])
+
+
+def test_no_tokens_raise_and_restore_the_model(gen):
+    model = MaskedToy()
+    model.k.eval()
+    before = modes(model)
+    x = torch.randn(3, 5, 8, generator=gen)
+    padding_only = {"x": x, "attention_mask": torch.zeros(3, 5, dtype=torch.long)}
+    with pytest.raises(
+        ValueError,
+        match=r"^collect_input_stats: the calibration batches yielded no tokens: the "
+        r"attention_mask of every one of the 2 batches is all zeros \(all padding\); "
+        r"calibrate on batches with unmasked tokens$",
+    ):
+        collect_input_stats(model, [padding_only, padding_only], {"a": model.a, "k": model.k})
+    with pytest.raises(
+        ValueError,
+        match=r"yielded no tokens: 1 batch ran \(0 with an all-zero attention_mask\), but "
+        r"the observed layers' inputs held no token",
+    ):
+        collect_input_stats(Net(), [torch.zeros(0, 48)])
+    with pytest.raises(ValueError, match=r"^collect_input_stats: batches is empty$"):
+        collect_input_stats(model, iter([]))
+    assert modes(model) == before
+    assert all(not m._forward_pre_hooks for m in model.modules())
