@@ -257,6 +257,7 @@ class DynamicLowRankLinear(nn.Module):
         method: Method = "svd",
         balance: Balance = "none",
         input_cov: torch.Tensor | None = None,
+        cross_cov: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> DynamicLowRankLinear:
         """Factorize an ``nn.Linear``; the policy's rank becomes ``max_rank``.
@@ -275,6 +276,7 @@ class DynamicLowRankLinear(nn.Module):
                 method=method,
                 balance=balance,
                 input_cov=input_cov,
+                cross_cov=cross_cov,
                 generator=generator,
             )
             w = linear.weight

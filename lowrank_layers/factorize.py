@@ -439,6 +439,7 @@ def factorize(
     method: Method = "svd",
     balance: Balance = "none",
     input_cov: torch.Tensor | None = None,
+    cross_cov: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Factors:
     """Factorize ``W ≈ diag(D) · U · diag(S) · Vᵀ`` under exactly one rank policy.
@@ -467,6 +468,13 @@ def factorize(
             ``1e-6·trace(C)/in`` and grows tenfold until the Cholesky factorization
             succeeds, so singular or rank-deficient covariances work. The energy policy
             then refers to the whitened spectrum.
+        cross_cov: with ``input_cov``, the ``(in, in)`` cross moment ``E[x x̂ᵀ]`` between
+            the inputs ``x`` the original layer saw and the inputs ``x̂`` the factorized
+            layer will see (``input_cov`` is then ``E[x̂ x̂ᵀ]``): propagated conversion,
+            where earlier layers are already factorized. The factorization then minimises
+            ``E‖W·x − Ŵ·x̂‖²``: it truncates ``W*·L`` with ``W* = W·E[x x̂ᵀ]·E[x̂ x̂ᵀ]⁻¹``,
+            the unconstrained least-squares map from ``x̂`` to ``W·x``. With ``x̂ = x``
+            this is the plain ``input_cov`` case.
         generator: random generator for ``method="randomized"``.
 
     Returns:
@@ -497,7 +505,7 @@ def factorize(
         balance=balance != "none",
     )
     dtype = W.dtype
-    A, D, L = _prepare(W, balance, input_cov)
+    A, D, L = _prepare(W, balance, input_cov, cross_cov)
 
     if method == "svd" or (r is None and min(A.shape) <= 64):
         U, S, Vh = torch.linalg.svd(A, full_matrices=False)
@@ -517,22 +525,58 @@ def factorize(
 
 
 def _prepare(
-    W: torch.Tensor, balance: Balance, input_cov: torch.Tensor | None
+    W: torch.Tensor,
+    balance: Balance,
+    input_cov: torch.Tensor | None,
+    cross_cov: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The matrix that is truncated, ``diag(1/D)·W·L``, with ``D`` and ``L`` (or None)."""
+    """The matrix that is truncated, ``diag(1/D)·W·L``, with ``D`` and ``L`` (or None).
+
+    With ``cross_cov`` (``M = E[x x̂ᵀ]``), ``W`` is first replaced by the least-squares map
+    ``W* = W·M·(L·Lᵀ)⁻¹``, so the truncated matrix is ``W·M·L⁻ᵀ`` (one triangular solve).
+    """
     A = _promote(W)
     D = balance_rows(A, balance)
     if D is not None:
         A = A / D[:, None]
     L = None
+    if cross_cov is not None and input_cov is None:
+        raise ValueError("cross_cov needs input_cov (the second moment of the new inputs)")
     if input_cov is not None:
-        L = whitening_factor(input_cov, W.shape[1])  # float64
-        A = A @ L.to(A.dtype)
+        L, eps = _whitening(input_cov, W.shape[1])  # float64
+        if cross_cov is None:
+            A = A @ L.to(A.dtype)
+        else:
+            M = _check_square("cross_cov", cross_cov, W.shape[1])
+            # the regularisation ε·I added to E[x̂ x̂ᵀ] is added to E[x x̂ᵀ] too, as if both
+            # streams saw the same small isotropic noise: with x̂ = x this is exactly W·L
+            M = M + eps * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
+            # A = W·M·L⁻ᵀ  <=>  Aᵀ = L⁻¹·(W·M)ᵀ
+            WM = A.to(torch.float64) @ M
+            A = torch.linalg.solve_triangular(L, WM.mT, upper=False).mT.to(A.dtype)
     return A, D, L
 
 
+def _check_square(name: str, C: torch.Tensor, in_features: int) -> torch.Tensor:
+    """``C`` as a finite float64 ``(in, in)`` matrix, or a ValueError naming ``name``."""
+    if not isinstance(C, torch.Tensor) or C.shape != (in_features, in_features):
+        shape = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
+        raise ValueError(
+            f"{name} must be a ({in_features}, {in_features}) tensor for a weight with "
+            f"{in_features} inputs, got {shape}"
+        )
+    C64 = C.detach().to(torch.float64)
+    if not bool(torch.isfinite(C64).all()):
+        raise ValueError(f"{name} must be finite, got NaN or Inf entries")
+    return C64
+
+
 def truncated_spectrum(
-    W: torch.Tensor, *, balance: Balance = "none", input_cov: torch.Tensor | None = None
+    W: torch.Tensor,
+    *,
+    balance: Balance = "none",
+    input_cov: torch.Tensor | None = None,
+    cross_cov: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Singular values of the matrix :func:`factorize` truncates (balanced, whitened), float32+.
 
@@ -541,17 +585,40 @@ def truncated_spectrum(
     """
     _check_weight(W)
     _check_choice("balance", balance, BALANCE_MODES)
-    A, _, _ = _prepare(W, balance, input_cov)
+    A, _, _ = _prepare(W, balance, input_cov, cross_cov)
     return torch.linalg.svdvals(A)
 
 
-def output_error(W: torch.Tensor, factors: Factors, input_cov: torch.Tensor) -> float:
+def output_error(
+    W: torch.Tensor,
+    factors: Factors,
+    input_cov: torch.Tensor,
+    *,
+    cross_cov: torch.Tensor | None = None,
+    target_cov: torch.Tensor | None = None,
+) -> float:
     """Relative output error ``sqrt(E‖(W − Ŵ)x‖² / E‖Wx‖²)`` for inputs with ``E[x xᵀ] = C``.
 
     ``= sqrt(tr(E·C·Eᵀ) / tr(W·C·Wᵀ))`` with ``E = W − Ŵ``, in float64.
+
+    Propagated (see :func:`factorize`'s ``cross_cov``): with ``cross_cov = E[x x̂ᵀ]`` and
+    ``target_cov = E[x xᵀ]`` (``input_cov`` being ``E[x̂ x̂ᵀ]``), the error is
+    ``sqrt(E‖W·x − Ŵ·x̂‖² / E‖W·x‖²)``: what the layer's output loses against the original
+    model's, its inputs' own drift included.
     """
     W64 = W.detach().to(torch.float64)
     C = input_cov.detach().to(torch.float64)
+    if cross_cov is not None:
+        if target_cov is None:
+            raise ValueError("output_error: cross_cov needs target_cov (E[x xᵀ])")
+        What = factors.to(torch.float64).dense()
+        M = cross_cov.detach().to(torch.float64)
+        T = target_cov.detach().to(torch.float64)
+        denom = float(((W64 @ T) * W64).sum())
+        num = denom - 2 * float(((W64 @ M) * What).sum()) + float(((What @ C) * What).sum())
+        if denom <= 0.0:
+            return max(num, 0.0) ** 0.5
+        return (max(num, 0.0) / denom) ** 0.5
     E = W64 - factors.to(torch.float64).dense()
     denom = float(((W64 @ C) * W64).sum())
     num = float(((E @ C) * E).sum())
@@ -570,6 +637,11 @@ def whitening_factor(C: torch.Tensor, in_features: int) -> torch.Tensor:
     Raises:
         ValueError: ``C`` is not a finite, symmetric ``(in, in)`` matrix.
     """
+    return _whitening(C, in_features)[0]
+
+
+def _whitening(C: torch.Tensor, in_features: int) -> tuple[torch.Tensor, float]:
+    """:func:`whitening_factor`'s ``L`` and the ``ε`` it needed."""
     if not isinstance(C, torch.Tensor) or C.shape != (in_features, in_features):
         shape = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
         raise ValueError(
@@ -590,7 +662,7 @@ def whitening_factor(C: torch.Tensor, in_features: int) -> torch.Tensor:
     for _ in range(40):
         L, info = torch.linalg.cholesky_ex(C64 + eps * eye)
         if int(info) == 0:
-            return L
+            return L, eps
         eps *= 10
     raise ValueError("input_cov could not be regularised to positive definite")  # unreachable
 

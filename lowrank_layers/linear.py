@@ -285,6 +285,7 @@ class LowRankLinear(nn.Module):
         method: Method = "svd",
         balance: Balance = "none",
         input_cov: torch.Tensor | None = None,
+        cross_cov: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> LowRankLinear:
         """Factorize an ``nn.Linear`` under exactly one rank policy (see ``factorize``).
@@ -310,6 +311,7 @@ class LowRankLinear(nn.Module):
                 method=method,
                 balance=balance,
                 input_cov=input_cov,
+                cross_cov=cross_cov,
                 generator=generator,
             )
             return cls.from_factors(factors, bias=linear.bias)

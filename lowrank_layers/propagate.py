@@ -1,0 +1,325 @@
+"""Propagated (sequential) conversion: each layer is factorized for the inputs it will
+really see once the layers before it are factorized.
+
+Whitening (``factorize(..., input_cov=C)``) minimises each layer's output error on the
+*original* model's inputs ``x``. After conversion, a layer receives ``x̂``, the output of
+already-factorized layers, and the errors compound through the depth. Propagated
+conversion walks the layers in forward order and minimises ``E‖W·x − Ŵ·x̂‖²``, anchored to
+the original model's output: each layer also corrects the drift of its inputs
+(the closed form of SVD-LLM's update and AA-SVD; see :func:`~lowrank_layers.factorize`'s
+``cross_cov``).
+
+How it runs (:func:`convert_propagated`):
+
+1. The model's repeated blocks are found (:func:`~lowrank_layers.blocks.find_blocks`) and
+   the first block's input is captured once per calibration batch. Two streams of hidden
+   states then flow block by block: the original model's ``H`` and the converted one's
+   ``Ĥ``.
+2. For each block: the original (still dense) block runs on ``H``; the inputs ``X`` of its
+   layers are kept (tokens under ``attention_mask == 0`` dropped) and ``H`` advances.
+3. The block's layers are grouped into *stages* by shared input (attention's q/k/v, an
+   MLP's gate/up), in forward order. For each stage, the block, with the earlier stages
+   already converted, runs on ``Ĥ`` until it reaches the stage (a hook ends the pass
+   there); ``E[x̂ x̂ᵀ]`` and ``E[x x̂ᵀ]`` give the stage's layers their factors.
+4. The converted block runs on ``Ĥ``, which advances.
+
+Memory: the model, once, plus the two streams of hidden states and one block's layer
+inputs for the calibration tokens (SmolLM2-135M with 16k tokens: about 0.3 GB). Layers
+outside the blocks (a pooler, an output head) are converted with their statistics from a
+whole-model pass on each side.
+
+Models larger than memory would extend this by loading one block at a time (the chain
+only ever touches one block); that is not implemented: the model is converted in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .blocks import BlockChain, _Stop, capture_chain, find_blocks, model_kwargs
+from .calibrate import collect_input_stats
+
+__all__ = ["PropagatedStats", "PropagationReport", "convert_propagated"]
+
+
+@dataclass
+class PropagatedStats:
+    """What one layer is factorized from (all float64, ``(in, in)``, means over tokens).
+
+    Attributes:
+        input_cov: ``E[x̂ x̂ᵀ]``, the inputs of the partially converted model.
+        cross_cov: ``E[x x̂ᵀ]`` (None when ``x̂ = x``, outside the propagation).
+        target_cov: ``E[x xᵀ]``, the original model's inputs.
+        tokens: how many tokens were averaged.
+    """
+
+    input_cov: torch.Tensor
+    cross_cov: torch.Tensor | None
+    target_cov: torch.Tensor
+    tokens: int
+
+
+@dataclass
+class PropagationReport:
+    """How the propagation ran.
+
+    Attributes:
+        container: the block container walked (None when no blocks were found).
+        blocks: how many blocks.
+        propagated: layers converted with propagated statistics.
+        unpropagated: layers converted from the original model's statistics only (outside
+            the blocks, or every layer when the model cannot be processed block by block).
+        note: why propagation did not apply, when it did not.
+        seconds: wall time.
+    """
+
+    container: str | None
+    blocks: int
+    propagated: list[str]
+    unpropagated: list[str]
+    note: str | None
+    seconds: float
+
+
+ConvertFn = Callable[[str, nn.Module, PropagatedStats], None]
+
+
+def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x``'s tokens as rows (float32 or float64), masked tokens dropped when ``mask`` fits."""
+    if mask is not None:
+        if x.shape[:-1] == mask.shape:
+            x = x[mask.to(torch.bool)]
+        elif x.dim() == 2 and x.shape[0] == mask.numel():
+            x = x[mask.reshape(-1).to(torch.bool)]
+    flat = rearrange(x.detach(), "... d -> (...) d")
+    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+
+def convert_propagated(
+    model: nn.Module,
+    batches: Sequence[Any],
+    layers: Mapping[str, nn.Module],
+    convert: ConvertFn,
+    *,
+    progress: bool = False,
+) -> PropagationReport:
+    """Convert ``layers`` in forward order, each from propagated statistics.
+
+    Args:
+        model: the model; converted in place by ``convert``.
+        batches: calibration batches (see :func:`~lowrank_layers.calibrate.run_batch`),
+            run several times, so a sequence, not a one-shot iterator.
+        layers: ``{name: nn.Linear}`` to convert.
+        convert: ``convert(name, module, stats)`` factorizes one layer and puts the result
+            in the model in its place (or leaves it dense).
+        progress: a tqdm bar over the blocks.
+
+    Returns:
+        A :class:`PropagationReport`.
+
+    Raises:
+        ValueError: ``batches`` is empty or not a sequence.
+    """
+    start = time.perf_counter()
+    if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
+        raise ValueError(
+            "propagated conversion runs the calibration batches several times: pass a list "
+            f"of batches, got a {type(batches).__name__}"
+        )
+    if len(batches) == 0:
+        raise ValueError("propagated conversion: the calibration batches are empty")
+    names = list(layers)
+    found = find_blocks(model, names)
+    chain = None
+    note = None
+    if found is None:
+        note = "no repeated blocks hold two or more of the layers"
+    else:
+        chain = capture_chain(model, found[0], found[1], batches)
+        if chain is None:
+            note = (
+                f"the blocks of {found[0]} cannot be run one at a time (the first block's "
+                "output is not the second block's input)"
+            )
+    inside: dict[int, list[str]] = {}
+    if chain is not None:
+        for i, block in enumerate(chain.blocks):
+            ids = {id(m) for m in block.modules()}
+            inside[i] = [n for n in names if id(layers[n]) in ids]
+    in_blocks = {n for ns in inside.values() for n in ns}
+    outside = [n for n in names if n not in in_blocks]
+
+    # layers outside the blocks: their original statistics from one whole-model pass now
+    outside_stats = {}
+    if outside:
+        stats = collect_input_stats(
+            model, [model_kwargs(model, b) for b in batches], {n: layers[n] for n in outside}
+        )
+        outside_stats = {n: s for n, s in stats.items() if s.tokens}
+    propagated: list[str] = []
+    if chain is not None:
+        iterator: Sequence[int] | Any = range(len(chain.blocks))
+        if progress:
+            from .convert import _progress
+
+            iterator = _progress(list(iterator), desc="propagating blocks", unit="block")
+        original = list(chain.hidden)
+        current = [h.clone() for h in chain.hidden]
+        for i in iterator:
+            block_layers = {n: layers[n] for n in inside[i]}
+            original = _convert_block(
+                chain, i, block_layers, original, current, convert, propagated
+            )
+    for name in outside:
+        stats = outside_stats.get(name)
+        if stats is None:
+            continue  # no input reached it: the caller factorizes it without statistics
+        cov = stats.covariance
+        convert(name, layers[name], PropagatedStats(cov, None, cov, stats.tokens))
+    return PropagationReport(
+        container=None if chain is None else chain.container,
+        blocks=0 if chain is None else len(chain.blocks),
+        propagated=propagated,
+        unpropagated=[n for n in names if n not in propagated],
+        note=note,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _convert_block(
+    chain: BlockChain,
+    i: int,
+    layers: dict[str, nn.Module],
+    original: list[torch.Tensor],
+    current: list[torch.Tensor],
+    convert: ConvertFn,
+    done: list[str],
+) -> list[torch.Tensor]:
+    """Convert one block's layers stage by stage; advance ``current`` in place and return
+    the original stream's next hidden states."""
+    block = chain.blocks[i]
+    n_batches = len(original)
+    # 1. the original block: each layer's input, grouped by shared input tensor
+    inputs: dict[str, list[torch.Tensor]] = {}  # group key -> per batch tokens
+    group_of: dict[str, str] = {}
+    order: list[str] = []  # groups in first-call order
+    calls: dict[str, int] = {}
+    seen: dict[tuple[int, int], str] = {}
+    keep: list[torch.Tensor] = []  # holds each seen input so its id is not reused
+
+    def record(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            calls[name] = calls.get(name, 0) + 1
+            key = (id(x), x._version)
+            group = seen.get(key)
+            if group is None:
+                group = seen[key] = name
+                keep.append(x)
+                inputs.setdefault(group, []).append(_tokens(x, mask_now[0]))
+                if group not in order:
+                    order.append(group)
+            group_of.setdefault(name, group)
+
+        return hook
+
+    mask_now: list[torch.Tensor | None] = [None]
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    nxt = []
+    try:
+        with torch.no_grad():
+            for b in range(n_batches):
+                mask_now[0] = chain.masks[b]
+                seen.clear()
+                keep.clear()
+                nxt.append(chain.run(block, b, original[b]))
+    finally:
+        for h in handles:
+            h.remove()
+        keep.clear()
+    if not any(x.shape[0] for xs in inputs.values() for x in xs) and layers:
+        raise ValueError(
+            "propagated conversion: the calibration batches yielded no tokens for "
+            f"{', '.join(list(layers)[:3])} (every token masked out by attention_mask?)"
+        )
+    stages = {g: [n for n in layers if group_of.get(n) == g] for g in order}
+    single_call = all(calls.get(n, 0) == n_batches for n in layers)
+    if not single_call:
+        # a layer called several times per batch (or not at all): its inputs cannot be
+        # paired token by token; convert the block's layers from the original inputs
+        for g in order:
+            X = torch.cat(inputs[g])
+            cov = (X.mT @ X).to(torch.float64) / max(1, X.shape[0])
+            for n in stages[g]:
+                convert(n, layers[n], PropagatedStats(cov, None, cov, X.shape[0]))
+        _advance(chain, block, current)
+        return nxt
+
+    # 2. stage by stage, on the converted stream
+    for g in order:
+        members = stages[g]
+        # every member is fed the same tensor: the first one's hook sees it for all
+        stats = _stage_stats(chain, block, members[0], layers[members[0]], inputs.pop(g), current)
+        for name in members:
+            convert(name, layers[name], stats)
+            done.append(name)
+    _advance(chain, block, current)
+    return nxt
+
+
+def _stage_stats(
+    chain: BlockChain,
+    block: nn.Module,
+    name: str,
+    layer: nn.Module,
+    inputs: list[torch.Tensor],
+    current: list[torch.Tensor],
+) -> PropagatedStats:
+    """Run ``block`` on the converted stream up to ``layer``; its propagated statistics."""
+    d = inputs[0].shape[-1]
+    dev = inputs[0].device
+    hat = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    cross = torch.zeros_like(hat)
+    target = torch.zeros_like(hat)
+    count = 0
+    b = 0
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        nonlocal count
+        xh = _tokens(args[0], chain.masks[b])
+        x = inputs[b]
+        if xh.shape != x.shape:
+            raise RuntimeError(
+                f"propagation: {name} saw {tuple(xh.shape)} tokens in the converted model "
+                f"but {tuple(x.shape)} in the original"
+            )
+        hat.add_((xh.mT @ xh).to(torch.float64))
+        cross.add_((x.mT @ xh).to(torch.float64))
+        target.add_((x.mT @ x).to(torch.float64))
+        count += x.shape[0]
+        raise _Stop
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for b in range(len(current)):  # the hook reads b
+                with contextlib.suppress(_Stop):
+                    chain.run(block, b, current[b])
+    finally:
+        handle.remove()
+    n = max(1, count)
+    return PropagatedStats(hat / n, cross / n, target / n, count)
+
+
+def _advance(chain: BlockChain, block: nn.Module, current: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for b in range(len(current)):
+            current[b] = chain.run(block, b, current[b])
