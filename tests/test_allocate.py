@@ -1,0 +1,184 @@
+"""Loss-aware allocation: the estimate, the exact budget solver, and the gradient pass."""
+
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_layers.allocate import (
+    LayerOptions,
+    Sensitivity,
+    collect_sensitivity,
+    loss_aware_ranks,
+    rank_options,
+    solve_budget,
+)
+from lowrank_layers.factorize import factorize
+
+
+def options(out: int, inp: int, ranks: list, loss: list) -> LayerOptions:
+    params = [out * inp if r is None else r * (out + inp + 1) for r in ranks]
+    return LayerOptions(out, inp, ranks, params, loss)
+
+
+def test_solve_budget_is_the_exact_optimum_over_the_candidates():
+    """Against brute force over every combination, on small random instances."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        opts = {}
+        for name in "abcd":
+            ranks = [1, 2, 4, 8, None]
+            raw = torch.rand(4, generator=gen).sort(descending=True).values.tolist()
+            opts[name] = options(16, 16, ranks, [*raw, 0.0])
+        budget = float(torch.empty(1).uniform_(0.3, 0.9, generator=gen))
+        resolution = 500
+        plan = solve_budget(opts, budget, resolution=resolution)
+        allowed = budget * 4 * 256
+        unit = allowed / resolution
+
+        def units(n: str, k: int, opts=opts, unit=unit) -> int:
+            return math.ceil(opts[n].params[k] / unit - 1e-9)
+
+        best = min(
+            sum(opts[n].loss[k] for n, k in zip("abcd", combo, strict=True))
+            for combo in itertools.product(range(5), repeat=4)
+            if sum(units(n, k) for n, k in zip("abcd", combo, strict=True)) <= resolution
+        )
+        got = sum(opts[n].loss[opts[n].ranks.index(plan[n])] for n in "abcd")
+        used = sum(opts[n].params[opts[n].ranks.index(plan[n])] for n in "abcd")
+        assert used <= allowed
+        assert got == pytest.approx(best, abs=1e-12)  # exact over the rounded costs
+
+
+def test_solve_budget_keeps_a_layer_dense_when_that_is_best():
+    opts = {
+        "fragile": options(32, 32, [2, 8, None], [100.0, 50.0, 0.0]),
+        "robust": options(32, 32, [2, 8, None], [0.02, 0.01, 0.0]),
+    }
+    plan = solve_budget(opts, 0.6)
+    assert plan == {"fragile": None, "robust": 2}
+
+
+def test_solve_budget_never_exceeds_and_is_deterministic():
+    gen = torch.Generator().manual_seed(3)
+    opts = {
+        f"l{i}": options(
+            48, 24, [1, 3, 6, 12, None],
+            [*torch.rand(4, generator=gen).sort(descending=True).values.tolist(), 0.0],
+        )
+        for i in range(12)
+    }  # fmt: skip
+    for budget in (0.2, 0.5, 0.8, 1.0):
+        plan = solve_budget(opts, budget)
+        used = sum(opts[n].params[opts[n].ranks.index(r)] for n, r in plan.items())
+        assert used <= budget * 12 * 48 * 24
+        assert solve_budget(dict(reversed(list(opts.items()))), budget) == plan
+
+
+def test_solve_budget_errors():
+    opts = {"a": options(8, 8, [1, None], [1.0, 0.0])}
+    with pytest.raises(ValueError, match=r"budget=0\.1 keeps 6 of 64 parameters, but the "):
+        solve_budget(opts, 0.1)
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 0"):
+        solve_budget(opts, 0)
+    assert solve_budget({}, 0.5) == {}
+
+
+def test_rank_options_estimate_is_the_kfac_quadratic(gen):
+    """The estimate at rank r is ½·tr(G·ΔW·C·ΔWᵀ) for the whitened truncation ΔW."""
+    W = torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    X = torch.randn(300, 10, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.2, 10)
+    Gm = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+    C, G = X.mT @ X / 300, Gm.mT @ Gm / 300
+    opt = rank_options(W, Sensitivity(C, G, 300), grid=[0.2, 0.5])
+    assert opt.ranks[-1] is None and opt.loss[-1] == 0.0 and opt.params[-1] == 120
+    for r, loss in zip(opt.ranks[:-1], opt.loss[:-1], strict=True):
+        dW = W - factorize(W, rank=r, input_cov=C).dense()
+        assert loss == pytest.approx(0.5 * float(torch.trace(G @ dW @ C @ dW.mT)), rel=1e-4)
+    assert opt.loss == sorted(opt.loss, reverse=True)
+
+
+class Tiny(nn.Module):
+    """Two layers; the second's output is scaled up, so it matters far more for the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(16, 16)
+        self.b = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        h = self.a(x) + x
+        h = 30.0 * self.b(h) + h
+        return self.out(h)
+
+
+def test_collect_sensitivity_shapes_modes_and_mask(gen):
+    model = Tiny().train()
+    model.a.weight.requires_grad_(False)
+    x = torch.randn(4, 8, 16, generator=gen)
+    sens = collect_sensitivity(model, [x], objective="mse")
+    assert set(sens) == {"a", "b", "out"}
+    assert sens["a"].input_cov.shape == (16, 16) and sens["a"].grad_cov.shape == (16, 16)
+    assert sens["a"].tokens == 32
+    assert model.training and not model.a.weight.requires_grad  # restored
+    assert all(p.grad is None for p in model.parameters())
+    # padded tokens do not count
+    padded = torch.cat([x, torch.randn(4, 3, 16, generator=gen)], dim=1)
+    mask = torch.cat([torch.ones(4, 8), torch.zeros(4, 3)], dim=1)
+    sens_m = collect_sensitivity(model, [{"x": padded, "attention_mask": mask}], objective="mse")
+    assert sens_m["a"].tokens == 32
+    assert torch.allclose(sens_m["a"].input_cov, sens["a"].input_cov, rtol=1e-5, atol=1e-6)
+
+
+def test_collect_sensitivity_errors(gen):
+    model = Tiny()
+    x = torch.randn(2, 4, 16, generator=gen)
+    with pytest.raises(ValueError, match=r"objective must be one of 'auto', 'kl', 'mse'"):
+        collect_sensitivity(model, [x], objective="l2")
+    with pytest.raises(ValueError, match=r"batches is empty"):
+        collect_sensitivity(model, [])
+    with pytest.raises(ValueError, match=r"no module to observe"):
+        collect_sensitivity(model, [x], {})
+    empty = {"x": x, "attention_mask": torch.zeros(2, 4)}
+    with pytest.raises(ValueError, match=r"no token reached the layers"):
+        collect_sensitivity(model, [empty], objective="mse")
+
+
+def test_loss_aware_ranks_protect_the_sensitive_layer(gen):
+    model = Tiny().eval()
+    data = [torch.randn(8, 16, 16, generator=gen) for _ in range(2)]
+    layers = {"a": model.a, "b": model.b}
+    sens = collect_sensitivity(model, data, layers, objective="mse")
+    plan, opts = loss_aware_ranks(layers, sens, 0.5)
+    assert set(plan) == {"a", "b"}
+    rank = {n: (16 if r is None else r) for n, r in plan.items()}
+    assert rank["b"] > rank["a"]
+    used = sum(opts[n].params[opts[n].ranks.index(r)] for n, r in plan.items())
+    assert used <= 0.5 * 2 * 256
+    again, _ = loss_aware_ranks(layers, collect_sensitivity(model, data, layers, objective="mse"),
+                                0.5)  # fmt: skip
+    assert again == plan
+
+
+def test_kl_probe_on_a_causal_lm(gen):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    state = copy.deepcopy(model.state_dict())
+    a = collect_sensitivity(model, [batch], seed=1)
+    b = collect_sensitivity(model, [batch], seed=1)
+    assert len(a) == 15  # 7 projections x 2 layers + lm_head
+    assert all(torch.equal(a[n].grad_cov, b[n].grad_cov) for n in a)  # seeded
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert float(a["model.layers.0.mlp.down_proj"].grad_cov.diagonal().sum()) > 0
