@@ -11,6 +11,7 @@ from .convert import (
     LayerReport,
     allocate_ranks,
     convert_model,
+    convertible_layers,
     prune_dynamic,
     register_weight_reader,
     switch_to_lowrank,
@@ -28,16 +29,20 @@ from .factorize import (
 )
 from .factory import make_efficient_linear
 from .grad import GradientProjector
+from .heal import HealReport, heal
 from .linear import LowRankLinear, lowrank_linear
+from .pipeline import CompressionReport, compress
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveLowRankLinear",
+    "CompressionReport",
     "ConversionReport",
     "DynamicLowRankLinear",
     "Factors",
     "GradientProjector",
+    "HealReport",
     "InputStats",
     "LayerReport",
     "LowRankLinear",
@@ -48,10 +53,13 @@ __all__ = [
     "balance_rows",
     "break_even_rank",
     "collect_input_stats",
+    "compress",
     "convert_checkpoint",
     "convert_model",
+    "convertible_layers",
     "factor_parameters",
     "factorize",
+    "heal",
     "load_lowrank",
     "lowrank_linear",
     "make_efficient_linear",

@@ -37,6 +37,7 @@ __all__ = [
     "LayerReport",
     "allocate_ranks",
     "convert_model",
+    "convertible_layers",
     "layer_seed",
     "prune_dynamic",
     "register_weight_reader",
@@ -83,7 +84,8 @@ class LayerReport:
     relative_error: float | None
     seconds: float
     reason: str | None = None
-    output_error: float | None = None  # relative, on the calibration inputs (when calibrated)
+    output_error: float | None = None  # relative, on error_data's inputs
+    error_data: str | None = None  # "calibration" or "held-out": what output_error used
 
     @property
     def converted(self) -> bool:
@@ -103,6 +105,7 @@ class ConversionReport:
     layers: list[LayerReport] = field(default_factory=list)
     model_params_before: int = 0
     model_params_after: int = 0
+    propagation: Any = None  # a propagate.PropagationReport when propagate=True
 
     @property
     def converted(self) -> list[LayerReport]:
@@ -150,7 +153,8 @@ class ConversionReport:
             return "-" if value is None else f"{value:.4f}"
 
         header = ["layer", "kind", "in", "out", "rank", "params", "after", "rel.err"]
-        header += ["out.err"] if calibrated else []
+        data = next((x.error_data for x in self.layers if x.error_data), "calibration")
+        header += [f"out.err ({data})"] if calibrated else []
         header += ["s", "note"]
         rows = [header]
         for layer in self.layers:
@@ -271,6 +275,9 @@ def convert_model(
     calibration: Iterable[Any] | None = None,
     budget: float | None = None,
     allocation: str = "minimax",
+    ranks: Mapping[str, int | None] | None = None,
+    propagate: bool = False,
+    eval_batches: Iterable[Any] | None = None,
     progress: bool = False,
 ) -> ConversionReport:
     """Replace ``nn.Linear`` modules of ``model`` by low-rank layers, in place.
@@ -318,7 +325,18 @@ def convert_model(
             layers' weight parameters over the whole model, choosing each layer's rank from
             its spectrum (whitened when calibrated) with :func:`allocate_ranks`.
         allocation: how ``budget`` is shared: ``"minimax"`` (the same relative error for
-            every layer) or ``"greedy"`` (see :func:`allocate_ranks`).
+            every layer) or ``"greedy"`` (see :func:`allocate_ranks`). For the loss-aware
+            allocation, pass its plan as ``ranks`` (:func:`~lowrank_layers.compress` does).
+        ranks: instead of a rank policy, each layer's rank by name, ``None`` keeping that
+            layer dense (the plan of :func:`~lowrank_layers.allocate.loss_aware_ranks`).
+            Matched layers missing from it stay dense, with that reason.
+        propagate: with calibration batches, convert the layers in forward order, each
+            for the inputs the already-converted layers feed it
+            (:mod:`~lowrank_layers.propagate`): errors are corrected instead of compounded.
+            The batches must be a list (they run several times).
+        eval_batches: held-out batches; the report's output error is then measured on
+            them (``LayerReport.error_data == "held-out"``) rather than on the calibration
+            data, which a layer can fit exactly when it saw few tokens.
         seed: with ``method="randomized"``, each layer's sketch is drawn from a generator
             seeded by :func:`layer_seed` ``(seed, name)``: results do not depend on the
             order or subset of layers converted, and ``convert_checkpoint`` with the same
@@ -351,43 +369,52 @@ def convert_model(
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
     policy = rank_policy(rank, rank_ratio, energy, param_ratio)
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    given = [k for k, v in (("budget", budget), ("ranks", ranks)) if v is not None]
+    if len(given) == 2 or (given and policy):
+        values = {"budget": budget, "ranks": "{...}", **policy}
+        got = " and ".join(f"{k}={values[k]}" for k in [*given, *policy])
+        raise ValueError(
+            f"budget and ranks replace the rank policy: give one of the three, got {got}"
+        )
     if budget is not None:
         _check_fraction("budget", budget)
-        if policy:
-            raise ValueError(
-                "budget replaces the rank policy: give one or the other, got budget="
-                f"{budget} and {', '.join(f'{k}={v}' for k, v in policy.items())}"
-            )
+    elif ranks is not None:
+        if not isinstance(ranks, Mapping):
+            raise TypeError(f"ranks must be a mapping {{name: rank or None}}, got {ranks!r}")
     else:
         resolve_rank(1 << 20, 1 << 20, **policy)  # validates "exactly one" and the ranges
-    if layer == "adaptive" and (calibration is not None or budget is not None):
+    if layer == "adaptive" and (
+        calibration is not None or budget is not None or propagate or ranks is not None
+    ):
         raise ValueError(
-            "calibration and budget apply to layer='lowrank' or 'dynamic'; an adaptive "
-            "layer is factorized later, by switch_to_lowrank"
+            "calibration, budget, ranks and propagate apply to layer='lowrank' or 'dynamic'; "
+            "an adaptive layer is factorized later, by switch_to_lowrank"
+        )
+    if propagate and (calibration is None or isinstance(calibration, Mapping)):
+        raise ValueError(
+            "propagate=True needs calibration batches (a list the model takes), not "
+            f"{'nothing' if calibration is None else 'precomputed statistics'}"
         )
 
-    def selected(fqn: str, module: nn.Module) -> bool:
-        linear_like = isinstance(module, (nn.Linear, *LOWRANK_TYPES))
-        if not linear_like and ((include is None and filter_fn is None) or not _has_matrix(module)):
-            return False
-        if include is not None and not name_matches(fqn, include):
-            return False
-        if exclude is not None and name_matches(fqn, exclude):
-            return False
-        return filter_fn is None or bool(filter_fn(module, fqn))
-
-    candidates = [(fqn, m) for fqn, m in model.named_modules() if fqn and selected(fqn, m)]
-    if not candidates:
-        raise ValueError(
-            f"convert_model: no module of {type(model).__name__} matched (include={include!r}, "
-            f"exclude={exclude!r}, filter_fn={getattr(filter_fn, '__name__', filter_fn)!r})"
-        )
+    candidates = _candidates(model, include, exclude, filter_fn)
     holders = _parents(model)
     owners = _weight_owners(model)
     report = ConversionReport(model_params_before=_count(model))
     eligible = {
         fqn: m for fqn, m in candidates if _structural_reason(fqn, m, holders, owners) is None
     }
+    if ranks is not None:
+        unknown = sorted(set(ranks) - {fqn for fqn, _ in candidates})
+        if unknown:
+            raise ValueError(
+                f"ranks names {len(unknown)} modules that are not matched layers: "
+                f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"
+            )
+    eval_covs: dict[str, torch.Tensor] = {}
+    if eval_batches is not None and eligible:
+        held_out = collect_input_stats(model, eval_batches, eligible)
+        eval_covs = {name: s.covariance for name, s in held_out.items() if s.tokens}
     covariances: dict[str, torch.Tensor] = {}
     if isinstance(calibration, Mapping):  # statistics collected beforehand
         covariances = {
@@ -395,25 +422,13 @@ def convert_model(
             for name, s in calibration.items()
             if name in eligible and (not isinstance(s, InputStats) or s.tokens)
         }
-    elif calibration is not None and eligible:
+    elif calibration is not None and eligible and not propagate:
         stats = collect_input_stats(model, calibration, eligible)
         covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
-    if calibration is not None and eligible:
-        missing = [name for name in eligible if name not in covariances]
-        if len(missing) == len(eligible):
-            raise ValueError(
-                "convert_model: the calibration reached none of the layers to convert (a "
-                "batch the model does not use, or statistics keyed by other names)"
-            )
-        if missing:
-            warnings.warn(
-                f"convert_model: no calibration input reached {len(missing)} layers "
-                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they are "
-                "factorized without it",
-                UserWarning,
-                stacklevel=2,
-            )
+    if calibration is not None and eligible and not propagate:
+        _check_reached(eligible, covariances)
     layer_policy: dict[str, dict[str, Any]] = {}
+    dense_reason: dict[str, str] = {}
     if budget is not None:
         spectra = {
             fqn: truncated_spectrum(
@@ -422,33 +437,66 @@ def convert_model(
             for fqn, m in eligible.items()
             if m.in_features * m.out_features > threshold**2
         }
-        ranks = allocate_ranks(
+        allocated = allocate_ranks(
             {f: (s, eligible[f].out_features, eligible[f].in_features) for f, s in spectra.items()},
             budget,
             balance=balance != "none",
             strategy=allocation,
         )
-        layer_policy = {f: {"rank": r} for f, r in ranks.items()}
+        layer_policy = {f: {"rank": r} for f, r in allocated.items()}
+    elif ranks is not None:
+        for fqn in eligible:
+            r = ranks.get(fqn)
+            if r is not None:
+                layer_policy[fqn] = {"rank": r}
+            else:
+                dense_reason[fqn] = (
+                    "kept dense by the rank plan" if fqn in ranks else "not in the rank plan"
+                )
+    entries: dict[str, LayerReport] = {}
+
+    def convert_one(fqn: str, module: nn.Module, stats: Any = None) -> None:
+        start = time.perf_counter()
+        if fqn in dense_reason:
+            entry = _skip(fqn, module, dense_reason[fqn])
+        else:
+            layer_pol = policy if budget is None and ranks is None else layer_policy.get(fqn, {})
+            cov = covariances.get(fqn) if stats is None else stats.input_cov
+            entry = _convert_one(
+                fqn,
+                module,
+                holders,
+                owners,
+                layer,
+                layer_pol,
+                threshold,
+                method,
+                balance,
+                seed,
+                cov,
+                cross_cov=None if stats is None else stats.cross_cov,
+                target_cov=None if stats is None else stats.target_cov,
+                eval_cov=eval_covs.get(fqn),
+            )
+        entry.seconds = time.perf_counter() - start
+        entries[fqn] = entry
+
+    propagation = None
+    if propagate and eligible:
+        from .propagate import convert_propagated
+
+        batches = calibration if isinstance(calibration, Sequence) else list(calibration)
+        todo = {f: m for f, m in eligible.items() if f not in dense_reason}
+        propagation = convert_propagated(model, batches, todo, convert_one, progress=progress)
+        _check_reached(todo, dict.fromkeys(entries))
     iterator: Iterable[tuple[str, nn.Module]] = candidates
-    if progress:
+    if progress and not propagate:
         iterator = _progress(candidates)
     for fqn, module in iterator:
-        start = time.perf_counter()
-        entry = _convert_one(
-            fqn,
-            module,
-            holders,
-            owners,
-            layer,
-            layer_policy.get(fqn, policy) if budget is None or fqn in layer_policy else {},
-            threshold,
-            method,
-            balance,
-            seed,
-            covariances.get(fqn),
-        )
-        entry.seconds = time.perf_counter() - start
-        report.layers.append(entry)
+        if fqn not in entries:
+            convert_one(fqn, module)
+        report.layers.append(entries[fqn])
+    report.propagation = propagation
     report.model_params_after = _count(model)
     if not report.converted:
         examples = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
@@ -462,18 +510,36 @@ def convert_model(
     return report
 
 
+def _check_reached(eligible: Mapping[str, nn.Module], reached: Mapping[str, Any]) -> None:
+    """Raise when the calibration reached no layer, warn when it missed some."""
+    missing = [name for name in eligible if name not in reached]
+    if eligible and len(missing) == len(eligible):
+        raise ValueError(
+            "convert_model: the calibration reached none of the layers to convert (a "
+            "batch the model does not use, or statistics keyed by other names)"
+        )
+    if missing:
+        warnings.warn(
+            f"convert_model: no calibration input reached {len(missing)} layers "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); they are "
+            "factorized without it",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def _count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _progress(items: list) -> Iterable:
+def _progress(items: list, desc: str = "converting", unit: str = "layer") -> Iterable:
     try:
         from tqdm.auto import tqdm
     except ImportError as exc:
         raise ImportError(
             "progress=True needs tqdm: pip install 'lowrank-layers[progress]'"
         ) from exc
-    return tqdm(items, desc="converting", unit="layer")
+    return tqdm(items, desc=desc, unit=unit)
 
 
 def _skip(fqn: str, module: nn.Module, reason: str) -> LayerReport:
@@ -519,6 +585,55 @@ def _structural_reason(
     return None
 
 
+def _candidates(
+    model: nn.Module,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+) -> list[tuple[str, nn.Module]]:
+    """The matched modules, in ``named_modules`` order; a ValueError when none matched."""
+
+    def selected(fqn: str, module: nn.Module) -> bool:
+        linear_like = isinstance(module, (nn.Linear, *LOWRANK_TYPES))
+        if not linear_like and ((include is None and filter_fn is None) or not _has_matrix(module)):
+            return False
+        if include is not None and not name_matches(fqn, include):
+            return False
+        if exclude is not None and name_matches(fqn, exclude):
+            return False
+        return filter_fn is None or bool(filter_fn(module, fqn))
+
+    candidates = [(fqn, m) for fqn, m in model.named_modules() if fqn and selected(fqn, m)]
+    if not candidates:
+        raise ValueError(
+            f"convert_model: no module of {type(model).__name__} matched (include={include!r}, "
+            f"exclude={exclude!r}, filter_fn={getattr(filter_fn, '__name__', filter_fn)!r})"
+        )
+    return candidates
+
+
+def convertible_layers(
+    model: nn.Module,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+) -> dict[str, nn.Linear]:
+    """The layers :func:`convert_model` would factorize with this selection: matched, and
+    free of structural obstacles (tied or shared weights, a parent reading ``.weight``,
+    subclasses, meta tensors). Sizes and ranks are not checked here."""
+    _check_patterns("include", include)
+    _check_patterns("exclude", exclude)
+    candidates = _candidates(model, include, exclude, filter_fn)
+    holders = _parents(model)
+    owners = _weight_owners(model)
+    return {
+        fqn: m  # type: ignore[misc]
+        for fqn, m in candidates
+        if _structural_reason(fqn, m, holders, owners) is None
+    }
+
+
 def _convert_one(
     fqn: str,
     module: nn.Module,
@@ -531,6 +646,10 @@ def _convert_one(
     balance: Balance,
     seed: int,
     input_cov: torch.Tensor | None = None,
+    *,
+    cross_cov: torch.Tensor | None = None,
+    target_cov: torch.Tensor | None = None,
+    eval_cov: torch.Tensor | None = None,
 ) -> LayerReport:
     reason = _structural_reason(fqn, module, holders, owners)
     if reason is not None:
@@ -541,7 +660,7 @@ def _convert_one(
     if reason is not None:
         return _skip(fqn, module, reason)
 
-    out_error = None
+    out_error, error_data = None, None
     if layer == "adaptive":
         new: nn.Module = AdaptiveLowRankLinear.from_linear(module, balance=balance, **policy)
         rank, error = planned, None
@@ -558,6 +677,7 @@ def _convert_one(
             method=method,
             balance=balance,
             input_cov=input_cov,
+            cross_cov=cross_cov,
             generator=generator,
             **policy,
         )
@@ -567,8 +687,13 @@ def _convert_one(
             return _skip(fqn, module, break_even_reason(rank))
         error = relative_error(module.weight, factors)
         after = factor_parameters(out_f, in_f, rank, balance=factors.D is not None)
-        if input_cov is not None:
-            out_error = output_error(module.weight, factors, input_cov)
+        if eval_cov is not None:
+            out_error, error_data = output_error(module.weight, factors, eval_cov), "held-out"
+        elif input_cov is not None:
+            out_error = output_error(
+                module.weight, factors, input_cov, cross_cov=cross_cov, target_cov=target_cov
+            )
+            error_data = "calibration"
     new.train(module.training)
     if not module.weight.requires_grad:
         for p in new.parameters():
@@ -586,6 +711,7 @@ def _convert_one(
         relative_error=error,
         seconds=0.0,
         output_error=out_error,
+        error_data=error_data,
     )
 
 

@@ -1,0 +1,186 @@
+"""The best conversion of a pretrained model in one call: :func:`compress`.
+
+The stages, each usable on its own:
+
+1. loss-aware allocation (:mod:`~lowrank_layers.allocate`): one gradient pass estimates
+   what each layer costs the model's output at every rank; the budget is solved exactly,
+   and layers may stay dense;
+2. propagated conversion (:mod:`~lowrank_layers.propagate`): layers factorized in forward
+   order for the inputs the converted layers before them really produce;
+3. healing (:mod:`~lowrank_layers.heal`, optional): a short distillation towards the
+   original model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .allocate import collect_sensitivity, loss_aware_ranks
+from .convert import ConversionReport, convert_model, convertible_layers
+from .factorize import _check_choice, _check_fraction
+
+__all__ = ["CompressionReport", "compress"]
+
+ALLOCATIONS: tuple[str, ...] = ("loss", "uniform")
+
+
+@dataclass
+class CompressionReport:
+    """What :func:`compress` did.
+
+    Attributes:
+        conversion: the layer-by-layer :class:`~lowrank_layers.ConversionReport`.
+        plan: the loss-aware plan, ``{layer: rank or None (dense)}``, when allocated.
+        heal: the :class:`~lowrank_layers.heal.HealReport`, when healed.
+        seconds: wall time per stage (``"allocation"``, ``"conversion"``, ``"heal"``).
+    """
+
+    conversion: ConversionReport
+    plan: dict[str, int | None] | None = None
+    heal: Any = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [str(self.conversion)]
+        if self.plan is not None:
+            dense = sum(1 for r in self.plan.values() if r is None)
+            lines.append(f"loss-aware plan: {dense} of {len(self.plan)} layers kept dense")
+        if self.heal is not None:
+            lines.append(str(self.heal))
+        lines.append("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def compress(
+    model: nn.Module,
+    calibration: Sequence[Any],
+    *,
+    budget: float = 0.8,
+    allocation: str = "loss",
+    propagate: bool = True,
+    sensitivity_batches: int | None = 4,
+    objective: str = "auto",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    eval_batches: Sequence[Any] | None = None,
+    heal_steps: int | None = None,
+    heal_seconds: float | None = None,
+    heal_batches: Sequence[Any] | None = None,
+    heal_mode: str = "end_to_end",
+    heal_lr: float = 1e-4,
+    teacher: nn.Module | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> CompressionReport:
+    """Convert ``model`` in place to keep ``budget`` of its Linear parameters, at the best
+    quality this library knows: loss-aware ranks, propagated whitening, optional healing.
+
+    Args:
+        model: a pretrained model, changed in place.
+        calibration: a list of batches the model takes (``model(**b)`` for a dict, see
+            :func:`~lowrank_layers.calibrate.run_batch`); an ``attention_mask`` in a dict
+            batch keeps padding out.
+        budget: the fraction (0, 1] of the converted layers' weight parameters kept.
+        allocation: ``"loss"`` (each layer's rank from its estimated effect on the output;
+            layers may stay dense) or ``"uniform"`` (``param_ratio=budget`` everywhere).
+        propagate: factorize each layer for the inputs of the partially converted model.
+        sensitivity_batches: how many of the calibration batches the gradient pass of the
+            loss-aware allocation uses (None: all); it costs about three forward passes
+            per batch.
+        objective: the output the allocation and healing protect: ``"kl"`` (next-token
+            distribution), ``"mse"`` / ``"cosine"`` (hidden states) or ``"auto"`` (``"kl"``
+            when the model returns ``logits``).
+        include, exclude, filter_fn: which layers, as :func:`~lowrank_layers.convert_model`.
+        eval_batches: held-out batches for the report's output errors and the healing's
+            before/after metric; never the calibration data.
+        heal_steps, heal_seconds: heal (distil towards the original) for this many steps
+            and/or seconds; neither: no healing.
+        heal_batches: the healing data (default: the calibration batches).
+        heal_mode: ``"end_to_end"`` or ``"blockwise"`` (see :func:`~lowrank_layers.heal.heal`).
+        heal_lr: the healing learning rate.
+        teacher: the original model for healing; by default a deep copy taken before
+            conversion (one more model in memory while healing).
+        seed: seeds the allocation's sampled probes, the sketches and the healing.
+        progress: tqdm bars.
+
+    Returns:
+        A :class:`CompressionReport`.
+
+    Raises:
+        ValueError: a bad option, or calibration that yields no tokens; the model is then
+            unchanged.
+
+    Example:
+        >>> import torch
+        >>> model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+        >>> batches = [torch.randn(64, 32, generator=torch.Generator().manual_seed(i))
+        ...            for i in range(4)]
+        >>> report = compress(model, batches, budget=0.6)
+        >>> report.conversion.params_after <= 0.6 * (32 * 64 * 2)
+        True
+    """
+    _check_fraction("budget", budget)
+    _check_choice("allocation", allocation, ALLOCATIONS)
+    if not isinstance(calibration, Sequence) or len(calibration) == 0:
+        raise ValueError(
+            "compress: calibration must be a non-empty list of batches, got "
+            f"{type(calibration).__name__}"
+        )
+    healing = heal_steps is not None or heal_seconds is not None
+    seconds: dict[str, float] = {}
+    if healing and teacher is None:
+        teacher = copy.deepcopy(model)
+    layers = convertible_layers(model, include=include, exclude=exclude, filter_fn=filter_fn)
+    plan = None
+    policy: dict[str, Any]
+    if allocation == "loss":
+        start = time.perf_counter()
+        subset = calibration if sensitivity_batches is None else calibration[:sensitivity_batches]
+        probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
+        sens = collect_sensitivity(model, subset, layers, objective=probe, seed=seed)
+        plan, _ = loss_aware_ranks(layers, sens, budget)
+        seconds["allocation"] = time.perf_counter() - start
+        policy = {"ranks": plan}
+    else:
+        policy = {"param_ratio": budget}
+    start = time.perf_counter()
+    conversion = convert_model(
+        model,
+        include=include,
+        exclude=exclude,
+        filter_fn=filter_fn,
+        calibration=calibration,
+        propagate=propagate,
+        eval_batches=eval_batches,
+        seed=seed,
+        progress=progress,
+        **policy,
+    )
+    seconds["conversion"] = time.perf_counter() - start
+    result = CompressionReport(conversion, plan, None, seconds)
+    if healing:
+        from .heal import heal
+
+        start = time.perf_counter()
+        result.heal = heal(
+            model,
+            teacher,  # type: ignore[arg-type]
+            heal_batches if heal_batches is not None else calibration,
+            objective=objective,
+            mode=heal_mode,
+            steps=heal_steps,
+            seconds=heal_seconds,
+            lr=heal_lr,
+            eval_batches=eval_batches,
+            seed=seed,
+            progress=progress,
+        )
+        seconds["heal"] = time.perf_counter() - start
+    return result

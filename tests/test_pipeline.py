@@ -1,0 +1,113 @@
+"""compress: the stages together, on a tiny causal LM and a plain model."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lowrank_layers import LowRankLinear, compress
+
+
+def tiny_llama(seed: int = 0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def token_batches(n: int, gen: torch.Generator, length: int = 32) -> list[dict]:
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (4, length), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
+def linear_params(report) -> tuple[int, int]:
+    """(weights kept, weights before) over the layers the conversion considered."""
+    before = sum(layer.params_before for layer in report.layers)
+    after = sum(layer.params_after for layer in report.layers)
+    return after, before
+
+
+def test_compress_keeps_the_budget_and_reports_every_stage(gen):
+    model = tiny_llama()
+    calib, held_out = token_batches(8, gen), token_batches(2, gen)
+    report = compress(model, calib, budget=0.6, exclude=["lm_head"], eval_batches=held_out)
+    after, before = linear_params(report.conversion)
+    assert after <= 0.6 * before
+    assert set(report.seconds) == {"allocation", "conversion"}
+    assert report.plan is not None and len(report.plan) == 21
+    assert report.conversion.propagation.container == "model.layers"
+    converted = report.conversion.converted
+    assert converted and all(layer.error_data == "held-out" for layer in converted)
+    dense = [n for n, r in report.plan.items() if r is None]
+    for name in dense:
+        assert isinstance(model.get_submodule(name), nn.Linear)
+        assert "kept dense by the rank plan" in next(
+            x.reason for x in report.conversion.layers if x.name == name
+        )
+    assert "loss-aware plan" in str(report) and "allocation" in str(report)
+
+
+def test_loss_aware_allocation_beats_uniform_on_the_kl(gen):
+    """On the calibration objective itself (KL to the original), the loss-aware plan does
+    better than a uniform ratio at the same budget."""
+    model = tiny_llama(seed=1)
+    calib, held_out = token_batches(16, gen), token_batches(4, gen)
+
+    def kl(m: nn.Module) -> float:
+        total = 0.0
+        with torch.no_grad():
+            for b in held_out:
+                p = torch.log_softmax(model(**b).logits, -1)
+                q = torch.log_softmax(m(**b).logits, -1)
+                total += float((p.exp() * (p - q)).sum(-1).mean())
+        return total / len(held_out)
+
+    uniform, aware = copy.deepcopy(model), copy.deepcopy(model)
+    compress(uniform, calib, budget=0.7, allocation="uniform", exclude=["lm_head"])
+    compress(aware, calib, budget=0.7, exclude=["lm_head"], sensitivity_batches=None)
+    assert kl(aware) < kl(uniform)
+
+
+def test_compress_heals(gen):
+    model = tiny_llama(seed=2)
+    calib, held_out = token_batches(8, gen), token_batches(2, gen)
+    report = compress(
+        model, calib, budget=0.5, allocation="uniform", exclude=["lm_head"],
+        eval_batches=held_out, heal_steps=30, heal_lr=3e-3,
+    )  # fmt: skip
+    assert report.heal is not None and report.heal.steps == 30
+    assert report.heal.after < report.heal.before
+    assert "heal" in report.seconds
+
+
+def test_compress_errors_leave_the_model_unchanged(gen):
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    state = copy.deepcopy(model.state_dict())
+    x = [torch.randn(64, 16, generator=gen)]
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1\.5"):
+        compress(model, x, budget=1.5)
+    with pytest.raises(ValueError, match=r"allocation must be one of 'loss', 'uniform'"):
+        compress(model, x, allocation="greedy")
+    with pytest.raises(ValueError, match=r"calibration must be a non-empty list of batches"):
+        compress(model, [])
+    with pytest.raises(ValueError, match=r"budget=0\.02 keeps .* but the smallest candidate"):
+        compress(model, x, budget=0.02)
+    llama = tiny_llama()
+    llama_state = copy.deepcopy(llama.state_dict())
+    ids = torch.randint(0, 64, (2, 8), generator=gen)
+    masked = [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}]
+    with pytest.raises(ValueError, match=r"no token reached the layers"):
+        compress(llama, masked)
+    with pytest.raises(ValueError, match=r"yielded no tokens"):
+        compress(llama, masked, allocation="uniform")
+    assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.GELU))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, LowRankLinear) for m in llama.modules())
+    assert all(torch.equal(llama_state[k], v) for k, v in llama.state_dict().items())
