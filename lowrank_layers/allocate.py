@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import main_output, model_kwargs
+from .blocks import main_output, model_kwargs, padding_mask
 from .calibrate import run_batch
 from .factorize import _check_choice, _check_fraction, factor_parameters, whitening_factor
 from .propagate import _tokens
@@ -67,6 +67,7 @@ def collect_sensitivity(
     modules: Mapping[str, nn.Module] | None = None,
     *,
     objective: str = "auto",
+    grad_tokens: int = 512,
     seed: int = 0,
 ) -> dict[str, Sensitivity]:
     """One forward and backward pass per batch: each layer's ``E[x xᵀ]`` and ``E[g gᵀ]``.
@@ -81,7 +82,11 @@ def collect_sensitivity(
         objective: ``"kl"`` (targets sampled from the model's own prediction), ``"mse"``
             (a Gaussian probe of the main output) or ``"auto"`` (``"kl"`` when the output
             has ``logits``).
-        seed: seeds the sampled targets or probes.
+        grad_tokens: at most this many tokens per batch (a seeded random subset, the same
+            for every layer) enter ``E[g gᵀ]``: its ``out x out`` Gram matrices cost more
+            than the backward pass itself, and tokens of one sequence carry correlated
+            gradients. ``E[x xᵀ]`` uses every token.
+        seed: seeds the sampled targets or probes and the token subset.
 
     Returns:
         ``{name: Sensitivity}`` for every layer some token reached.
@@ -100,18 +105,26 @@ def collect_sensitivity(
     acc_c: dict[str, torch.Tensor] = {}
     acc_g: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+    grad_counts: dict[str, int] = {}
     outputs: list[tuple[str, torch.Tensor]] = []
     mask_now: list[torch.Tensor | None] = [None]
 
+    cache: dict[str, Any] = {}  # the last input and its Gram: q/k/v share one GEMM
+
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            x = _tokens(args[0], mask_now[0])
-            gram = (x.mT @ x).to(torch.float64)
+            x_in = args[0]
+            if cache.get("input") is x_in and cache.get("version") == x_in._version:
+                gram, tokens = cache["gram"], cache["tokens"]
+            else:
+                x = _tokens(x_in, mask_now[0])
+                gram, tokens = (x.mT @ x).to(torch.float64), x.shape[0]
+                cache.update(input=x_in, version=x_in._version, gram=gram, tokens=tokens)
             if name in acc_c:
                 acc_c[name] += gram
             else:
                 acc_c[name] = gram
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            counts[name] = counts.get(name, 0) + tokens
             if out.requires_grad:
                 outputs.append((name, out))
 
@@ -128,26 +141,34 @@ def collect_sensitivity(
         for p in grads_needed:
             p.requires_grad_(True)
         for batch in batches:
-            mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            mask_now[0] = mask if isinstance(mask, torch.Tensor) else None
+            mask_now[0] = padding_mask(batch)
             outputs.clear()
+            cache.clear()
             with torch.enable_grad():
                 out = run_batch(model, model_kwargs(model, batch))
                 loss = _probe_loss(out, objective, mask_now[0], gen)
                 if not outputs:
                     continue
                 grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
+            pick = None
             for (name, _), g in zip(outputs, grads, strict=True):
                 if g is None:
                     continue
                 g = _tokens(g, mask_now[0])
+                if pick is None:  # the same tokens for every layer of this batch
+                    n = g.shape[0]
+                    pick = torch.randperm(n, generator=gen)[: min(n, grad_tokens)].sort().values
+                g = g[pick.to(g.device)] if pick.numel() < g.shape[0] else g
                 gram = (g.mT @ g).to(torch.float64)
                 if name in acc_g:
                     acc_g[name] += gram
                 else:
                     acc_g[name] = gram
+                grad_counts[name] = grad_counts.get(name, 0) + g.shape[0]
             outputs.clear()
+            cache.clear()
     finally:
+        cache.clear()
         for h in handles:
             h.remove()
         for p, flag in zip(grads_needed, flags, strict=True):
@@ -156,7 +177,7 @@ def collect_sensitivity(
             m.training = mode
         outputs.clear()
     result = {
-        n: Sensitivity(acc_c[n] / counts[n], acc_g[n] / counts[n], counts[n])
+        n: Sensitivity(acc_c[n] / counts[n], acc_g[n] / grad_counts[n], counts[n])
         for n in modules
         if counts.get(n) and n in acc_g
     }
@@ -183,9 +204,11 @@ def _probe_loss(
         keep = mask.to(device=y.device, dtype=y.dtype)
     if objective == "kl":
         logp = torch.log_softmax(y.float(), dim=-1)
-        with torch.no_grad():
-            probs = logp.exp().reshape(-1, logp.shape[-1]).cpu()
-            target = torch.multinomial(probs, 1, generator=gen).reshape(logp.shape[:-1])
+        with torch.no_grad():  # inverse-CDF sampling: far faster than torch.multinomial
+            cdf = logp.detach().exp().reshape(-1, logp.shape[-1]).cumsum(-1).cpu()
+            u = torch.rand(cdf.shape[0], 1, generator=gen, dtype=cdf.dtype) * cdf[:, -1:]
+            target = torch.searchsorted(cdf, u).clamp_max(cdf.shape[-1] - 1)
+            target = target.reshape(logp.shape[:-1])
         nll = -logp.gather(-1, target.to(logp.device)[..., None])[..., 0]
         return (nll * keep).sum() if keep is not None else nll.sum()
     z = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
@@ -216,12 +239,20 @@ def rank_options(
     Candidates: the largest rank within each ``param_ratio`` of ``grid`` (default 0.05,
     0.10, ..., 0.95) that saves parameters, and "keep dense" (cost ``out·in``, loss 0).
     """
-    W = weight.detach().to(torch.float64)
+    W = weight.detach().float()
     out_f, in_f = W.shape
     L = whitening_factor(sensitivity.input_cov, in_f)
-    U, S, _ = torch.linalg.svd(W @ L, full_matrices=False)
-    G = sensitivity.grad_cov.to(torch.float64)
-    weight_i = S.square() * ((G @ U) * U).sum(0)  # σᵢ²·uᵢᵀ G uᵢ
+    # σᵢ² and the singular vectors from the smaller Gram matrix of A = W·L, in float32:
+    # ample for an estimate, and several times faster than a float64 SVD
+    A = W @ L.float()
+    G = sensitivity.grad_cov.float()
+    if out_f <= in_f:  # A·Aᵀ = U·Σ²·Uᵀ:  σᵢ²·uᵢᵀ G uᵢ
+        lam, U = torch.linalg.eigh(A @ A.mT)
+        weight_i = lam.clamp_min(0) * ((G @ U) * U).sum(0)
+    else:  # AᵀA = V·Σ²·Vᵀ, A·vᵢ = σᵢ·uᵢ:  σᵢ²·uᵢᵀ G uᵢ = vᵢᵀ·(Aᵀ G A)·vᵢ
+        _, V = torch.linalg.eigh(A.mT @ A)
+        weight_i = ((A.mT @ G @ A @ V) * V).sum(0)
+    weight_i = torch.flip(weight_i, [0]).clamp_min(0).to(torch.float64)  # descending σ
     tail = torch.flip(torch.cumsum(torch.flip(weight_i, [0]), 0), [0])  # tail[r] = Σ_{i>=r}
     tail = torch.cat([tail, tail.new_zeros(1)])
     grid = [k / 20 for k in range(1, 20)] if grid is None else list(grid)

@@ -27,7 +27,14 @@ from torch import nn
 
 from .calibrate import run_batch
 
-__all__ = ["BlockChain", "capture_chain", "find_blocks", "main_output", "model_kwargs"]
+__all__ = [
+    "BlockChain",
+    "capture_chain",
+    "find_blocks",
+    "main_output",
+    "model_kwargs",
+    "padding_mask",
+]
 
 
 class _Stop(Exception):
@@ -57,6 +64,15 @@ def main_output(outputs: Any) -> torch.Tensor:
             "tuple starting with one, or an object with .logits or .last_hidden_state"
         )
     return first
+
+
+def padding_mask(batch: Any) -> torch.Tensor | None:
+    """A mapping batch's ``attention_mask`` (``0`` = padding), or None when it has none or
+    masks nothing (so callers skip the token selection)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or bool(mask.all()):
+        return None
+    return mask
 
 
 def model_kwargs(model: nn.Module, batch: Any) -> Any:
@@ -186,8 +202,7 @@ def capture_chain(
                         f"the first block ({container}.0) ran {len(captured) - n} times for one "
                         "batch; block-by-block processing needs exactly one call per batch"
                     )
-                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-                masks.append(mask if isinstance(mask, torch.Tensor) else None)
+                masks.append(padding_mask(batch))
     finally:
         h1.remove()
         h2.remove()

@@ -49,6 +49,7 @@ def _typed(convert, accept, allowed: str):
 _fraction = _typed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 _positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _typed(float, lambda v: v > 0.0, "a number > 0")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -75,7 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--budget",
         type=_fraction,
         help="keep at most this fraction of all converted weights, ranks chosen per layer "
-        "from the spectra (needs a transformers model folder as SRC)",
+        "(needs a transformers model folder as SRC; see --allocation)",
     )
     convert.add_argument("--method", choices=["svd", "randomized"], default="svd")
     convert.add_argument("--balance", choices=["none", "rownorm", "rowsum"], default="none")
@@ -95,6 +96,25 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--calib-docs", type=_positive_int, default=64)
     convert.add_argument("--calib-max-length", type=_positive_int, default=256)
+    convert.add_argument(
+        "--allocation",
+        choices=["loss", "uniform", "minimax", "greedy"],
+        help="how --budget is shared: 'loss' (default with --calibrate: ranks from each "
+        "layer's estimated effect on the output, layers may stay dense), 'uniform' (the same "
+        "ratio everywhere), 'minimax' / 'greedy' (from the spectra; the default without "
+        "--calibrate)",
+    )
+    convert.add_argument(
+        "--no-propagate",
+        action="store_true",
+        help="with --calibrate --budget: factorize every layer from the original model's "
+        "inputs instead of propagating through the converted layers",
+    )
+    convert.add_argument(
+        "--heal-steps", type=_positive_int, help="then distil towards the original this long"
+    )
+    convert.add_argument("--heal-seconds", type=_positive_float, help="or this many seconds")
+    convert.add_argument("--heal-mode", choices=["end_to_end", "blockwise"], default="end_to_end")
     convert.add_argument("--seed", type=int, default=0)
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -176,22 +196,53 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
     texts = None
     if args.calibrate is not None:
         texts = read_texts(args.calibrate, limit=args.calib_docs)
-    if args.budget is not None:
-        policy = {"budget": args.budget}
-    report = convert_pretrained(
-        args.src,
-        args.dst,
-        calibration_texts=texts,
-        max_length=args.calib_max_length,
-        overwrite=args.overwrite,
-        include=args.include,
-        exclude=args.exclude,
-        threshold=args.threshold,
-        method=args.method,
-        balance=args.balance,
-        seed=args.seed,
-        **policy,
-    )
+    allocation = args.allocation
+    if allocation is None:
+        allocation = "loss" if texts is not None else "minimax"
+    healing = args.heal_steps is not None or args.heal_seconds is not None
+    pipeline = args.budget is not None and allocation in ("loss", "uniform")
+    if (pipeline or healing or args.no_propagate) and texts is None:
+        raise UsageError(
+            "--allocation loss/uniform, --no-propagate and --heal-* need --calibrate TEXT"
+        )
+    if healing and not pipeline:
+        raise UsageError("--heal-steps / --heal-seconds need --budget with --allocation loss")
+    if args.allocation is not None and args.budget is None:
+        raise UsageError("--allocation applies to --budget")
+    common = {"include": args.include, "exclude": args.exclude, "seed": args.seed}
+    if pipeline:
+        report = convert_pretrained(
+            args.src,
+            args.dst,
+            calibration_texts=texts,
+            max_length=args.calib_max_length,
+            overwrite=args.overwrite,
+            compress_options={
+                "budget": args.budget,
+                "allocation": allocation,
+                "propagate": not args.no_propagate,
+                "heal_steps": args.heal_steps,
+                "heal_seconds": args.heal_seconds,
+                "heal_mode": args.heal_mode,
+                "progress": not args.no_progress and sys.stderr.isatty(),
+            },
+            **common,
+        )
+    else:
+        if args.budget is not None:
+            policy = {"budget": args.budget, "allocation": allocation}
+        report = convert_pretrained(
+            args.src,
+            args.dst,
+            calibration_texts=texts,
+            max_length=args.calib_max_length,
+            overwrite=args.overwrite,
+            threshold=args.threshold,
+            method=args.method,
+            balance=args.balance,
+            **common,
+            **policy,
+        )
     print(report)
     print(f"wrote {args.dst}")
 

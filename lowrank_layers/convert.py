@@ -475,7 +475,7 @@ def convert_model(
                 seed,
                 cov,
                 cross_cov=None if stats is None else stats.cross_cov,
-                target_cov=None if stats is None else stats.target_cov,
+                target_energy=None if stats is None else stats.target_energy,
                 eval_cov=eval_covs.get(fqn),
             )
         entry.seconds = time.perf_counter() - start
@@ -648,7 +648,7 @@ def _convert_one(
     input_cov: torch.Tensor | None = None,
     *,
     cross_cov: torch.Tensor | None = None,
-    target_cov: torch.Tensor | None = None,
+    target_energy: float | None = None,
     eval_cov: torch.Tensor | None = None,
 ) -> LayerReport:
     reason = _structural_reason(fqn, module, holders, owners)
@@ -691,7 +691,7 @@ def _convert_one(
             out_error, error_data = output_error(module.weight, factors, eval_cov), "held-out"
         elif input_cov is not None:
             out_error = output_error(
-                module.weight, factors, input_cov, cross_cov=cross_cov, target_cov=target_cov
+                module.weight, factors, input_cov, cross_cov=cross_cov, target_energy=target_energy
             )
             error_data = "calibration"
     new.train(module.training)

@@ -595,26 +595,25 @@ def output_error(
     input_cov: torch.Tensor,
     *,
     cross_cov: torch.Tensor | None = None,
-    target_cov: torch.Tensor | None = None,
+    target_energy: float | None = None,
 ) -> float:
     """Relative output error ``sqrt(E‖(W − Ŵ)x‖² / E‖Wx‖²)`` for inputs with ``E[x xᵀ] = C``.
 
     ``= sqrt(tr(E·C·Eᵀ) / tr(W·C·Wᵀ))`` with ``E = W − Ŵ``, in float64.
 
     Propagated (see :func:`factorize`'s ``cross_cov``): with ``cross_cov = E[x x̂ᵀ]`` and
-    ``target_cov = E[x xᵀ]`` (``input_cov`` being ``E[x̂ x̂ᵀ]``), the error is
-    ``sqrt(E‖W·x − Ŵ·x̂‖² / E‖W·x‖²)``: what the layer's output loses against the original
-    model's, its inputs' own drift included.
+    ``target_energy = E‖W·x‖²`` on the original inputs (``input_cov`` being ``E[x̂ x̂ᵀ]``),
+    the error is ``sqrt(E‖W·x − Ŵ·x̂‖² / E‖W·x‖²)``: what the layer's output loses against
+    the original model's, its inputs' own drift included.
     """
     W64 = W.detach().to(torch.float64)
     C = input_cov.detach().to(torch.float64)
     if cross_cov is not None:
-        if target_cov is None:
-            raise ValueError("output_error: cross_cov needs target_cov (E[x xᵀ])")
+        if target_energy is None:
+            raise ValueError("output_error: cross_cov needs target_energy (E‖W·x‖²)")
         What = factors.to(torch.float64).dense()
         M = cross_cov.detach().to(torch.float64)
-        T = target_cov.detach().to(torch.float64)
-        denom = float(((W64 @ T) * W64).sum())
+        denom = float(target_energy)
         num = denom - 2 * float(((W64 @ M) * What).sum()) + float(((What @ C) * What).sum())
         if denom <= 0.0:
             return max(num, 0.0) ** 0.5

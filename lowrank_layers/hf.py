@@ -17,6 +17,7 @@ from typing import Any
 
 from .checkpoint import SINGLE_FILE, _atomic_destination, save_lowrank
 from .convert import ConversionReport, convert_model
+from .pipeline import CompressionReport, compress
 
 __all__ = ["convert_pretrained", "read_texts", "text_batches"]
 
@@ -65,15 +66,20 @@ def convert_pretrained(
     calibration_texts: Sequence[str] | None = None,
     max_length: int = 256,
     overwrite: bool = False,
+    compress_options: dict[str, Any] | None = None,
     **convert_kwargs: Any,
-) -> ConversionReport:
-    """Load a transformers model folder, convert it with ``convert_model``, save it to ``dst``.
+) -> ConversionReport | CompressionReport:
+    """Load a transformers model folder, convert it, save it to ``dst``.
 
     ``calibration_texts`` (tokenized with the folder's tokenizer, ``max_length`` tokens
-    each) makes the conversion activation-aware; ``convert_kwargs`` go to
-    :func:`~lowrank_layers.convert_model` (a rank policy or ``budget=``, ``include``,
-    ``method``, ...). ``dst`` gets ``model.safetensors`` (see :func:`save_lowrank`) and
-    copies of the folder's other files except its weights; written atomically.
+    each) makes the conversion activation-aware. Without ``compress_options``,
+    ``convert_kwargs`` go to :func:`~lowrank_layers.convert_model` (a rank policy or
+    ``budget=``, ``include``, ``method``, ...). With them (a dict, possibly empty), the
+    model goes through :func:`~lowrank_layers.compress` (loss-aware allocation,
+    propagation, optional healing), with ``compress_options`` and ``convert_kwargs`` as its
+    keyword arguments; this needs ``calibration_texts``. ``dst`` gets ``model.safetensors``
+    (see :func:`save_lowrank`) and copies of the folder's other files except its weights;
+    written atomically.
     """
     try:
         import transformers
@@ -91,12 +97,19 @@ def convert_pretrained(
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = cls.from_pretrained(src).eval()
+    batches = None
     if calibration_texts is not None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-        convert_kwargs["calibration"] = text_batches(
-            tokenizer, calibration_texts, max_length=max_length
-        )
-    report = convert_model(model, **convert_kwargs)
+        batches = text_batches(tokenizer, calibration_texts, max_length=max_length)
+    report: ConversionReport | CompressionReport
+    if compress_options is not None:
+        if batches is None:
+            raise ValueError("compress_options need calibration_texts")
+        report = compress(model, batches, **compress_options, **convert_kwargs)
+    else:
+        if batches is not None:
+            convert_kwargs["calibration"] = batches
+        report = convert_model(model, **convert_kwargs)
     weights = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
     with _atomic_destination(dst, is_dir=True, overwrite=overwrite) as tmp:
         save_lowrank(model, tmp / SINGLE_FILE)

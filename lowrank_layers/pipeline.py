@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,38 @@ class CompressionReport:
         return "\n".join(lines)
 
 
+def _batch_tokens(batch: Any) -> int:
+    """Tokens in one batch: its unmasked ``attention_mask`` entries, else the leading
+    dimensions of its first tensor (``input_ids``: batch x length; features: all but the
+    last dimension)."""
+    import torch
+
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return int(mask.sum())
+        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, (tuple, list)):
+        batch = next((v for v in batch if isinstance(v, torch.Tensor)), None)
+    if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
+        return 1
+    if batch.is_floating_point():
+        return batch.numel() // max(1, batch.shape[-1])
+    return batch.numel()
+
+
+def _first_tokens(batches: Sequence[Any], tokens: int | None) -> Sequence[Any]:
+    """The shortest prefix of ``batches`` holding at least ``tokens`` tokens."""
+    if tokens is None:
+        return batches
+    total = 0
+    for i, batch in enumerate(batches):
+        total += _batch_tokens(batch)
+        if total >= tokens:
+            return batches[: i + 1]
+    return batches
+
+
 def compress(
     model: nn.Module,
     calibration: Sequence[Any],
@@ -64,7 +96,7 @@ def compress(
     budget: float = 0.8,
     allocation: str = "loss",
     propagate: bool = True,
-    sensitivity_batches: int | None = 4,
+    sensitivity_tokens: int | None = 2048,
     objective: str = "auto",
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -91,9 +123,10 @@ def compress(
         allocation: ``"loss"`` (each layer's rank from its estimated effect on the output;
             layers may stay dense) or ``"uniform"`` (``param_ratio=budget`` everywhere).
         propagate: factorize each layer for the inputs of the partially converted model.
-        sensitivity_batches: how many of the calibration batches the gradient pass of the
-            loss-aware allocation uses (None: all); it costs about three forward passes
-            per batch.
+        sensitivity_tokens: the gradient pass of the loss-aware allocation uses the first
+            calibration batches holding at least this many tokens (None: all of them); it
+            costs about three forward passes per batch. On SmolLM2, 2048 tokens gave 1.474x
+            the original's perplexity at 80% and 4096 gave 1.465x, for 30 s more.
         objective: the output the allocation and healing protect: ``"kl"`` (next-token
             distribution), ``"mse"`` / ``"cosine"`` (hidden states) or ``"auto"`` (``"kl"``
             when the model returns ``logits``).
@@ -142,7 +175,7 @@ def compress(
     policy: dict[str, Any]
     if allocation == "loss":
         start = time.perf_counter()
-        subset = calibration if sensitivity_batches is None else calibration[:sensitivity_batches]
+        subset = _first_tokens(calibration, sensitivity_tokens)
         probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
         sens = collect_sensitivity(model, subset, layers, objective=probe, seed=seed)
         plan, _ = loss_aware_ranks(layers, sens, budget)

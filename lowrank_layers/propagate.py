@@ -35,6 +35,7 @@ only ever touches one block); that is not implemented: the model is converted in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,13 +58,14 @@ class PropagatedStats:
     Attributes:
         input_cov: ``E[x̂ x̂ᵀ]``, the inputs of the partially converted model.
         cross_cov: ``E[x x̂ᵀ]`` (None when ``x̂ = x``, outside the propagation).
-        target_cov: ``E[x xᵀ]``, the original model's inputs.
+        target_energy: ``E‖W·x‖²``, the original layer's output energy on the original
+            inputs (None with ``cross_cov``); the denominator of the relative error.
         tokens: how many tokens were averaged.
     """
 
     input_cov: torch.Tensor
     cross_cov: torch.Tensor | None
-    target_cov: torch.Tensor
+    target_energy: float | None
     tokens: int
 
 
@@ -183,7 +185,7 @@ def convert_propagated(
         if stats is None:
             continue  # no input reached it: the caller factorizes it without statistics
         cov = stats.covariance
-        convert(name, layers[name], PropagatedStats(cov, None, cov, stats.tokens))
+        convert(name, layers[name], PropagatedStats(cov, None, None, stats.tokens))
     return PropagationReport(
         container=None if chain is None else chain.container,
         blocks=0 if chain is None else len(chain.blocks),
@@ -231,8 +233,21 @@ def _convert_block(
 
         return hook
 
+    energy: dict[str, float] = dict.fromkeys(layers, 0.0)  # Σ‖W·x‖² per layer
+
+    def output_energy(name: str):
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            y = out.detach()
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                y = y - bias.detach()
+            energy[name] += float(_tokens(y, mask_now[0]).double().square().sum())
+
+        return hook
+
     mask_now: list[torch.Tensor | None] = [None]
     handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    handles += [m.register_forward_hook(output_energy(n)) for n, m in layers.items()]
     nxt = []
     try:
         with torch.no_grad():
@@ -259,7 +274,7 @@ def _convert_block(
             X = torch.cat(inputs[g])
             cov = (X.mT @ X).to(torch.float64) / max(1, X.shape[0])
             for n in stages[g]:
-                convert(n, layers[n], PropagatedStats(cov, None, cov, X.shape[0]))
+                convert(n, layers[n], PropagatedStats(cov, None, None, X.shape[0]))
         _advance(chain, block, current)
         return nxt
 
@@ -269,7 +284,8 @@ def _convert_block(
         # every member is fed the same tensor: the first one's hook sees it for all
         stats = _stage_stats(chain, block, members[0], layers[members[0]], inputs.pop(g), current)
         for name in members:
-            convert(name, layers[name], stats)
+            n = max(1, stats.tokens)
+            convert(name, layers[name], dataclasses.replace(stats, target_energy=energy[name] / n))
             done.append(name)
     _advance(chain, block, current)
     return nxt
@@ -288,7 +304,6 @@ def _stage_stats(
     dev = inputs[0].device
     hat = torch.zeros(d, d, dtype=torch.float64, device=dev)
     cross = torch.zeros_like(hat)
-    target = torch.zeros_like(hat)
     count = 0
     b = 0
 
@@ -303,7 +318,6 @@ def _stage_stats(
             )
         hat.add_((xh.mT @ xh).to(torch.float64))
         cross.add_((x.mT @ xh).to(torch.float64))
-        target.add_((x.mT @ x).to(torch.float64))
         count += x.shape[0]
         raise _Stop
 
@@ -316,7 +330,7 @@ def _stage_stats(
     finally:
         handle.remove()
     n = max(1, count)
-    return PropagatedStats(hat / n, cross / n, target / n, count)
+    return PropagatedStats(hat / n, cross / n, None, count)
 
 
 def _advance(chain: BlockChain, block: nn.Module, current: list[torch.Tensor]) -> None:

@@ -71,7 +71,7 @@ def test_loss_aware_allocation_beats_uniform_on_the_kl(gen):
 
     uniform, aware = copy.deepcopy(model), copy.deepcopy(model)
     compress(uniform, calib, budget=0.7, allocation="uniform", exclude=["lm_head"])
-    compress(aware, calib, budget=0.7, exclude=["lm_head"], sensitivity_batches=None)
+    compress(aware, calib, budget=0.7, exclude=["lm_head"], sensitivity_tokens=None)
     assert kl(aware) < kl(uniform)
 
 

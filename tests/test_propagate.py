@@ -79,7 +79,7 @@ def test_cross_cov_solves_the_propagated_least_squares(gen):
         V += 1e-3 * torch.randn(V.shape, generator=gen, dtype=torch.float64)
         assert loss((U * S) @ V.mT) >= best - 1e-9
     # the report's output error is the same quantity, relative to ||W·X||
-    err = output_error(W, f, C, cross_cov=M, target_cov=T)
+    err = output_error(W, f, C, cross_cov=M, target_energy=float(torch.trace(W @ T @ W.mT)))
     assert err == pytest.approx((best / float((X @ W.mT).square().sum())) ** 0.5, rel=1e-6)
 
 
@@ -89,7 +89,7 @@ def test_cross_cov_needs_input_cov_and_the_right_shape(gen):
         factorize(W, rank=2, cross_cov=torch.eye(4))
     with pytest.raises(ValueError, match=r"cross_cov must be a \(4, 4\) tensor .* got \(3, 3\)"):
         factorize(W, rank=2, input_cov=torch.eye(4), cross_cov=torch.eye(3))
-    with pytest.raises(ValueError, match=r"output_error: cross_cov needs target_cov"):
+    with pytest.raises(ValueError, match=r"output_error: cross_cov needs target_energy"):
         output_error(W, factorize(W, rank=2), torch.eye(4), cross_cov=torch.eye(4))
 
 
