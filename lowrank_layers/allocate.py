@@ -21,7 +21,6 @@ the squared error of hidden states), for encoders.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import main_output, model_kwargs, padding_mask
-from .calibrate import run_batch
+from .blocks import main_output, model_kwargs
+from .calibrate import linear_modules, padding_mask, run_batch, token_rows
 from .factorize import _check_choice, _check_fraction, factor_parameters, whitening_factor
-from .propagate import _tokens
 
 __all__ = [
     "LayerOptions",
@@ -96,7 +94,7 @@ def collect_sensitivity(
     """
     _check_choice("objective", objective, OBJECTIVES)
     if modules is None:
-        modules = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear)}
+        modules = linear_modules(model)
     if not modules:
         raise ValueError("collect_sensitivity: no module to observe (modules is empty)")
     if len(batches) == 0:
@@ -117,7 +115,7 @@ def collect_sensitivity(
             if cache.get("input") is x_in and cache.get("version") == x_in._version:
                 gram, tokens = cache["gram"], cache["tokens"]
             else:
-                x = _tokens(x_in, mask_now[0])
+                x = token_rows(x_in, mask_now[0])
                 gram, tokens = (x.mT @ x).to(torch.float64), x.shape[0]
                 cache.update(input=x_in, version=x_in._version, gram=gram, tokens=tokens)
             if name in acc_c:
@@ -154,7 +152,7 @@ def collect_sensitivity(
             for (name, _), g in zip(outputs, grads, strict=True):
                 if g is None:
                     continue
-                g = _tokens(g, mask_now[0])
+                g = token_rows(g, mask_now[0])
                 if pick is None:  # the same tokens for every layer of this batch
                     n = g.shape[0]
                     pick = torch.randperm(n, generator=gen)[: min(n, grad_tokens)].sort().values
@@ -349,17 +347,46 @@ def loss_aware_ranks(
 ) -> tuple[dict[str, int | None], dict[str, LayerOptions]]:
     """Per-layer ranks (None: keep dense) minimising the estimated loss within ``budget``.
 
-    Layers without sensitivity (no token reached them) are not in the result.
+    ``budget`` is the fraction of all ``modules``' weight parameters kept. A layer without
+    sensitivity (no gradient reached it: its output does not feed the objective, such as
+    BERT's pooler for the hidden states) cannot be ranked by its effect: it gets the
+    largest rank within ``budget`` of its own weight (a uniform ratio), and the others share
+    what is left.
 
     Returns:
-        ``(plan, options)``: the plan and each layer's candidates with their estimates.
+        ``(plan, options)``: ``{layer: rank or None}`` for every module, and the candidates
+        with their estimates of the layers that have sensitivity.
+
+    Raises:
+        ValueError: ``budget`` out of range, or too small for the smallest candidates.
     """
-    start = time.perf_counter()
+    _check_fraction("budget", budget)
     options = {
         n: rank_options(m.weight, sensitivity[n], grid=grid)
         for n, m in modules.items()
         if n in sensitivity
     }
-    plan = solve_budget(options, budget)
-    del start
-    return plan, options
+    plan: dict[str, int | None] = {}
+    fixed_cost = 0
+    for n, m in modules.items():
+        if n in options:
+            continue
+        out_f, in_f = m.weight.shape
+        r = math.floor(budget * out_f * in_f / (out_f + in_f + 1))
+        r = min(r, min(out_f, in_f))
+        if r >= 1 and factor_parameters(out_f, in_f, r, balance=False) < out_f * in_f:
+            plan[n] = r
+            fixed_cost += factor_parameters(out_f, in_f, r, balance=False)
+        else:  # too small to save anything at this budget: dense, at full cost
+            plan[n] = None
+            fixed_cost += out_f * in_f
+    if options:
+        total = sum(m.weight.numel() for m in modules.values())
+        ranked = sum(o.out_features * o.in_features for o in options.values())
+        share = (budget * total - fixed_cost) / ranked
+        if share <= 0:
+            raise ValueError(
+                f"budget={budget} is used up by the {len(plan)} layers without sensitivity"
+            )
+        plan.update(solve_budget(options, min(share, 1.0)))
+    return {n: plan[n] for n in modules}, options

@@ -25,19 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import run_batch
+from .calibrate import padding_mask, run_batch
 
 __all__ = [
     "BlockChain",
+    "StopForward",
     "capture_chain",
     "find_blocks",
     "main_output",
     "model_kwargs",
-    "padding_mask",
 ]
 
 
-class _Stop(Exception):
+class StopForward(Exception):
     """Raised from a hook to end a forward pass early."""
 
 
@@ -64,15 +64,6 @@ def main_output(outputs: Any) -> torch.Tensor:
             "tuple starting with one, or an object with .logits or .last_hidden_state"
         )
     return first
-
-
-def padding_mask(batch: Any) -> torch.Tensor | None:
-    """A mapping batch's ``attention_mask`` (``0`` = padding), or None when it has none or
-    masks nothing (so callers skip the token selection)."""
-    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not isinstance(mask, torch.Tensor) or bool(mask.all()):
-        return None
-    return mask
 
 
 def model_kwargs(model: nn.Module, batch: Any) -> Any:
@@ -180,13 +171,13 @@ def capture_chain(
     def first_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         captured.append((args, kwargs))
         if len(captured) > 1:  # batch 0 continues to the second block, for the check
-            raise _Stop
+            raise StopForward
 
     def second_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else next(iter(kwargs.values()), None)
         if isinstance(hidden, torch.Tensor):
             second.append(hidden)
-        raise _Stop
+        raise StopForward
 
     masks: list[torch.Tensor | None] = []
     h1 = blocks[0].register_forward_pre_hook(first_hook, with_kwargs=True)
@@ -195,7 +186,7 @@ def capture_chain(
         with torch.no_grad():
             for batch in batches:
                 n = len(captured)
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(StopForward):
                     run_batch(model, model_kwargs(model, batch))
                 if len(captured) != n + 1:
                     raise ValueError(

@@ -17,7 +17,14 @@ import torch
 from einops import rearrange
 from torch import nn
 
-__all__ = ["InputStats", "collect_input_stats", "run_batch"]
+__all__ = [
+    "InputStats",
+    "collect_input_stats",
+    "linear_modules",
+    "padding_mask",
+    "run_batch",
+    "token_rows",
+]
 
 
 @dataclass
@@ -60,18 +67,30 @@ def _count(n: int, one: str, many: str) -> str:
     return f"{n} {one if n == 1 else many}"
 
 
-def _linears(model: nn.Module) -> dict[str, nn.Module]:
+def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every ``nn.Linear`` of ``model`` below the root, by qualified name."""
     return {name: m for name, m in model.named_modules() if name and isinstance(m, nn.Linear)}
 
 
-def _padding_mask(batch: Any) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` tensor (``0`` = padding), if it is a mapping with one."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            return mask
-    return None
+def padding_mask(batch: Any) -> torch.Tensor | None:
+    """A mapping batch's ``attention_mask`` tensor (``0`` = padding); None when it has none
+    or it masks nothing (so callers skip the token selection)."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, torch.Tensor) or bool(mask.all()):
+        return None
+    return mask
+
+
+def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x``'s token vectors as rows (float32 or float64), those under ``mask == 0`` dropped
+    when the mask fits ``x`` (its leading dimensions, or one row per mask entry)."""
+    if mask is not None:
+        if x.shape[:-1] == mask.shape:
+            x = x[mask.to(device=x.device, dtype=torch.bool)]
+        elif x.dim() == 2 and x.shape[0] == mask.numel():
+            x = x[mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
+    flat = rearrange(x.detach(), "... d -> (...) d")
+    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
 
 def collect_input_stats(
@@ -117,7 +136,7 @@ def collect_input_stats(
             token masked out by ``attention_mask``, or empty inputs).
     """
     if modules is None:
-        modules = _linears(model)
+        modules = linear_modules(model)
         if not modules:
             raise ValueError(
                 "collect_input_stats: modules is empty (modules=None selects every "
@@ -183,7 +202,7 @@ def collect_input_stats(
         seen = masked = 0
         with torch.no_grad():
             for batch in batches:
-                mask = _padding_mask(batch)
+                mask = padding_mask(batch)
                 batch_mask.update(mask=mask, keep={})
                 masked += mask is not None and not bool(mask.any())
                 run_batch(model, batch)

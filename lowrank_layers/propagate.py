@@ -42,11 +42,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from einops import rearrange
 from torch import nn
 
-from .blocks import BlockChain, _Stop, capture_chain, find_blocks, model_kwargs
-from .calibrate import collect_input_stats
+from .blocks import BlockChain, StopForward, capture_chain, find_blocks, model_kwargs
+from .calibrate import collect_input_stats, token_rows
 
 __all__ = ["PropagatedStats", "PropagationReport", "convert_propagated"]
 
@@ -92,17 +91,6 @@ class PropagationReport:
 
 
 ConvertFn = Callable[[str, nn.Module, PropagatedStats], None]
-
-
-def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``x``'s tokens as rows (float32 or float64), masked tokens dropped when ``mask`` fits."""
-    if mask is not None:
-        if x.shape[:-1] == mask.shape:
-            x = x[mask.to(torch.bool)]
-        elif x.dim() == 2 and x.shape[0] == mask.numel():
-            x = x[mask.reshape(-1).to(torch.bool)]
-    flat = rearrange(x.detach(), "... d -> (...) d")
-    return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
 
 def convert_propagated(
@@ -226,7 +214,7 @@ def _convert_block(
             if group is None:
                 group = seen[key] = name
                 keep.append(x)
-                inputs.setdefault(group, []).append(_tokens(x, mask_now[0]))
+                inputs.setdefault(group, []).append(token_rows(x, mask_now[0]))
                 if group not in order:
                     order.append(group)
             group_of.setdefault(name, group)
@@ -241,7 +229,7 @@ def _convert_block(
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor):
                 y = y - bias.detach()
-            energy[name] += float(_tokens(y, mask_now[0]).double().square().sum())
+            energy[name] += float(token_rows(y, mask_now[0]).double().square().sum())
 
         return hook
 
@@ -309,7 +297,7 @@ def _stage_stats(
 
     def hook(module: nn.Module, args: tuple) -> None:
         nonlocal count
-        xh = _tokens(args[0], chain.masks[b])
+        xh = token_rows(args[0], chain.masks[b])
         x = inputs[b]
         if xh.shape != x.shape:
             raise RuntimeError(
@@ -319,13 +307,13 @@ def _stage_stats(
         hat.add_((xh.mT @ xh).to(torch.float64))
         cross.add_((x.mT @ xh).to(torch.float64))
         count += x.shape[0]
-        raise _Stop
+        raise StopForward
 
     handle = layer.register_forward_pre_hook(hook)
     try:
         with torch.no_grad():
             for b in range(len(current)):  # the hook reads b
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(StopForward):
                     chain.run(block, b, current[b])
     finally:
         handle.remove()

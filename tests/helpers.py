@@ -23,3 +23,32 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b||_F / ||b||_F in float64."""
     a, b = a.detach().to(torch.float64), b.detach().to(torch.float64)
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
+
+
+def tiny_llama(
+    *, layers: int = 2, vocab: int = 64, heads: int = 4, kv_heads: int = 2, seed: int = 0
+):
+    """A small transformers ``LlamaForCausalLM`` (hidden 32, MLP 64), in eval mode; skips the
+    test without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tiny_bert(*, layers: int = 2, vocab: int = 100, seed: int = 0):
+    """A small transformers ``BertModel`` (hidden 32, MLP 64, 2 heads), in eval mode."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+        vocab_size=vocab,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.BertModel(config).eval()

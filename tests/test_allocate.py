@@ -18,6 +18,8 @@ from lowrank_layers.allocate import (
 )
 from lowrank_layers.factorize import factorize
 
+from .helpers import tiny_llama
+
 
 def options(out: int, inp: int, ranks: list, loss: list) -> LayerOptions:
     params = [out * inp if r is None else r * (out + inp + 1) for r in ranks]
@@ -166,13 +168,7 @@ def test_loss_aware_ranks_protect_the_sensitive_layer(gen):
 
 
 def test_kl_probe_on_a_causal_lm(gen):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=2, vocab=64)
     ids = torch.randint(0, 64, (2, 12), generator=gen)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     state = copy.deepcopy(model.state_dict())
@@ -182,3 +178,37 @@ def test_kl_probe_on_a_causal_lm(gen):
     assert all(torch.equal(a[n].grad_cov, b[n].grad_cov) for n in a)  # seeded
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert float(a["model.layers.0.mlp.down_proj"].grad_cov.diagonal().sum()) > 0
+
+
+def test_convert_model_follows_a_rank_plan():
+    from lowrank_layers import LowRankLinear, convert_model
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.Linear(16, 16))
+    report = convert_model(model, ranks={"0": 4, "2": None})
+    assert isinstance(model[0], LowRankLinear) and model[0].rank == 4
+    assert isinstance(model[2], nn.Linear) and isinstance(model[3], nn.Linear)
+    reasons = {layer.name: layer.reason for layer in report.layers}
+    assert reasons == {"0": None, "2": "kept dense by the rank plan", "3": "not in the rank plan"}
+    with pytest.raises(ValueError, match=r"ranks names 1 modules that are not matched layers: 9"):
+        convert_model(nn.Sequential(nn.Linear(8, 8)), ranks={"9": 2})
+    with pytest.raises(TypeError, match=r"ranks must be a mapping \{name: rank or None\}"):
+        convert_model(nn.Sequential(nn.Linear(8, 8)), ranks=[2])
+    with pytest.raises(ValueError, match=r"give one of the three, got ranks=\{\.\.\.\} and rank=2"):
+        convert_model(nn.Sequential(nn.Linear(8, 8)), ranks={"0": 2}, rank=2)
+
+
+def test_layers_without_sensitivity_take_the_uniform_ratio(gen):
+    """A layer the objective cannot see gets the budget's own ratio; the rest share what is
+    left, and the whole stays within the budget."""
+    model = Tiny().eval()
+    data = [torch.randn(8, 16, 16, generator=gen)]
+    layers = {"a": model.a, "b": model.b, "out": model.out}
+    sens = collect_sensitivity(model, data, {"a": model.a, "b": model.b}, objective="mse")
+    plan, opts = loss_aware_ranks(layers, sens, 0.5)
+    assert set(plan) == {"a", "b", "out"} and set(opts) == {"a", "b"}
+    assert plan["out"] == 2  # floor(0.5 * 160 / 27): the largest rank within half of it
+    kept = sum(
+        layers[n].weight.numel() if r is None else r * (sum(layers[n].weight.shape) + 1)
+        for n, r in plan.items()
+    )
+    assert kept <= 0.5 * sum(m.weight.numel() for m in layers.values())

@@ -86,6 +86,28 @@ def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
         (["convert", "{src}", "{out}", "--budget", "0.5"], "need a transformers model folder"),
         (["convert", "{src}", "{out}", "--rank", "2", "--calibrate", "{missing}"], "model folder"),
         (["convert", "{src}", "{out}", "--rank", "2", "--budget", "0.5"], "not allowed with"),
+        (["convert", "{src}", "{out}", "--rank", "2", "--allocation", "loss"], "--allocation need"),
+        (["convert", "{src}", "{out}", "--rank", "2", "--heal-steps", "5"], "need --budget"),
+        (["convert", "{src}", "{out}", "--rank", "2", "--no-propagate"], "need --budget"),
+        (["convert", "{src}", "{out}", "--budget", "0.5", "--heal-seconds", "0"], "a number > 0"),
+        (["convert", "{tmp}", "{out}", "--budget", "0.5", "--heal-steps", "5"], "need --calibrate"),
+        (
+            [
+                "convert",
+                "{tmp}",
+                "{out}",
+                "--budget",
+                "0.5",
+                "--allocation",
+                "greedy",
+                "--calibrate",
+                "{src}",
+                "--heal-steps",
+                "5",
+            ],
+            "apply to --allocation loss or uniform",
+        ),
+        (["demo", "--heal-seconds", "-1"], "expected a number >= 0"),
         (["inspect", "{missing}"], "does not exist"),
         (["inspect", "{src}", "--plot", "{out}.jpg"], "--plot must name a .png file"),
         (["inspect", "{src}", "--energies", "0"], "expected a number in (0, 1]"),
@@ -100,7 +122,8 @@ def test_user_errors_are_one_line_exit_2_and_write_nothing(
     src, _ = dense_file
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"hello, not a checkpoint")
-    paths = {"src": src, "out": tmp_path / "out", "missing": tmp_path / "nope", "junk": junk}
+    paths = {"src": src, "out": tmp_path / "out", "missing": tmp_path / "nope", "junk": junk,
+             "tmp": tmp_path}  # fmt: skip
     before = sorted(p.name for p in tmp_path.iterdir())
     code = main([a.format(**paths) for a in argv])
     err = capsys.readouterr().err

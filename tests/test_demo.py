@@ -115,6 +115,8 @@ def test_knn_bad_input_raises(args, kwargs, match):
         ({"per_class": 1}, "per_class must be an int >= 2, got 1"),
         ({"max_length": 4}, r"max_length must be an int in \[8, 512\], got 4"),
         ({"method": "qr"}, "method must be one of 'svd', 'randomized', got 'qr'"),
+        ({"heal_seconds": -1}, "heal_seconds must be a number >= 0, got -1"),
+        ({"heal_seconds": True}, "heal_seconds must be a number >= 0, got True"),
     ],
 )
 def test_run_demo_bad_arguments_raise_before_any_work(tmp_path, kwargs, match):
@@ -149,6 +151,7 @@ def small_demo(tmp_path_factory):
         budgets=(0.5,),
         per_class=6,
         calibration_per_class=2,
+        heal_seconds=1,
         max_length=32,
         save_check=fake_save_check,
         progress=messages.append,
@@ -165,7 +168,8 @@ def test_run_demo_writes_the_report_and_the_figure(small_demo):
     text = result.report_path.read_text(encoding="utf-8")
     assert text == result.markdown
     assert "\n| original |" in text and "\n| param_ratio=0.5 |" in text
-    assert "\n| calibrated param_ratio=0.5 |" in text
+    assert "\n| compress(budget=0.5) |" in text
+    assert "\n| compress(budget=0.5) + heal 1 s |" in text
     assert "15 reference and 15 evaluation articles" in text
     assert sorted(p.name for p in out.iterdir()) == ["report.md", "spectra.png"]
     umask = os.umask(0)
@@ -177,11 +181,14 @@ def test_run_demo_writes_the_report_and_the_figure(small_demo):
 @pytest.mark.slow
 def test_run_demo_measures_every_row(small_demo):
     _, result, _, _ = small_demo
-    original, compressed, calibrated = result.rows
+    original, compressed, calibrated, healed = result.rows
     assert original["model"] == "original" and compressed["budget"] == 0.5
-    assert calibrated["model"] == "calibrated param_ratio=0.5"
-    assert calibrated["linear_params"] == compressed["linear_params"]  # same budget
-    assert 0.0 < calibrated["cosine"] <= 1.0 + 1e-6
+    assert calibrated["model"] == "compress(budget=0.5)"
+    assert healed["model"] == "compress(budget=0.5) + heal 1 s"
+    for row in (calibrated, healed):  # the budget over all the Linear weights
+        assert row["linear_params"] <= 0.5 * original["linear_params"]
+        assert row["linear_params_before"] == original["linear_params"]
+        assert 0.0 < row["cosine"] <= 1.0 + 1e-6
     for row in result.rows:
         assert 0.0 <= row["knn_accuracy"] <= 1.0
         assert row["latency_ms"] > 0
@@ -199,7 +206,8 @@ def test_run_demo_calls_save_check_with_the_checkpoint_path(small_demo):
 
     assert [path.name for _, path in calls] == [
         "minilm-50.safetensors",
-        "minilm-50-calibrated.safetensors",
+        "minilm-50-compress.safetensors",
+        "minilm-50-healed.safetensors",
     ]
     model, path = calls[0]
     assert path == out / "minilm-50.safetensors"

@@ -8,15 +8,11 @@ from torch import nn
 
 from lowrank_layers import LowRankLinear, compress
 
+from . import helpers
+
 
 def tiny_llama(seed: int = 0):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=64,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config).eval()
+    return helpers.tiny_llama(layers=3, vocab=64, seed=seed)
 
 
 def token_batches(n: int, gen: torch.Generator, length: int = 32) -> list[dict]:
@@ -111,3 +107,40 @@ def test_compress_errors_leave_the_model_unchanged(gen):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, LowRankLinear) for m in llama.modules())
     assert all(torch.equal(llama_state[k], v) for k, v in llama.state_dict().items())
+
+
+def test_compress_an_encoder_and_a_model_without_blocks(gen):
+    """Hidden-state outputs (the Gaussian probe, cosine healing) and a model whose layers are
+    in no repeated block: propagation falls back to whitening and says so."""
+    bert = helpers.tiny_bert()
+    batches = []
+    for _ in range(6):
+        ids = torch.randint(0, 100, (4, 24), generator=gen)
+        mask = torch.ones_like(ids)
+        mask[:2, 18:] = 0  # some padding
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    report = compress(bert, batches, budget=0.7, heal_steps=3)
+    after, before = linear_params(report.conversion)
+    assert after <= 0.7 * before
+    assert report.conversion.propagation.container == "encoder.layer"
+    assert "pooler.dense" in report.conversion.propagation.unpropagated
+    assert report.heal.objective == "cosine"
+    mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    report = compress(mlp, [torch.randn(128, 16, generator=gen)], budget=0.6)
+    assert report.conversion.propagation.note.startswith("no repeated blocks")
+
+
+def test_first_tokens_takes_the_shortest_prefix():
+    from lowrank_layers.pipeline import _batch_tokens, _first_tokens
+
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    masked = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 8, [1] * 3 + [0] * 5])}
+    assert _batch_tokens(masked) == 11
+    assert _batch_tokens({"input_ids": ids}) == 16
+    assert _batch_tokens(torch.zeros(4, 5, 3)) == 20  # features: all but the last dim
+    assert _batch_tokens((ids,)) == 16
+    batches = [masked, masked, masked]
+    assert len(_first_tokens(batches, 11)) == 1
+    assert len(_first_tokens(batches, 12)) == 2
+    assert len(_first_tokens(batches, 1000)) == 3
+    assert _first_tokens(batches, None) is batches

@@ -10,7 +10,7 @@ from lowrank_layers import LowRankLinear, convert_model, factorize
 from lowrank_layers.blocks import capture_chain, find_blocks, main_output
 from lowrank_layers.factorize import output_error
 
-from .helpers import rel_err
+from .helpers import rel_err, tiny_llama
 
 
 class Block(nn.Module):
@@ -198,13 +198,7 @@ def test_propagate_needs_batches():
 
 
 def test_propagation_on_a_transformers_llama(gen):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama(layers=3, vocab=100)
     # propagation fits a least-squares map per layer: it needs tokens well beyond the
     # layers' widths (here 2048 tokens for widths of 32 and 64), or it overfits
     batches = []
