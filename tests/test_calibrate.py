@@ -12,7 +12,7 @@ from lowrank_layers.calibrate import collect_input_stats, run_batch
 from lowrank_layers.convert import allocate_ranks
 from lowrank_layers.factorize import output_error, truncated_spectrum, whitening_factor
 
-from .helpers import rel_err
+from .helpers import rel_err, tiny_bert, tiny_llama
 
 
 def correlated_inputs(gen: torch.Generator, n: int = 4000, d: int = 48) -> torch.Tensor:
@@ -424,16 +424,7 @@ def assert_padding_changes_nothing(model: nn.Module, gen: torch.Generator) -> li
 
 
 def test_padding_is_left_out_of_bert(gen):
-    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        vocab_size=100,
-    )
-    model = transformers.BertModel(config)  # in train mode: dropout is on until collected
+    model = tiny_bert().train()  # in train mode: dropout is on until collected
     assert model.training
     caught = assert_padding_changes_nothing(model, gen)
     assert model.training
@@ -445,18 +436,7 @@ def test_padding_is_left_out_of_bert(gen):
 
 
 def test_padding_is_left_out_of_llama(gen):
-    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        intermediate_size=64,
-        vocab_size=100,
-        max_position_embeddings=64,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama(heads=2, kv_heads=1, vocab=100).train()
     assert assert_padding_changes_nothing(model, gen) == []  # every layer matched the mask
 
 

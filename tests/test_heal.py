@@ -12,6 +12,8 @@ from lowrank_layers import DynamicLowRankLinear, LowRankLinear, convert_model
 from lowrank_layers.adaptive import AdaptiveLowRankLinear
 from lowrank_layers.heal import HealReport, distillation_loss, heal, trainable_parameters
 
+from .helpers import tiny_llama
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -90,17 +92,7 @@ def stack_batches(gen: torch.Generator, n: int) -> list[torch.Tensor]:
 
 def llama(**convert_kwargs) -> tuple[nn.Module, nn.Module]:
     """(student, teacher): a tiny LlamaForCausalLM and its rank_ratio=0.25 conversion."""
-    transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        vocab_size=64,
-    )
-    teacher = transformers.LlamaForCausalLM(config)
+    teacher = tiny_llama(heads=2, kv_heads=2, vocab=64).train()
     student = copy.deepcopy(teacher)
     convert_model(student, rank_ratio=0.25, **convert_kwargs)
     return student, teacher
