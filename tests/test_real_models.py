@@ -135,11 +135,12 @@ def test_cli_calibrated_budget_conversion_of_a_model_folder(bert, tmp_path, caps
     dst = tmp_path / "out"
     argv = [
         "convert", str(minilm.get_model_path()), str(dst), "--calibrate", str(texts),
-        "--budget", "0.8", "--calib-max-length", "32",
+        "--budget", "0.8", "--calib-max-length", "32", "--heal-steps", "2",
     ]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "out.err" in out and "loss-aware plan" in out and "stages: allocation" in out
+    assert "healed (end_to_end, cosine): 2 steps" in out
     assert (dst / "config.json").exists() and (dst / "vocab.txt").exists()
     model, batch = bert
     fresh = transformers.AutoModel.from_config(model.config).eval()
