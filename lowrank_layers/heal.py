@@ -34,7 +34,13 @@ from .calibrate import padding_mask, run_batch
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear
 
-__all__ = ["HealReport", "distillation_loss", "heal", "trainable_parameters"]
+__all__ = [
+    "HealReport",
+    "check_heal_options",
+    "distillation_loss",
+    "heal",
+    "trainable_parameters",
+]
 
 OBJECTIVES = ("auto", "kl", "cosine", "mse")
 MODES = ("end_to_end", "blockwise")
@@ -418,6 +424,23 @@ def _train_blockwise(
 # the verb
 
 
+def check_heal_options(
+    *, objective: str, mode: str, steps: int | None, seconds: float | None, lr: float
+) -> None:
+    """Validate :func:`heal`'s options without a model, so a caller such as
+    :func:`~lowrank_layers.compress` can refuse bad ones before it changes anything.
+
+    Raises:
+        ValueError: an unknown objective or mode, no or a bad step/seconds budget, or a
+            learning rate that is not a positive number.
+    """
+    for name, value, allowed in (("objective", objective, OBJECTIVES), ("mode", mode, MODES)):
+        if value not in allowed:
+            raise ValueError(f"heal: {name} must be one of {', '.join(allowed)}, got {value!r}")
+    _check_budget(steps, seconds)
+    _check_positive("lr", lr)
+
+
 def _check_budget(steps: int | None, seconds: float | None) -> None:
     if steps is None and seconds is None:
         raise ValueError("heal: give steps, seconds or both; both are None")
@@ -556,11 +579,7 @@ def heal(
         >>> report.objective, report.steps
         ('cosine', 10)
     """
-    for name, value, allowed in (("objective", objective, OBJECTIVES), ("mode", mode, MODES)):
-        if value not in allowed:
-            raise ValueError(f"heal: {name} must be one of {', '.join(allowed)}, got {value!r}")
-    _check_budget(steps, seconds)
-    _check_positive("lr", lr)
+    check_heal_options(objective=objective, mode=mode, steps=steps, seconds=seconds, lr=lr)
     _check_positive("max_grad_norm", max_grad_norm, optional=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"heal: seed must be an int, got {seed!r}")

@@ -24,6 +24,7 @@ from torch import nn
 from .allocate import collect_sensitivity, loss_aware_ranks
 from .convert import ConversionReport, convert_model, convertible_layers
 from .factorize import _check_choice, _check_fraction
+from .heal import check_heal_options, heal
 
 __all__ = ["CompressionReport", "compress"]
 
@@ -168,6 +169,15 @@ def compress(
             f"{type(calibration).__name__}"
         )
     healing = heal_steps is not None or heal_seconds is not None
+    if healing:  # refuse bad healing options before the model changes
+        check_heal_options(
+            objective=objective, mode=heal_mode, steps=heal_steps, seconds=heal_seconds,
+            lr=heal_lr,
+        )  # fmt: skip
+    elif objective not in ("auto", "kl", "cosine", "mse"):
+        raise ValueError(
+            f"objective must be one of 'auto', 'kl', 'cosine', 'mse', got {objective!r}"
+        )
     seconds: dict[str, float] = {}
     if healing and teacher is None:
         teacher = copy.deepcopy(model)
@@ -200,8 +210,6 @@ def compress(
     seconds["conversion"] = time.perf_counter() - start
     result = CompressionReport(conversion, plan, None, seconds)
     if healing:
-        from .heal import heal
-
         start = time.perf_counter()
         result.heal = heal(
             model,

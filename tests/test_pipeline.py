@@ -95,6 +95,12 @@ def test_compress_errors_leave_the_model_unchanged(gen):
         compress(model, [])
     with pytest.raises(ValueError, match=r"budget=0\.02 keeps .* but the smallest candidate"):
         compress(model, x, budget=0.02)
+    with pytest.raises(ValueError, match=r"heal: mode must be one of end_to_end, blockwise"):
+        compress(model, x, heal_steps=3, heal_mode="layerwise")
+    with pytest.raises(ValueError, match=r"heal: steps must be a positive int or None, got 0"):
+        compress(model, x, heal_steps=0)
+    with pytest.raises(ValueError, match=r"objective must be one of 'auto', 'kl'"):
+        compress(model, x, objective="l1")
     llama = tiny_llama()
     llama_state = copy.deepcopy(llama.state_dict())
     ids = torch.randint(0, 64, (2, 8), generator=gen)
