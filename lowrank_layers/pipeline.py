@@ -184,7 +184,7 @@ def compress(
     layers = convertible_layers(model, include=include, exclude=exclude, filter_fn=filter_fn)
     plan = None
     policy: dict[str, Any]
-    if allocation == "loss":
+    if allocation == "loss" and layers:  # no layer to rank: convert_model reports why
         start = time.perf_counter()
         subset = _first_tokens(calibration, sensitivity_tokens)
         probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")

@@ -150,3 +150,15 @@ def test_first_tokens_takes_the_shortest_prefix():
     assert len(_first_tokens(batches, 12)) == 2
     assert len(_first_tokens(batches, 1000)) == 3
     assert _first_tokens(batches, None) is batches
+
+
+def test_compress_with_nothing_convertible_reports_why(gen):
+    """Every matched layer shares its weight: nothing to rank; the report says why."""
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU())
+    model.tied = nn.Linear(8, 8)
+    model.tied.weight = shared.weight
+    with pytest.warns(UserWarning, match=r"2 modules matched but none was converted"):
+        report = compress(model, [torch.randn(32, 8, generator=gen)], budget=0.5)
+    assert report.plan is None
+    assert all("weight shared with" in layer.reason for layer in report.conversion.layers)
