@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import main_output, model_kwargs
+from .blocks import has_logits, main_output, model_kwargs
 from .calibrate import linear_modules, padding_mask, run_batch, token_rows
 from .factorize import _check_choice, _check_fraction, factor_parameters, whitening_factor
 
@@ -191,11 +191,8 @@ def _probe_loss(
     outputs: Any, objective: str, mask: torch.Tensor | None, gen: torch.Generator
 ) -> torch.Tensor:
     """The scalar whose gradients sample the output's Fisher / Gauss-Newton matrix."""
-    has_logits = getattr(outputs, "logits", None) is not None or (
-        isinstance(outputs, Mapping) and "logits" in outputs
-    )
     if objective == "auto":
-        objective = "kl" if has_logits else "mse"
+        objective = "kl" if has_logits(outputs) else "mse"
     y = main_output(outputs)
     keep = None
     if mask is not None and y.shape[:-1] == mask.shape:

@@ -32,6 +32,7 @@ __all__ = [
     "StopForward",
     "capture_chain",
     "find_blocks",
+    "has_logits",
     "main_output",
     "model_kwargs",
 ]
@@ -39,6 +40,14 @@ __all__ = [
 
 class StopForward(Exception):
     """Raised from a hook to end a forward pass early."""
+
+
+def has_logits(outputs: Any) -> bool:
+    """Whether a model's output carries ``logits`` (an attribute or a mapping key)."""
+    value = getattr(outputs, "logits", None)
+    if value is None and isinstance(outputs, Mapping):
+        value = outputs.get("logits")
+    return isinstance(value, torch.Tensor)
 
 
 def main_output(outputs: Any) -> torch.Tensor:

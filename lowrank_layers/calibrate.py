@@ -21,6 +21,7 @@ __all__ = [
     "InputStats",
     "collect_input_stats",
     "linear_modules",
+    "mask_fits",
     "padding_mask",
     "run_batch",
     "token_rows",
@@ -81,14 +82,17 @@ def padding_mask(batch: Any) -> torch.Tensor | None:
     return mask
 
 
+def mask_fits(x: torch.Tensor, mask: torch.Tensor) -> bool:
+    """Whether ``mask`` (batch, tokens) can select ``x``'s tokens: ``x``'s leading dimensions
+    are the mask's shape, or ``x`` is 2-D with one row per mask entry (tokens flattened)."""
+    return x.shape[:-1] == mask.shape or (x.dim() == 2 and x.shape[0] == mask.numel())
+
+
 def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``x``'s token vectors as rows (float32 or float64), those under ``mask == 0`` dropped
-    when the mask fits ``x`` (its leading dimensions, or one row per mask entry)."""
-    if mask is not None:
-        if x.shape[:-1] == mask.shape:
-            x = x[mask.to(device=x.device, dtype=torch.bool)]
-        elif x.dim() == 2 and x.shape[0] == mask.numel():
-            x = x[mask.reshape(-1).to(device=x.device, dtype=torch.bool)]
+    when the mask fits ``x`` (:func:`mask_fits`); an input it does not fit is taken whole."""
+    if mask is not None and mask_fits(x, mask):
+        x = x[mask.reshape(x.shape[:-1]).to(device=x.device, dtype=torch.bool)]
     flat = rearrange(x.detach(), "... d -> (...) d")
     return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
@@ -151,25 +155,11 @@ def collect_input_stats(
         raise ValueError("collect_input_stats: modules is empty")
     stats: dict[str, InputStats] = {}
     unmatched: dict[str, None] = {}  # layers whose inputs could not be masked, in order
-    # the current batch's attention_mask, and its boolean copy on each device it was used on
-    batch_mask: dict[str, Any] = {"mask": None, "keep": {}}
+    batch_mask: list[torch.Tensor | None] = [None]  # the current batch's attention_mask
     # the last input seen, its Gram matrix and token count; holding the tensor keeps its
     # memory from being reused by another tensor while it is cached
     cache: dict[str, Any] = {}
     handles = []
-
-    def tokens_of(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """``x``'s unmasked token vectors as rows, and whether the mask could be applied."""
-        mask = batch_mask["mask"]
-        if mask is not None:
-            keep = batch_mask["keep"].get(x.device)
-            if keep is None:
-                keep = batch_mask["keep"][x.device] = mask.to(device=x.device, dtype=torch.bool)
-            if x.shape[:-1] == mask.shape:
-                return x[keep], True
-            if x.dim() == 2 and x.shape[0] == mask.numel():
-                return x[keep.reshape(-1)], True
-        return rearrange(x, "... d -> (...) d"), mask is None
 
     def hook_for(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(mod: nn.Module, args: tuple) -> None:
@@ -177,9 +167,9 @@ def collect_input_stats(
             if cache.get("input") is x and cache.get("version") == x._version:
                 gram, count, matched = cache["gram"], cache["tokens"], cache["matched"]
             else:
-                flat, matched = tokens_of(x.detach())
-                if flat.dtype not in (torch.float32, torch.float64):
-                    flat = flat.float()
+                mask = batch_mask[0]
+                matched = mask is None or mask_fits(x, mask)
+                flat = token_rows(x, mask)
                 gram = (flat.mT @ flat).to(torch.float64)
                 count = flat.shape[0]
                 cache.update(input=x, version=x._version, gram=gram, tokens=count, matched=matched)
@@ -203,7 +193,7 @@ def collect_input_stats(
         with torch.no_grad():
             for batch in batches:
                 mask = padding_mask(batch)
-                batch_mask.update(mask=mask, keep={})
+                batch_mask[0] = mask
                 masked += mask is not None and not bool(mask.any())
                 run_batch(model, batch)
                 cache.clear()
@@ -227,7 +217,6 @@ def collect_input_stats(
         for handle in handles:
             handle.remove()
         cache.clear()
-        batch_mask.clear()
         for m, training in modes.items():
             m.training = training
     if unmatched:

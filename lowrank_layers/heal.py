@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
-from .blocks import BlockChain, capture_chain, find_blocks, main_output, model_kwargs
+from .blocks import (
+    BlockChain,
+    capture_chain,
+    find_blocks,
+    has_logits,
+    main_output,
+    model_kwargs,
+)
 from .calibrate import padding_mask, run_batch
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear
@@ -281,13 +288,6 @@ class _Trainer:
 
 def _forward(model: nn.Module, batch: Any) -> Any:
     return run_batch(model, model_kwargs(model, batch))
-
-
-def _has_logits(outputs: Any) -> bool:
-    value = getattr(outputs, "logits", None)
-    if value is None and isinstance(outputs, Mapping):
-        value = outputs.get("logits")
-    return isinstance(value, torch.Tensor)
 
 
 @torch.no_grad()
@@ -621,7 +621,7 @@ def heal(
                 "the model the student was converted from"
             )
         if objective == "auto":
-            objective = "kl" if _has_logits(s_raw) and _has_logits(t_raw) else "cosine"
+            objective = "kl" if has_logits(s_raw) and has_logits(t_raw) else "cosine"
         del s_raw, t_raw
         blocks = _blocks_of(student, teacher, chosen) if mode == "blockwise" else None
         for p, _ in flags:
