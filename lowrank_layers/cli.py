@@ -226,15 +226,9 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
         raise UsageError(
             f"--heal-* and --no-propagate apply to --allocation loss or uniform, not {allocation}"
         )
-    common = {"include": args.include, "exclude": args.exclude, "seed": args.seed}
     if pipeline:
-        report = convert_pretrained(
-            args.src,
-            args.dst,
-            calibration_texts=texts,
-            max_length=args.calib_max_length,
-            overwrite=args.overwrite,
-            compress_options={
+        options: dict = {
+            "compress_options": {
                 "budget": args.budget,
                 "allocation": allocation,
                 "propagate": not args.no_propagate,
@@ -242,24 +236,26 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
                 "heal_seconds": args.heal_seconds,
                 "heal_mode": args.heal_mode,
                 "progress": not args.no_progress and sys.stderr.isatty(),
-            },
-            **common,
-        )
+            }
+        }
     else:
         if args.budget is not None:
             policy = {"budget": args.budget, "allocation": allocation}
-        report = convert_pretrained(
-            args.src,
-            args.dst,
-            calibration_texts=texts,
-            max_length=args.calib_max_length,
-            overwrite=args.overwrite,
-            threshold=args.threshold,
-            method=args.method,
-            balance=args.balance,
-            **common,
+        options = {
+            "threshold": args.threshold, "method": args.method, "balance": args.balance,
             **policy,
-        )
+        }  # fmt: skip
+    report = convert_pretrained(
+        args.src,
+        args.dst,
+        calibration_texts=texts,
+        max_length=args.calib_max_length,
+        overwrite=args.overwrite,
+        include=args.include,
+        exclude=args.exclude,
+        seed=args.seed,
+        **options,
+    )
     print(report)
     print(f"wrote {args.dst}")
 

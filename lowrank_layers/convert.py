@@ -397,13 +397,8 @@ def convert_model(
             f"{'nothing' if calibration is None else 'precomputed statistics'}"
         )
 
-    candidates = _candidates(model, include, exclude, filter_fn)
-    holders = _parents(model)
-    owners = _weight_owners(model)
+    candidates, holders, owners, eligible = _select(model, include, exclude, filter_fn)
     report = ConversionReport(model_params_before=_count(model))
-    eligible = {
-        fqn: m for fqn, m in candidates if _structural_reason(fqn, m, holders, owners) is None
-    }
     if ranks is not None:
         unknown = sorted(set(ranks) - {fqn for fqn, _ in candidates})
         if unknown:
@@ -624,14 +619,29 @@ def convertible_layers(
     subclasses, meta tensors). Sizes and ranks are not checked here."""
     _check_patterns("include", include)
     _check_patterns("exclude", exclude)
+    return _select(model, include, exclude, filter_fn)[3]  # type: ignore[return-value]
+
+
+def _select(
+    model: nn.Module,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    filter_fn: Callable[[nn.Module, str], bool] | None,
+) -> tuple[
+    list[tuple[str, nn.Module]],
+    dict[int, list[tuple[nn.Module, str, str]]],
+    dict[int, list[str]],
+    dict[str, nn.Module],
+]:
+    """The matched modules, the holders of each module, the owners of each weight, and the
+    matched modules free of structural obstacles (``{name: module}``)."""
     candidates = _candidates(model, include, exclude, filter_fn)
     holders = _parents(model)
     owners = _weight_owners(model)
-    return {
-        fqn: m  # type: ignore[misc]
-        for fqn, m in candidates
-        if _structural_reason(fqn, m, holders, owners) is None
+    eligible = {
+        fqn: m for fqn, m in candidates if _structural_reason(fqn, m, holders, owners) is None
     }
+    return candidates, holders, owners, eligible
 
 
 def _convert_one(
