@@ -30,7 +30,13 @@ from torch import nn
 
 from .blocks import has_logits, main_output, model_kwargs
 from .calibrate import linear_modules, padding_mask, run_batch, token_rows
-from .factorize import _check_choice, _check_fraction, factor_parameters, whitening_factor
+from .factorize import (
+    _check_choice,
+    _check_fraction,
+    factor_parameters,
+    resolve_rank,
+    whitening_factor,
+)
 
 __all__ = [
     "LayerOptions",
@@ -223,6 +229,16 @@ class LayerOptions:
     loss: list[float]
 
 
+def _saving_rank(out_f: int, in_f: int, ratio: float) -> int | None:
+    """``param_ratio=ratio``'s rank (:func:`~lowrank_layers.factorize.resolve_rank`), or None
+    when no rank fits or it saves no parameters."""
+    try:
+        r = resolve_rank(out_f, in_f, param_ratio=ratio)
+    except ValueError:  # not even rank 1 fits within the ratio
+        return None
+    return r if factor_parameters(out_f, in_f, r, balance=False) < out_f * in_f else None
+
+
 def rank_options(
     weight: torch.Tensor,
     sensitivity: Sensitivity,
@@ -253,9 +269,8 @@ def rank_options(
     grid = [k / 20 for k in range(1, 20)] if grid is None else list(grid)
     ranks: list[int | None] = []
     for ratio in grid:
-        r = min(min(out_f, in_f), math.floor(ratio * out_f * in_f / (out_f + in_f + 1)))
-        saves = r >= 1 and factor_parameters(out_f, in_f, r, balance=False) < out_f * in_f
-        if saves and r not in ranks:
+        r = _saving_rank(out_f, in_f, ratio)
+        if r is not None and r not in ranks:
             ranks.append(r)
     options = LayerOptions(out_f, in_f, [], [], [])
     for r in ranks:
@@ -369,9 +384,8 @@ def loss_aware_ranks(
         if n in options:
             continue
         out_f, in_f = m.weight.shape
-        r = math.floor(budget * out_f * in_f / (out_f + in_f + 1))
-        r = min(r, min(out_f, in_f))
-        if r >= 1 and factor_parameters(out_f, in_f, r, balance=False) < out_f * in_f:
+        r = _saving_rank(out_f, in_f, budget)
+        if r is not None:
             plan[n] = r
             fixed_cost += factor_parameters(out_f, in_f, r, balance=False)
         else:  # too small to save anything at this budget: dense, at full cost
