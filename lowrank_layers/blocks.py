@@ -42,12 +42,17 @@ class StopForward(Exception):
     """Raised from a hook to end a forward pass early."""
 
 
+def _field(outputs: Any, key: str) -> torch.Tensor | None:
+    """``outputs.key`` or ``outputs[key]`` when it is a tensor, else None."""
+    value = getattr(outputs, key, None)
+    if value is None and isinstance(outputs, Mapping):
+        value = outputs.get(key)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def has_logits(outputs: Any) -> bool:
     """Whether a model's output carries ``logits`` (an attribute or a mapping key)."""
-    value = getattr(outputs, "logits", None)
-    if value is None and isinstance(outputs, Mapping):
-        value = outputs.get("logits")
-    return isinstance(value, torch.Tensor)
+    return _field(outputs, "logits") is not None
 
 
 def main_output(outputs: Any) -> torch.Tensor:
@@ -56,10 +61,8 @@ def main_output(outputs: Any) -> torch.Tensor:
     if isinstance(outputs, torch.Tensor):
         return outputs
     for key in ("logits", "last_hidden_state"):
-        value = getattr(outputs, key, None)
-        if value is None and isinstance(outputs, Mapping):
-            value = outputs.get(key)
-        if isinstance(value, torch.Tensor):
+        value = _field(outputs, key)
+        if value is not None:
             return value
     if isinstance(outputs, Mapping):
         first = next((v for v in outputs.values() if isinstance(v, torch.Tensor)), None)
@@ -106,10 +109,8 @@ def find_blocks(model: nn.Module, layer_names: Iterable[str]) -> tuple[str, list
         children = list(container)
         if len({type(c) for c in children}) != 1:
             continue
-        prefix = f"{cname}." if cname else ""
+        prefix = f"{cname}." if cname else ""  # the root holds every name
         held = sum(1 for n in names if n.startswith(prefix))
-        if cname == "":
-            held = len(names)
         depth = cname.count(".") if cname else -1
         if held >= 2 and (best is None or (held, -depth) > (best[0], best[1])):
             best = (held, -depth, cname, children)
