@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import has_logits, main_output, model_kwargs
-from .calibrate import linear_modules, padding_mask, run_batch, token_rows
+from .blocks import has_logits, main_output, run_uncached
+from .calibrate import linear_modules, padding_mask, token_rows
 from .factorize import (
     _check_choice,
     _check_fraction,
@@ -149,7 +149,7 @@ def collect_sensitivity(
             outputs.clear()
             cache.clear()
             with torch.enable_grad():
-                out = run_batch(model, model_kwargs(model, batch))
+                out = run_uncached(model, batch)
                 loss = _probe_loss(out, objective, mask_now[0], gen)
                 if not outputs:
                     continue

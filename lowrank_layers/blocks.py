@@ -35,6 +35,7 @@ __all__ = [
     "has_logits",
     "main_output",
     "model_kwargs",
+    "run_uncached",
 ]
 
 
@@ -92,6 +93,12 @@ def model_kwargs(model: nn.Module, batch: Any) -> Any:
     if "use_cache" in params:
         return {**batch, "use_cache": False}
     return batch
+
+
+def run_uncached(model: nn.Module, batch: Any) -> Any:
+    """:func:`~lowrank_layers.calibrate.run_batch` with :func:`model_kwargs`: one batch
+    through ``model``, without filling a key/value cache."""
+    return run_batch(model, model_kwargs(model, batch))
 
 
 def find_blocks(model: nn.Module, layer_names: Iterable[str]) -> tuple[str, list[nn.Module]] | None:
@@ -197,7 +204,7 @@ def capture_chain(
             for batch in batches:
                 n = len(captured)
                 with contextlib.suppress(StopForward):
-                    run_batch(model, model_kwargs(model, batch))
+                    run_uncached(model, batch)
                 if len(captured) != n + 1:
                     raise ValueError(
                         f"the first block ({container}.0) ran {len(captured) - n} times for one "

@@ -35,9 +35,9 @@ from .blocks import (
     find_blocks,
     has_logits,
     main_output,
-    model_kwargs,
+    run_uncached,
 )
-from .calibrate import padding_mask, run_batch
+from .calibrate import padding_mask
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear
 
@@ -286,10 +286,6 @@ class _Trainer:
         return losses
 
 
-def _forward(model: nn.Module, batch: Any) -> Any:
-    return run_batch(model, model_kwargs(model, batch))
-
-
 @torch.no_grad()
 def _evaluate(
     student: nn.Module, teacher: nn.Module, batches: Sequence[Any], objective: str
@@ -297,8 +293,8 @@ def _evaluate(
     """The distillation loss over ``batches``, each batch weighted by its kept tokens."""
     total = weight = 0.0
     for batch in batches:
-        s = main_output(_forward(student, batch))
-        t = main_output(_forward(teacher, batch))
+        s = main_output(run_uncached(student, batch))
+        t = main_output(run_uncached(teacher, batch))
         mask = padding_mask(batch)
         tokens = s.shape[:-1].numel()
         if mask is not None and mask.shape == s.shape[:-1]:
@@ -321,8 +317,8 @@ def _train_end_to_end(
     def loss_fn() -> torch.Tensor:
         batch = batches[order.next()]
         with torch.no_grad():
-            t = main_output(_forward(teacher, batch))
-        s = main_output(_forward(student, batch))
+            t = main_output(run_uncached(teacher, batch))
+        s = main_output(run_uncached(student, batch))
         return distillation_loss(s, t, objective, padding_mask(batch))
 
     return trainer.run(loss_fn, steps, seconds)
@@ -612,7 +608,7 @@ def heal(
         student.eval()
         teacher.eval()
         with torch.no_grad():
-            s_raw, t_raw = _forward(student, batches[0]), _forward(teacher, batches[0])
+            s_raw, t_raw = run_uncached(student, batches[0]), run_uncached(teacher, batches[0])
             s_shape, t_shape = main_output(s_raw).shape, main_output(t_raw).shape
         if s_shape != t_shape:
             raise ValueError(
