@@ -22,10 +22,24 @@ __all__ = [
     "make_linear",
 ]
 
-# GEMMs whose rank dimension is a multiple of 8 run markedly faster on CPU (AVX2 holds 8
-# floats): rank 77 took 6.6 ms where rank 80 took 5.6 ms for 512 tokens of a 768x3072
-# layer. The forward pads the rank with zero components up to the next multiple.
+# Two regimes, chosen from the shapes alone (so torch.compile sees no branch on data):
+#
+# - Many tokens per call (>= FOLD_MIN_TOKENS, training batches, prefill): S and D are
+#   folded into the small (out, r) weight, so no elementwise op touches an activation,
+#   and the rank is zero-padded to a multiple of RANK_ALIGNMENT, since GEMMs whose inner
+#   dimension is a multiple of 8 run faster on CPU (AVX2 holds 8 floats). Measured at
+#   4096 tokens: rank 190 of 3072x768 ran forward+backward in 179 ms padded against
+#   200 ms unpadded; rank 334 of 576x1536 in 132 ms against 153 ms.
+# - Few tokens (decoding, small batches): folding copies the factors on every call, a
+#   traffic of several times the weights' own that dominates a call over one token. The
+#   factors are then read once, as they are stored: ``x·V`` is scaled by S (a vector of r
+#   per token), and D and the bias are applied to the output. No padding: at 64 tokens
+#   it cost 20-30% (rank 334 of 576x1536: 1.85 ms padded, 1.22 ms in this form).
+#
+# Both regimes were measured at 64 to 4096 tokens (docs/benchmarks.md); they are within
+# a few percent of each other at 256-512 tokens, where the switch lies.
 RANK_ALIGNMENT = 8
+FOLD_MIN_TOKENS = 512
 
 
 def lowrank_linear(
@@ -38,19 +52,41 @@ def lowrank_linear(
 ) -> torch.Tensor:
     """``y = x·V·diag(S)·Uᵀ·diag(D) + b``, the functional form of :class:`LowRankLinear`.
 
-    Two ``F.linear`` calls: ``S`` (and ``D``) are folded into the small ``(out, r)``
-    weight of the second, so no elementwise op touches an activation, and the bias is
-    fused into the second product. The rank is zero-padded to a multiple of
-    ``RANK_ALIGNMENT`` (a shape-only decision, so ``torch.compile`` sees no branch on data).
+    Two ``F.linear`` calls. With at least ``FOLD_MIN_TOKENS`` tokens (rows of ``input``),
+    ``S`` and ``D`` are folded into the small ``(out, r)`` weight of the second, the bias
+    is fused into it, and the rank is zero-padded to a multiple of ``RANK_ALIGNMENT``.
+    With fewer tokens, the factors are used as stored, each read once per call: ``S``
+    scales the ``(tokens, r)`` intermediate and ``D`` the output, in place when autograd
+    is off (the results are bit-identical to those with autograd on). The choice depends
+    on shapes only, so ``torch.compile`` traces either regime whole.
     """
-    weight = U * S
-    if D is not None:
-        weight = weight * D[:, None]
-    pad = -S.shape[0] % RANK_ALIGNMENT
-    if pad:
-        V = F.pad(V, (0, pad))
-        weight = F.pad(weight, (0, pad))
-    return F.linear(F.linear(input, V.mT), weight, bias)
+    tokens = input.numel() // max(input.shape[-1], 1)
+    if tokens >= FOLD_MIN_TOKENS:
+        weight = U * S
+        if D is not None:
+            weight = weight * D[:, None]
+        pad = -S.shape[0] % RANK_ALIGNMENT
+        if pad:
+            V = F.pad(V, (0, pad))
+            weight = F.pad(weight, (0, pad))
+        return F.linear(F.linear(input, V.mT), weight, bias)
+    # under autocast the products come out in the autocast dtype: S, D and the bias
+    # follow them (a no-op otherwise), as they would inside a folded weight
+    hidden = F.linear(input, V.mT)
+    S = S.to(hidden.dtype)
+    if torch.is_grad_enabled():
+        hidden = hidden * S
+        if D is None:
+            return F.linear(hidden, U, bias)
+        out = F.linear(hidden, U)
+        out = out * D.to(out.dtype)
+        return out if bias is None else out + bias.to(out.dtype)
+    hidden.mul_(S)
+    if D is None:
+        return F.linear(hidden, U, bias)
+    out = F.linear(hidden, U)
+    out.mul_(D.to(out.dtype))
+    return out if bias is None else out.add_(bias.to(out.dtype))
 
 
 def check_features(name: str, value: object) -> int:
@@ -182,10 +218,13 @@ class LowRankLinear(nn.Module):
         y = x \, V \, \mathrm{diag}(S) \, U^\top \mathrm{diag}(D) + b,
         \qquad W = \mathrm{diag}(D)\, U \,\mathrm{diag}(S)\, V^\top
 
-    The forward is two ``F.linear`` calls, ``(x V)`` then ``(·)(D U S)ᵀ + b`` with
-    the bias fused into the second: ``r·(in + out)`` multiply-adds per token instead
-    of ``in·out``, and no Python branching on data, so ``torch.compile`` traces it
-    whole.
+    The forward is two ``F.linear`` calls, ``(x V)`` then ``(·)(D U S)ᵀ + b``:
+    ``r·(in + out)`` multiply-adds per token instead of ``in·out``, and no Python
+    branching on data, so ``torch.compile`` traces it whole. At few tokens per call
+    (decoding) it reads each factor once, as stored, and holds no cached copy: the
+    layer's memory is its parameters, and a parameter change (optimizer step,
+    ``load_state_dict``, ``.to()``) needs nothing invalidated. See
+    :func:`lowrank_linear` for the two regimes.
 
     Args:
         in_features: size of each input sample.

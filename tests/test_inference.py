@@ -1,0 +1,201 @@
+"""Inference (autograd off) reads the factors as they are: same outputs, nothing cached.
+
+``lowrank_linear`` has two regimes, chosen by the number of tokens per call (see
+``FOLD_MIN_TOKENS``): the few-token one scales activations in place when autograd is off.
+These tests hold every layer kind to one rule: with autograd off the output is
+bit-identical to the output with autograd on, before and after every kind of parameter
+change, and nothing the layer computes for inference outlives the call.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+from lowrank_layers import (
+    AdaptiveLowRankLinear,
+    DynamicLowRankLinear,
+    LowRankLinear,
+    lowrank_linear,
+)
+from lowrank_layers.linear import FOLD_MIN_TOKENS
+
+TOKENS = [1, 7, FOLD_MIN_TOKENS - 1, FOLD_MIN_TOKENS]
+
+
+def make(kind: str, *, balance: bool = True, bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "lowrank":
+        layer = LowRankLinear(40, 24, 9, balance=balance, bias=bias)
+    elif kind == "dynamic":
+        layer = DynamicLowRankLinear(40, 24, max_rank=16, rank=11, balance=balance, bias=bias)
+    else:
+        layer = AdaptiveLowRankLinear(40, 24, rank=9, bias=bias)
+        layer.switch_to_lowrank(balance="rownorm" if balance else "none")
+    with torch.no_grad():  # make S, D and the bias matter (fresh ones are constants)
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return layer
+
+
+def assert_modes_agree(layer: nn.Module, tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """Grad mode, no_grad and inference_mode give the same bits; returns the output.
+
+    The input is drawn from a copy of ``gen``, so calls with one generator see one input.
+    """
+    local = torch.Generator().manual_seed(gen.initial_seed())
+    x = torch.randn(tokens, 40, generator=local, dtype=layer.U.dtype)
+    with_grad = layer(x)
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        no_grad = layer(x)
+    with torch.inference_mode():
+        inference = layer(x)
+    assert torch.equal(no_grad, with_grad.detach())
+    assert torch.equal(inference, with_grad.detach())
+    # and both equal the dense weight's output, to float32 rounding
+    dense = nn.functional.linear(x, layer.dense_weight(), layer.bias)
+    torch.testing.assert_close(with_grad.detach(), dense, rtol=1e-5, atol=1e-5)
+    return with_grad.detach()
+
+
+KINDS = ["lowrank", "dynamic", "adaptive"]
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("balance", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_grad_equals_grad_mode(kind, bias, balance, tokens, gen):
+    assert_modes_agree(make(kind, balance=balance, bias=bias), tokens, gen)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_follow_an_optimizer_step(kind, gen):
+    layer = make(kind)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    before = assert_modes_agree(layer, 3, gen)
+    x = torch.randn(64, 40, generator=gen)
+    layer(x).square().mean().backward()
+    opt.step()
+    after = assert_modes_agree(layer, 3, gen)
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_follow_load_state_dict_and_to_dtype(kind, gen):
+    layer = make(kind)
+    other = copy.deepcopy(layer)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    assert_modes_agree(layer, 2, gen)
+    layer.load_state_dict(other.state_dict())
+    out = assert_modes_agree(layer, 2, gen)
+    torch.testing.assert_close(out, assert_modes_agree(other, 2, gen), rtol=0, atol=0)
+    layer.double()
+    assert_modes_agree(layer, 2, gen)
+    layer.bfloat16()
+    x = torch.randn(5, 40, generator=gen, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer(x))
+        no_grad = layer(x)
+    assert no_grad.dtype == torch.bfloat16
+    assert torch.equal(no_grad, layer(x).detach())
+
+
+def test_outputs_follow_set_rank_and_prune(gen):
+    layer = make("dynamic")
+    for change in (lambda: layer.set_rank(5), lambda: layer.set_rank(13), layer.prune):
+        change()
+        assert_modes_agree(layer, 4, gen)
+    assert layer.max_rank == 13
+
+
+def test_outputs_follow_the_adaptive_switch(gen):
+    torch.manual_seed(0)
+    layer = AdaptiveLowRankLinear(40, 24, rank=9)
+    x = torch.randn(3, 40, generator=gen)
+    with torch.no_grad():
+        dense = layer(x)
+    layer.switch_to_lowrank()
+    out = assert_modes_agree(layer, 3, gen)
+    assert out.shape == dense.shape
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_leaves_no_state_behind(kind, gen):
+    layer = make(kind)
+    keys = set(layer.state_dict())
+    buffers = dict(layer.named_buffers())
+    attributes = set(vars(layer))
+    with torch.no_grad():
+        layer(torch.randn(1, 40, generator=gen))
+        layer(torch.randn(FOLD_MIN_TOKENS, 40, generator=gen))
+    assert set(layer.state_dict()) == keys
+    assert dict(layer.named_buffers()) == buffers
+    assert set(vars(layer)) == attributes
+
+
+def test_both_regimes_agree(gen):
+    """The folded, padded regime and the few-token one compute the same product."""
+    U = torch.randn(24, 9, generator=gen)
+    S = torch.rand(9, generator=gen) + 0.5
+    V = torch.randn(40, 9, generator=gen)
+    D = torch.rand(24, generator=gen) + 0.5
+    b = torch.randn(24, generator=gen)
+    x = torch.randn(FOLD_MIN_TOKENS, 40, generator=gen)
+    folded = lowrank_linear(x, U, S, V, D, b)
+    rowwise = torch.cat([lowrank_linear(x[i : i + 8], U, S, V, D, b) for i in range(0, 512, 8)])
+    torch.testing.assert_close(folded, rowwise, rtol=1e-5, atol=1e-5)
+    assert torch.equal(lowrank_linear(x[:0], U, S, V, D, b), torch.empty(0, 24))
+
+
+def test_autocast_keeps_the_autocast_dtype(gen):
+    layer = make("lowrank")
+    x = torch.randn(2, 40, generator=gen)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = layer(x)
+        with torch.no_grad():
+            no_grad = layer(x)
+    assert with_grad.dtype == no_grad.dtype == torch.bfloat16
+    assert torch.equal(no_grad, with_grad.detach())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_compiled_decoding_neither_breaks_nor_recompiles(kind, gen):
+    """A decode loop (one token per call, new values each time) compiles once, whole."""
+    layer = make(kind)
+    model = nn.Sequential(layer, nn.GELU(), nn.Linear(24, 40))
+    compiles = []
+
+    def counting_backend(gm: torch.fx.GraphModule, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(torch.randn(1, 40, generator=gen))
+        assert explanation.graph_break_count == 0
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=counting_backend)
+        x = torch.randn(1, 40, generator=gen)
+        for _ in range(5):
+            out = compiled(x)
+            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+            x = out[:, :40].tanh()
+    assert len(compiles) == 1
+
+
+def test_compiled_inductor_matches_eager_in_both_regimes(gen):
+    layer = make("lowrank")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        for tokens in (1, FOLD_MIN_TOKENS):
+            x = torch.randn(tokens, 40, generator=gen)
+            torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
