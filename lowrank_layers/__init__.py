@@ -32,6 +32,7 @@ from .grad import GradientProjector
 from .heal import HealReport, heal
 from .linear import LowRankLinear, lowrank_linear
 from .pipeline import CompressionReport, compress
+from .speed import SpeedModel, expected_speedup, measure_speed_model
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "LayerReport",
     "LowRankLinear",
     "RankScheduler",
+    "SpeedModel",
     "SwitchResult",
     "__version__",
     "allocate_ranks",
@@ -57,12 +59,14 @@ __all__ = [
     "convert_checkpoint",
     "convert_model",
     "convertible_layers",
+    "expected_speedup",
     "factor_parameters",
     "factorize",
     "heal",
     "load_lowrank",
     "lowrank_linear",
     "make_efficient_linear",
+    "measure_speed_model",
     "prune_dynamic",
     "randomized_svd",
     "register_weight_reader",

@@ -37,6 +37,7 @@ from .factorize import (
     resolve_rank,
     whitening_factor,
 )
+from .speed import SpeedRule
 
 __all__ = [
     "LayerOptions",
@@ -244,11 +245,13 @@ def rank_options(
     sensitivity: Sensitivity,
     *,
     grid: Sequence[float] | None = None,
+    speed: SpeedRule | None = None,
 ) -> LayerOptions:
     """A layer's estimated loss at each candidate rank (see the module docstring).
 
     Candidates: the largest rank within each ``param_ratio`` of ``grid`` (default 0.05,
-    0.10, ..., 0.95) that saves parameters, and "keep dense" (cost ``out·in``, loss 0).
+    0.10, ..., 0.95) that saves parameters (and, with ``speed``, is expected to be fast
+    enough), and "keep dense" (cost ``out·in``, loss 0).
     """
     W = weight.detach().float()
     out_f, in_f = W.shape
@@ -270,7 +273,7 @@ def rank_options(
     ranks: list[int | None] = []
     for ratio in grid:
         r = _saving_rank(out_f, in_f, ratio)
-        if r is not None and r not in ranks:
+        if r is not None and r not in ranks and _pays(speed, out_f, in_f, r, weight.dtype):
             ranks.append(r)
     options = LayerOptions(out_f, in_f, [], [], [])
     for r in ranks:
@@ -350,12 +353,20 @@ def solve_budget(
     return {n: plan[n] for n in names}
 
 
+def _pays(speed: SpeedRule | None, out_f: int, in_f: int, rank: int, dtype: torch.dtype) -> bool:
+    return (
+        speed is None
+        or speed.reason(out_f, in_f, rank, balance=False, bias=True, dtype=dtype) is None
+    )
+
+
 def loss_aware_ranks(
     modules: Mapping[str, nn.Module],
     sensitivity: Mapping[str, Sensitivity],
     budget: float,
     *,
     grid: Sequence[float] | None = None,
+    speed: SpeedRule | None = None,
 ) -> tuple[dict[str, int | None], dict[str, LayerOptions]]:
     """Per-layer ranks (None: keep dense) minimising the estimated loss within ``budget``.
 
@@ -363,7 +374,8 @@ def loss_aware_ranks(
     sensitivity (no gradient reached it: its output does not feed the objective, such as
     BERT's pooler for the hidden states) cannot be ranked by its effect: it gets the
     largest rank within ``budget`` of its own weight (a uniform ratio), and the others share
-    what is left.
+    what is left. With ``speed``, ranks not expected to be fast enough are no candidates
+    (the layer may stay dense).
 
     Returns:
         ``(plan, options)``: ``{layer: rank or None}`` for every module, and the candidates
@@ -374,7 +386,7 @@ def loss_aware_ranks(
     """
     _check_fraction("budget", budget)
     options = {
-        n: rank_options(m.weight, sensitivity[n], grid=grid)
+        n: rank_options(m.weight, sensitivity[n], grid=grid, speed=speed)
         for n, m in modules.items()
         if n in sensitivity
     }
@@ -385,7 +397,7 @@ def loss_aware_ranks(
             continue
         out_f, in_f = m.weight.shape
         r = _saving_rank(out_f, in_f, budget)
-        if r is not None:
+        if r is not None and _pays(speed, out_f, in_f, r, m.weight.dtype):
             plan[n] = r
             fixed_cost += factor_parameters(out_f, in_f, r, balance=False)
         else:  # too small to save anything at this budget: dense, at full cost

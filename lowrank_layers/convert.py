@@ -31,6 +31,7 @@ from .factorize import (
     truncated_spectrum,
 )
 from .linear import LowRankLinear
+from .speed import REPORT_TOKENS, SpeedRule, expected_speedup
 
 __all__ = [
     "ConversionReport",
@@ -86,6 +87,10 @@ class LayerReport:
     reason: str | None = None
     output_error: float | None = None  # relative, on error_data's inputs
     error_data: str | None = None  # "calibration" or "held-out": what output_error used
+    # expected speed-up of the forward over nn.Linear (speed.expected_speedup) at
+    # REPORT_TOKENS[0] and REPORT_TOKENS[1] tokens per call; None when not low rank
+    speedup_few: float | None = None
+    speedup_many: float | None = None
 
     @property
     def converted(self) -> bool:
@@ -152,7 +157,8 @@ class ConversionReport:
         def num(value: float | None) -> str:
             return "-" if value is None else f"{value:.4f}"
 
-        header = ["layer", "kind", "in", "out", "rank", "params", "after", "rel.err"]
+        header = ["layer", "kind", "in", "out", "rank", "params", "after"]
+        header += [f"x@{REPORT_TOKENS[0]}", f"x@{REPORT_TOKENS[1]}", "rel.err"]
         data = next((x.error_data for x in self.layers if x.error_data), "calibration")
         header += [f"out.err ({data})"] if calibrated else []
         header += ["s", "note"]
@@ -166,6 +172,8 @@ class ConversionReport:
                 "-" if layer.rank is None else str(layer.rank),
                 f"{layer.params_before:,}",
                 f"{layer.params_after:,}",
+                "-" if layer.speedup_few is None else f"{layer.speedup_few:.2f}",
+                "-" if layer.speedup_many is None else f"{layer.speedup_many:.2f}",
                 num(layer.relative_error),
             ]
             row += [num(layer.output_error)] if calibrated else []
@@ -183,6 +191,10 @@ class ConversionReport:
 
         lines = [fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]]
         saved = 1 - self.params_after / self.params_before if self.params_before else 0.0
+        lines.append(
+            "x@N: expected speed-up of the layer's forward over nn.Linear at N tokens per "
+            "call (lowrank_layers.expected_speedup; a model, not a measurement)"
+        )
         lines.append(
             f"converted {len(self.converted)} of {len(self.layers)} matched layers: "
             f"{self.params_before:,} -> {self.params_after:,} parameters ({saved:.1%} fewer); "
@@ -278,6 +290,8 @@ def convert_model(
     ranks: Mapping[str, int | None] | None = None,
     propagate: bool = False,
     eval_batches: Iterable[Any] | None = None,
+    min_speedup: float | None = None,
+    speedup_tokens: int = 1,
     progress: bool = False,
 ) -> ConversionReport:
     """Replace ``nn.Linear`` modules of ``model`` by low-rank layers, in place.
@@ -297,8 +311,9 @@ def convert_model(
     converted (not ``nn.Linear``, a subclass with its own forward, or already low rank); its
     parent reads ``.weight`` directly (``nn.MultiheadAttention.out_proj``, see
     :func:`register_weight_reader`); its weight is shared with another module (tied
-    embeddings and output head); ``in·out <= threshold²``; or the rank saves no
-    parameters (at or past break-even). A module held at several places in the tree is
+    embeddings and output head); ``in·out <= threshold²``; the rank saves no
+    parameters (at or past break-even); or, with ``min_speedup``, the layer is not
+    expected to run that much faster. A module held at several places in the tree is
     replaced at all of them by one new layer.
 
     Args:
@@ -337,6 +352,16 @@ def convert_model(
         eval_batches: held-out batches; the report's output error is then measured on
             them (``LayerReport.error_data == "held-out"``) rather than on the calibration
             data, which a layer can fit exactly when it saw few tokens.
+        min_speedup: keep dense every layer whose expected forward speed-up over
+            ``nn.Linear`` at ``speedup_tokens`` tokens per call
+            (:func:`~lowrank_layers.expected_speedup`) is below this (for example 1.0:
+            only layers that are faster). With ``budget``, each layer's rank is capped at
+            the largest rank that pays, and a layer where none does stays dense, its
+            parameters counted in the budget. The report shows every layer's expected
+            speed-up at 1 and 1024 tokens either way.
+        speedup_tokens: tokens per call (batch × sequence) that ``min_speedup`` is judged
+            at: 1 for decoding one sequence, the batch size for batched decoding, the
+            sequence length times the batch for an encoder.
         seed: with ``method="randomized"``, each layer's sketch is drawn from a generator
             seeded by :func:`layer_seed` ``(seed, name)``: results do not depend on the
             order or subset of layers converted, and ``convert_checkpoint`` with the same
@@ -391,6 +416,16 @@ def convert_model(
             "calibration, budget, ranks and propagate apply to layer='lowrank' or 'dynamic'; "
             "an adaptive layer is factorized later, by switch_to_lowrank"
         )
+    speed = None
+    if min_speedup is not None:
+        if layer == "adaptive":
+            raise ValueError(
+                "min_speedup applies to layer='lowrank' or 'dynamic'; an adaptive layer stays "
+                "dense until switch_to_lowrank"
+            )
+        speed = SpeedRule(min_speedup, speedup_tokens)
+    elif isinstance(speedup_tokens, bool) or not isinstance(speedup_tokens, int):
+        raise ValueError(f"speedup_tokens must be a positive int, got {speedup_tokens!r}")
     if propagate and (calibration is None or isinstance(calibration, Mapping)):
         raise ValueError(
             "propagate=True needs calibration batches (a list the model takes), not "
@@ -432,11 +467,39 @@ def convert_model(
             for fqn, m in eligible.items()
             if m.in_features * m.out_features > threshold**2
         }
+        caps: dict[str, int] | None = None
+        fraction = budget
+        if speed is not None:
+            caps = {
+                f: speed.max_rank(
+                    eligible[f].out_features,
+                    eligible[f].in_features,
+                    len(sv),
+                    balance=balance != "none",
+                    bias=eligible[f].bias is not None,
+                    dtype=eligible[f].weight.dtype,
+                )
+                for f, sv in spectra.items()
+            }
+            slow = sorted(f for f, cap in caps.items() if cap == 0)
+            fraction = _budget_without(spectra, eligible, slow, budget, balance != "none")
+            for f in slow:
+                m = eligible[f]
+                dense_reason[f] = speed.reason(
+                    m.out_features,
+                    m.in_features,
+                    1,
+                    balance=balance != "none",
+                    bias=m.bias is not None,
+                    dtype=m.weight.dtype,
+                )  # type: ignore[assignment]
+                del spectra[f]
         allocated = allocate_ranks(
             {f: (s, eligible[f].out_features, eligible[f].in_features) for f, s in spectra.items()},
-            budget,
+            fraction,
             balance=balance != "none",
             strategy=allocation,
+            max_ranks=caps,
         )
         layer_policy = {f: {"rank": r} for f, r in allocated.items()}
     elif ranks is not None:
@@ -472,6 +535,7 @@ def convert_model(
                 cross_cov=None if stats is None else stats.cross_cov,
                 target_energy=None if stats is None else stats.target_energy,
                 eval_cov=eval_covs.get(fqn),
+                speed=speed,
             )
         entry.seconds = time.perf_counter() - start
         entries[fqn] = entry
@@ -660,6 +724,7 @@ def _convert_one(
     cross_cov: torch.Tensor | None = None,
     target_energy: float | None = None,
     eval_cov: torch.Tensor | None = None,
+    speed: SpeedRule | None = None,
 ) -> LayerReport:
     reason = _structural_reason(fqn, module, holders, owners)
     if reason is not None:
@@ -667,6 +732,15 @@ def _convert_one(
     out_f, in_f = module.out_features, module.in_features
     keep_d = balance != "none"
     planned, reason = plan_rank(out_f, in_f, policy, threshold=threshold, balance=keep_d)
+    if reason is None and planned is not None and speed is not None:
+        reason = speed.reason(
+            out_f,
+            in_f,
+            planned,
+            balance=keep_d,
+            bias=module.bias is not None,
+            dtype=module.weight.dtype,
+        )
     if reason is not None:
         return _skip(fqn, module, reason)
 
@@ -695,6 +769,17 @@ def _convert_one(
         rank = factors.rank
         if not saves_parameters(out_f, in_f, rank, balance=factors.D is not None):
             return _skip(fqn, module, break_even_reason(rank))
+        if speed is not None and planned is None:  # energy: the rank is known only now
+            reason = speed.reason(
+                out_f,
+                in_f,
+                rank,
+                balance=factors.D is not None,
+                bias=module.bias is not None,
+                dtype=module.weight.dtype,
+            )
+            if reason is not None:
+                return _skip(fqn, module, reason)
         error = relative_error(module.weight, factors)
         after = factor_parameters(out_f, in_f, rank, balance=factors.D is not None)
         if eval_cov is not None:
@@ -710,6 +795,20 @@ def _convert_one(
             p.requires_grad_(False)
     for parent, child_name, _ in holders.get(id(module), []):
         setattr(parent, child_name, new)
+    few = many = None
+    if rank is not None and layer != "adaptive":
+        few, many = (
+            expected_speedup(
+                in_f,
+                out_f,
+                rank,
+                tokens,
+                balance=new.D is not None,
+                bias=module.bias is not None,
+                dtype=module.weight.dtype,
+            )
+            for tokens in REPORT_TOKENS
+        )
     return LayerReport(
         name=fqn,
         kind=type(new).__name__,
@@ -722,7 +821,38 @@ def _convert_one(
         seconds=0.0,
         output_error=out_error,
         error_data=error_data,
+        speedup_few=few,
+        speedup_many=many,
     )
+
+
+def _budget_without(
+    spectra: Mapping[str, Any],
+    eligible: Mapping[str, nn.Module],
+    dense: list[str],
+    budget: float,
+    balance: bool,
+) -> float:
+    """The budget fraction left for the other layers once the ``dense`` ones are kept whole."""
+    if not dense:
+        return budget
+    size = {f: eligible[f].in_features * eligible[f].out_features for f in spectra}
+    total = sum(size.values())
+    kept = sum(size[f] for f in dense)
+    others = [f for f in spectra if f not in dense]
+    least = sum(
+        factor_parameters(eligible[f].out_features, eligible[f].in_features, 1, balance=balance)
+        for f in others
+    )
+    left = budget * total - kept
+    if left < least:
+        raise ValueError(
+            f"budget={budget} keeps {int(budget * total):,} parameters, but the {len(dense)} "
+            f"layers no rank speeds up (min_speedup) already hold {kept:,}, which leaves "
+            f"{max(0, int(left)):,} for the other {len(others)} layers (rank 1 in each needs "
+            f"{least:,})"
+        )
+    return min(1.0, left / (total - kept))
 
 
 ALLOCATIONS: tuple[str, ...] = ("minimax", "greedy")
@@ -734,6 +864,7 @@ def allocate_ranks(
     *,
     balance: bool = False,
     strategy: str = "minimax",
+    max_ranks: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Per-layer ranks keeping at most ``budget`` of the layers' weight parameters.
 
@@ -749,7 +880,8 @@ def allocate_ranks(
       It minimises the *sum* of relative squared errors, which lets a few layers fall to
       very low ranks.
 
-    Every layer keeps at least rank 1 and never reaches break-even. Ties go to the earlier
+    Every layer keeps at least rank 1, at most its ``max_ranks`` entry (when given), and
+    never reaches break-even. Ties go to the earlier
     layer name: the result is deterministic. ``benchmarks/conversion_quality.py`` compares
     the two on real models.
 
@@ -775,8 +907,9 @@ def allocate_ranks(
     for n in names:
         sq = spectra[n][0].detach().to(torch.float64).square()
         energy[n] = (sq / sq.sum().clamp_min(1e-300)).tolist()
+    limit = {n: (max_ranks or {}).get(n, len(energy[n])) for n in names}
     if strategy == "minimax":
-        ranks, used = _minimax_ranks(spectra, energy, allowed, balance)
+        ranks, used = _minimax_ranks(spectra, energy, allowed, balance, limit)
     heap: list[tuple[float, int, str]] = []
     for i, n in enumerate(names):
         out, inp = spectra[n][1], spectra[n][2]
@@ -787,7 +920,11 @@ def allocate_ranks(
         _, out, inp = spectra[n]
         r = ranks[n]
         step = out + inp + 1
-        if used + step > allowed or not saves_parameters(out, inp, r + 1, balance=balance):
+        if (
+            used + step > allowed
+            or r + 1 > limit[n]
+            or not saves_parameters(out, inp, r + 1, balance=balance)
+        ):
             continue
         ranks[n] = r + 1
         used += step
@@ -801,6 +938,7 @@ def _minimax_ranks(
     energy: dict[str, list[float]],
     allowed: float,
     balance: bool,
+    limit: Mapping[str, int],
 ) -> tuple[dict[str, int], int]:
     """Ranks reaching the smallest common residual-energy fraction within ``allowed``."""
     import bisect
@@ -811,7 +949,7 @@ def _minimax_ranks(
     for n, (_, out, inp) in spectra.items():
         kept = list(itertools.accumulate(energy[n]))
         residual[n] = [max(0.0, 1.0 - k) for k in kept]
-        cap = max(1, len(kept))
+        cap = max(1, min(len(kept), limit[n]))
         while cap > 1 and not saves_parameters(out, inp, cap, balance=balance):
             cap -= 1
         caps[n] = cap

@@ -25,6 +25,7 @@ from .allocate import collect_sensitivity, loss_aware_ranks
 from .convert import ConversionReport, convert_model, convertible_layers
 from .factorize import _check_choice, _check_fraction
 from .heal import check_heal_options, heal
+from .speed import SpeedRule
 
 __all__ = ["CompressionReport", "compress"]
 
@@ -109,6 +110,8 @@ def compress(
     heal_mode: str = "end_to_end",
     heal_lr: float = 1e-4,
     teacher: nn.Module | None = None,
+    min_speedup: float | None = None,
+    speedup_tokens: int = 1,
     seed: int = 0,
     progress: bool = False,
 ) -> CompressionReport:
@@ -142,6 +145,10 @@ def compress(
         heal_lr: the healing learning rate.
         teacher: the original model for healing; by default a deep copy taken before
             conversion (one more model in memory while healing).
+        min_speedup, speedup_tokens: only ranks whose forward is expected to be at least
+            ``min_speedup`` times as fast as ``nn.Linear`` at ``speedup_tokens`` tokens per
+            call are candidates; the others keep their layer dense (see
+            :func:`~lowrank_layers.convert_model`).
         seed: seeds the allocation's sampled probes, the sketches and the healing.
         progress: tqdm bars.
 
@@ -178,6 +185,7 @@ def compress(
         raise ValueError(
             f"objective must be one of 'auto', 'kl', 'cosine', 'mse', got {objective!r}"
         )
+    speed = None if min_speedup is None else SpeedRule(min_speedup, speedup_tokens)
     seconds: dict[str, float] = {}
     if healing and teacher is None:
         teacher = copy.deepcopy(model)
@@ -189,7 +197,7 @@ def compress(
         subset = _first_tokens(calibration, sensitivity_tokens)
         probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
         sens = collect_sensitivity(model, subset, layers, objective=probe, seed=seed)
-        plan, _ = loss_aware_ranks(layers, sens, budget)
+        plan, _ = loss_aware_ranks(layers, sens, budget, speed=speed)
         seconds["allocation"] = time.perf_counter() - start
         policy = {"ranks": plan}
     else:
@@ -203,6 +211,8 @@ def compress(
         calibration=calibration,
         propagate=propagate,
         eval_batches=eval_batches,
+        min_speedup=min_speedup,
+        speedup_tokens=speedup_tokens,
         seed=seed,
         progress=progress,
         **policy,

@@ -188,7 +188,8 @@ def test_report_table_and_json():
     text = str(report)
     lines = text.splitlines()
     assert lines[0].split()[:5] == ["layer", "kind", "in", "out", "rank"]
-    assert len({len(line) for line in lines[2:-1]} | {len(lines[0])}) <= 2  # aligned
+    assert len({len(line) for line in lines[2:-2]} | {len(lines[0])}) <= 2  # aligned
+    assert lines[-2].startswith("x@N: expected speed-up")
     assert "skipped" not in text  # 64x10 head: 640 > 256, rank 2 saves
     data = json.loads(report.to_json())
     assert data["totals"]["converted"] == 9
@@ -197,6 +198,7 @@ def test_report_table_and_json():
     first = data["layers"][0]
     assert first["name"] == "blocks.0.q_proj" and first["rank"] == 16 and first["converted"]
     assert 0 < first["relative_error"] < 1 and first["seconds"] >= 0
+    assert first["speedup_few"] > 0 and first["speedup_many"] > 0
 
 
 def test_layer_kinds_and_frozen_weights(gen):

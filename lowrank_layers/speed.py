@@ -1,0 +1,275 @@
+"""What a low-rank layer is expected to gain over ``nn.Linear``: a cost model of the forward.
+
+A low-rank layer reads ``r·(in + out)`` weights and does as many multiply-adds per token,
+against ``in·out`` for ``nn.Linear``: that ratio is the limit of its speed-up, at one
+token per call (where reading the weights bounds the time) and at thousands (where the
+arithmetic does). What keeps a layer from its limit is the rest of the forward:
+
+- **per-call costs.** The factorized forward dispatches three operations (``x·V``, the
+  scaling by ``S``, ``·Uᵀ``; five with a row scale ``D`` and a bias) where ``nn.Linear``
+  dispatches one. At one token, a small layer's whole product takes a few microseconds,
+  as long as a dispatch: a 576x192 projection at ``param_ratio=0.8`` is no faster.
+- **the fold at many tokens.** From ``FOLD_MIN_TOKENS`` tokens on, ``S`` (and ``D``) are
+  folded into ``U`` and the rank padded to a multiple of 8: a copy of the factors per
+  call, and arithmetic on the padded rank.
+
+:class:`SpeedModel` prices each operation as ``call + max(bytes / bandwidth,
+flops / peak)``; :func:`expected_speedup` is the ratio of the two forwards' sums. Its
+default constants were measured on the machine of docs/benchmarks.md (2 cores of an AMD
+EPYC, float32); :func:`measure_speed_model` measures them on the machine at hand. It is a
+model: whole-model speed-ups, measured, are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .linear import FOLD_MIN_TOKENS, RANK_ALIGNMENT
+
+__all__ = [
+    "REPORT_TOKENS",
+    "SpeedModel",
+    "SpeedRule",
+    "expected_speedup",
+    "measure_speed_model",
+]
+
+# token counts per call shown in conversion reports and `inspect`: decoding one sequence,
+# and a prefill or an encoder batch
+REPORT_TOKENS: tuple[int, int] = (1, 1024)
+
+
+@dataclass(frozen=True)
+class SpeedModel:
+    """Costs of one machine: an operation takes ``call + max(bytes/bandwidth, flops/peak)``.
+
+    Attributes:
+        bandwidth: bytes per second a matrix-vector product reads its weight at, out of
+            cache.
+        peak: FLOPs per second of a large matrix product.
+        call: seconds of fixed cost per operation dispatched (Python, dispatcher, kernel
+            launch).
+    """
+
+    bandwidth: float = 11e9
+    peak: float = 9e10
+    call: float = 6e-6
+
+    def seconds(self, bytes_moved: float, flops: float) -> float:
+        """Modelled time of one operation."""
+        return self.call + max(bytes_moved / self.bandwidth, flops / self.peak)
+
+    def matmul(self, tokens: int, k: int, n: int, element: int) -> float:
+        """``(tokens, k) @ (k, n)``: the weight and the activations read, the output written."""
+        return self.seconds(element * (k * n + tokens * (k + n)), 2.0 * tokens * k * n)
+
+    def elementwise(self, elements: int, element: int) -> float:
+        """An elementwise product or sum over ``elements`` values (read twice, written once)."""
+        return self.seconds(3.0 * element * elements, float(elements))
+
+
+DEFAULT_SPEED_MODEL = SpeedModel()
+
+
+def _check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def dense_seconds(
+    in_features: int, out_features: int, tokens: int, *, element: int, model: SpeedModel
+) -> float:
+    """Modelled time of ``nn.Linear``'s forward (the bias is fused into the product)."""
+    return model.matmul(tokens, in_features, out_features, element)
+
+
+def lowrank_seconds(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    tokens: int,
+    *,
+    balance: bool,
+    bias: bool,
+    element: int,
+    model: SpeedModel,
+) -> float:
+    """Modelled time of :func:`~lowrank_layers.lowrank_linear`, in the regime it takes."""
+    if tokens >= FOLD_MIN_TOKENS:
+        padded = math.ceil(rank / RANK_ALIGNMENT) * RANK_ALIGNMENT
+        t = model.elementwise(out_features * rank, element)  # U * S
+        t += model.elementwise(out_features * rank, element) if balance else 0.0
+        if padded != rank:  # zero-padding copies of V and of the folded weight
+            t += 2 * model.seconds(element * 2 * (in_features + out_features) * rank, 0.0)
+        return (
+            t
+            + model.matmul(tokens, in_features, padded, element)
+            + model.matmul(tokens, padded, out_features, element)
+        )
+    t = model.matmul(tokens, in_features, rank, element)
+    t += model.elementwise(tokens * rank, element)  # · S
+    t += model.matmul(tokens, rank, out_features, element)
+    if balance:  # · D, then + bias, as separate operations
+        t += model.elementwise(tokens * out_features, element)
+        t += model.elementwise(tokens * out_features, element) if bias else 0.0
+    return t
+
+
+def expected_speedup(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    tokens: int = 1,
+    *,
+    balance: bool = False,
+    bias: bool = True,
+    dtype: torch.dtype = torch.float32,
+    model: SpeedModel | None = None,
+) -> float:
+    """The modelled speed-up of a low-rank layer's forward over ``nn.Linear`` of its shape.
+
+    Args:
+        in_features, out_features, rank: the layer.
+        tokens: rows per call (batch × sequence length): 1 when decoding one sequence.
+        balance, bias: whether the layer has a row scale ``D`` and a bias.
+        dtype: the weights' dtype (its size sets the bytes read).
+        model: the machine's costs (default: the constants of :class:`SpeedModel`).
+
+    Returns:
+        ``time(nn.Linear) / time(low rank)``, above 1 where the layer pays.
+
+    Example:
+        >>> expected_speedup(4096, 4096, 512, tokens=1) > 3.5   # limit 4.0
+        True
+        >>> expected_speedup(576, 192, 115, tokens=1) < 1.0     # small: per-call costs
+        True
+    """
+    for name, value in (
+        ("in_features", in_features),
+        ("out_features", out_features),
+        ("rank", rank),
+        ("tokens", tokens),
+    ):
+        _check_positive_int(name, value)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    element = torch.empty(0, dtype=dtype).element_size()
+    costs = DEFAULT_SPEED_MODEL if model is None else model
+    dense = dense_seconds(in_features, out_features, tokens, element=element, model=costs)
+    low = lowrank_seconds(
+        in_features,
+        out_features,
+        rank,
+        tokens,
+        balance=balance,
+        bias=bias,
+        element=element,
+        model=costs,
+    )
+    return dense / low
+
+
+@dataclass(frozen=True)
+class SpeedRule:
+    """Keep a layer dense unless its expected speed-up at ``tokens`` reaches ``min_speedup``.
+
+    ``convert_model(min_speedup=..., speedup_tokens=...)`` and
+    ``compress(min_speedup=...)`` apply it (see :func:`expected_speedup`).
+    """
+
+    min_speedup: float
+    tokens: int = 1
+    model: SpeedModel | None = None
+
+    def __post_init__(self) -> None:
+        m = self.min_speedup
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < math.inf:
+            raise ValueError(f"min_speedup must be a positive number, got {m!r}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            raise ValueError(f"speedup_tokens must be a positive int, got {self.tokens!r}")
+
+    def speedup(
+        self, out_f: int, in_f: int, rank: int, *, balance: bool, bias: bool, dtype: torch.dtype
+    ) -> float:
+        return expected_speedup(
+            in_f,
+            out_f,
+            rank,
+            self.tokens,
+            balance=balance,
+            bias=bias,
+            dtype=dtype,
+            model=self.model,
+        )
+
+    def reason(
+        self, out_f: int, in_f: int, rank: int, *, balance: bool, bias: bool, dtype: torch.dtype
+    ) -> str | None:
+        """Why a layer of this rank stays dense, or None when it pays."""
+        x = self.speedup(out_f, in_f, rank, balance=balance, bias=bias, dtype=dtype)
+        if x >= self.min_speedup:
+            return None
+        token_s = "token" if self.tokens == 1 else "tokens"
+        return (
+            f"expected speed-up {x:.2f}x at {self.tokens} {token_s} per call is below "
+            f"min_speedup={self.min_speedup:g}"
+        )
+
+    def max_rank(
+        self, out_f: int, in_f: int, upper: int, *, balance: bool, bias: bool, dtype: torch.dtype
+    ) -> int:
+        """The largest rank in ``[1, upper]`` that pays (found by bisection; the speed-up
+        falls as the rank grows), or 0 when even rank 1 does not."""
+
+        def pays(r: int) -> bool:
+            return self.reason(out_f, in_f, r, balance=balance, bias=bias, dtype=dtype) is None
+
+        if upper < 1 or not pays(1):
+            return 0
+        lo, hi = 1, upper
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if pays(mid) else (lo, mid - 1)
+        return lo
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_speed_model(*, repeats: int = 9) -> SpeedModel:
+    """Measure :class:`SpeedModel`'s constants on this machine, in float32 (about a second).
+
+    - ``call``: one ``torch.mul`` on 8 values;
+    - ``bandwidth``: ``F.linear`` of one token through 64 MiB of weights (eight 2048x1024
+      matrices in turn, so that they are read from memory, not from cache);
+    - ``peak``: a 1024x1024x1024 matrix product.
+    """
+    _check_positive_int("repeats", repeats)
+    small = torch.ones(8)
+    per_call = _median_seconds(lambda: torch.mul(small, small), repeats * 20)
+    weights = [torch.randn(2048, 1024) for _ in range(8)]
+    x = torch.randn(1, 1024)
+
+    def read_all() -> None:
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+
+    t = _median_seconds(read_all, repeats) / len(weights)
+    bandwidth = weights[0].numel() * 4 / max(t - per_call, 1e-9)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    t = _median_seconds(lambda: a @ b, repeats)
+    return SpeedModel(bandwidth=bandwidth, peak=2 * 1024**3 / t, call=per_call)
