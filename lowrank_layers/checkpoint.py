@@ -67,6 +67,7 @@ from .factorize import (
     select_rank,
 )
 from .linear import LowRankLinear, make_linear
+from .speed import REPORT_TOKENS, SpeedRule, expected_speedup
 
 __all__ = [
     "FORMAT_NAME",
@@ -738,6 +739,7 @@ class _Job:
     balance: str
     seed: int
     threads: int
+    speed: SpeedRule | None = None
 
 
 def is_embedding_name(module_name: str) -> bool:
@@ -762,6 +764,8 @@ def convert_checkpoint(
     seed: int = 0,
     workers: int = 1,
     overwrite: bool = False,
+    min_speedup: float | None = None,
+    speedup_tokens: int = 1,
     progress: bool = False,
 ) -> ConversionReport:
     """Factorize the 2-D weights of a safetensors checkpoint, without model code.
@@ -771,8 +775,10 @@ def convert_checkpoint(
     to ``dst``). Each tensor ``<module>.weight`` that is 2-D, floating point, selected by
     ``include`` / ``exclude`` (matched against ``<module>`` as in
     :func:`~lowrank_layers.convert_model`), not an embedding (unless
-    ``exclude_embeddings=False``), above ``threshold`` and saving parameters at its rank is
-    read, factorized and written as ``<module>.U/.S/.V(/.D)``; every other tensor is copied
+    ``exclude_embeddings=False``), above ``threshold``, saving parameters at its rank and
+    (with ``min_speedup``, as in :func:`~lowrank_layers.convert_model`) expected to run at
+    least that much faster at ``speedup_tokens`` tokens per call is read, factorized and
+    written as ``<module>.U/.S/.V(/.D)``; every other tensor is copied
     bit for bit. Tensors are read and written one at a time: peak memory stays near the
     largest tensor and its factors, not the checkpoint: for 4096x8192 float32 weights,
     1.8x one weight above the import in the CLI or in worker processes (which return freed
@@ -804,6 +810,7 @@ def convert_checkpoint(
     for name, value, low in (("threshold", threshold, 0), ("workers", workers, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    speed = None if min_speedup is None else SpeedRule(min_speedup, speedup_tokens)
     src, dst = Path(src), Path(dst)
     ckpt = _open_checkpoint(src)
     if ckpt.metadata.get("format") == FORMAT_NAME:
@@ -866,6 +873,7 @@ def convert_checkpoint(
                 balance,
                 seed,
                 threads if workers > 1 else total_threads,
+                speed,
             )
             for f, keys, name in plan
         ]
@@ -1046,7 +1054,9 @@ def _factorize_tensor(
         )
 
     keep_d = job.balance != "none"
-    _, reason = plan_rank(out_f, in_f, policy, threshold=job.threshold, balance=keep_d)
+    planned, reason = plan_rank(out_f, in_f, policy, threshold=job.threshold, balance=keep_d)
+    if reason is None and planned is not None and job.speed is not None:
+        reason = job.speed.reason(out_f, in_f, planned, balance=keep_d, bias=bias, dtype=W.dtype)
     if reason is not None:
         return skipped(reason)
     if not _all_finite(W):  # two scalars; torch.isfinite(W) built 1.75·W of temporaries
@@ -1062,6 +1072,12 @@ def _factorize_tensor(
     _release_free_heap()
     if not saves_parameters(out_f, in_f, factors.rank, balance=keep_d):
         return skipped(break_even_reason(factors.rank))
+    if job.speed is not None and planned is None:  # energy: the rank is known only now
+        reason = job.speed.reason(
+            out_f, in_f, factors.rank, balance=keep_d, bias=bias, dtype=W.dtype
+        )
+        if reason is not None:
+            return skipped(reason)
     tensors = {
         "U": factors.U.contiguous(),
         "S": factors.S.contiguous(),
@@ -1074,6 +1090,10 @@ def _factorize_tensor(
         module, "LowRankLinear", in_f, out_f, factors.rank, W.numel(), after,
         relative_error(W, factors), 0.0,
     )  # fmt: skip
+    report.speedup_few, report.speedup_many = (
+        expected_speedup(in_f, out_f, factors.rank, t, balance=keep_d, bias=bias, dtype=W.dtype)
+        for t in REPORT_TOKENS
+    )
     entry = {
         "type": "LowRankLinear",
         "in_features": in_f,

@@ -117,6 +117,21 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--heal-seconds", type=_positive_float, help="or this many seconds")
     convert.add_argument("--heal-mode", choices=["end_to_end", "blockwise"], default="end_to_end")
+    convert.add_argument(
+        "--min-speedup",
+        type=_positive_float,
+        metavar="X",
+        help="keep dense every layer whose factorized forward is not expected to be at least "
+        "X times as fast as nn.Linear at --speedup-tokens tokens per call",
+    )
+    convert.add_argument(
+        "--speedup-tokens",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="tokens per call (batch x sequence) --min-speedup is judged at (default 1: "
+        "decoding one sequence)",
+    )
     convert.add_argument("--seed", type=int, default=0)
     convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     convert.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -124,8 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect",
         help="singular-value energy of every weight in a checkpoint",
-        description="Per 2-D weight: shape, the ranks keeping 90/95/99%% of the energy and "
-        "the parameters kept at each.",
+        description="Per 2-D weight: shape, the ranks keeping 90/95/99%% of the energy, "
+        "the parameters kept at each and the expected speed-up of the forward.",
     )
     inspect.add_argument("path", type=Path, help=".safetensors file, .index.json, or folder")
     inspect.add_argument("--plot", type=Path, help="also write a PNG of the spectra")
@@ -162,7 +177,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from .checkpoint import convert_checkpoint
+    from .checkpoint import _pin_mmap_threshold, convert_checkpoint
 
     policy = {
         "rank": args.rank,
@@ -182,6 +197,8 @@ def _run_convert(args: argparse.Namespace) -> None:
     if args.calibrate is not None or args.budget is not None:
         _run_convert_with_model(args, {k: v for k, v in policy.items() if v is not None})
         return
+    if args.whole_process:  # the process only converts: freed temporaries go back to the OS
+        _pin_mmap_threshold()
     report = convert_checkpoint(
         args.src,
         args.dst,
@@ -195,6 +212,8 @@ def _run_convert(args: argparse.Namespace) -> None:
         seed=args.seed,
         workers=args.workers,
         overwrite=args.overwrite,
+        min_speedup=args.min_speedup,
+        speedup_tokens=args.speedup_tokens,
         progress=not args.no_progress and args.workers == 1 and sys.stderr.isatty(),
     )
     print(report)
@@ -235,6 +254,8 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
                 "heal_steps": args.heal_steps,
                 "heal_seconds": args.heal_seconds,
                 "heal_mode": args.heal_mode,
+                "min_speedup": args.min_speedup,
+                "speedup_tokens": args.speedup_tokens,
                 "progress": not args.no_progress and sys.stderr.isatty(),
             }
         }
@@ -243,6 +264,7 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
             policy = {"budget": args.budget, "allocation": allocation}
         options = {
             "threshold": args.threshold, "method": args.method, "balance": args.balance,
+            "min_speedup": args.min_speedup, "speedup_tokens": args.speedup_tokens,
             **policy,
         }  # fmt: skip
     report = convert_pretrained(
@@ -262,27 +284,37 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
 
 def _run_inspect(args: argparse.Namespace) -> None:
     from .checkpoint import weight_spectra
+    from .speed import REPORT_TOKENS, expected_speedup
 
     if args.plot is not None and args.plot.suffix.lower() != ".png":
         raise UsageError(f"--plot must name a .png file, got {args.plot}")
     spectra = weight_spectra(args.path, include=args.include)
     if not spectra:
         raise UsageError(f"{args.path} holds no 2-D floating-point weight")
-    header = ["layer", "shape", "params", "stored rank"]
+    few, many = REPORT_TOKENS
+    header = ["layer", "shape", "params", "stored rank", f"x@{few}", f"x@{many}"]
     for e in args.energies:
-        header += [f"rank@{e:g}", f"kept@{e:g}"]
+        header += [f"rank@{e:g}", f"kept@{e:g}", f"x@{few}"]
     rows = [header]
     for s in spectra:
         dense = s.out_features * s.in_features
+
+        def speedup(rank: int | None, tokens: int, s=s) -> str:
+            if rank is None or rank >= min(s.out_features, s.in_features):
+                return "-"
+            return f"{expected_speedup(s.in_features, s.out_features, rank, tokens):.2f}"
+
         row = [
             s.name,
             f"{s.out_features}x{s.in_features}",
             f"{dense:,}",
             "-" if s.stored_rank is None else str(s.stored_rank),
+            speedup(s.stored_rank, few),
+            speedup(s.stored_rank, many),
         ]
         for e in args.energies:
             r = s.rank_for(e)
-            row += [str(r), f"{s.params_at(r) / dense:.0%}"]
+            row += [str(r), f"{s.params_at(r) / dense:.0%}", speedup(r, few)]
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     for i, r in enumerate(rows):
@@ -296,7 +328,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
             print("  ".join("-" * w for w in widths))
     print(
         f"{len(spectra)} weights; 'kept' is the fraction of a weight's parameters its factors "
-        "hold at that rank (above 100%: no saving)"
+        "hold at that rank (above 100%: no saving); 'x@N' the expected speed-up of the "
+        "forward over nn.Linear at N tokens per call (lowrank_layers.expected_speedup, a model)"
     )
     if args.plot is not None:
         from .plotting import plot_spectra
@@ -348,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args = _build_parser().parse_args(argv)
+        # run as the program (console script, python -m): this process is ours to tune;
+        # main([...]) called from Python leaves the caller's process as it is
+        args.whole_process = argv is None
         {"convert": _run_convert, "inspect": _run_inspect, "demo": _run_demo}[args.command](args)
     except (
         UsageError,

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from lowrank_layers import __version__
+from lowrank_layers import __version__, expected_speedup
 from lowrank_layers.checkpoint import load_lowrank, read_metadata
 from lowrank_layers.cli import main
 
@@ -35,6 +35,27 @@ def test_convert_writes_a_loadable_checkpoint_and_a_table(dense_file, tmp_path, 
     assert fresh[0].rank == 8
 
 
+@pytest.mark.parametrize("policy", [["--param-ratio", "0.5"], ["--energy", "0.5"]])
+def test_convert_min_speedup_keeps_slow_layers_dense(policy, tmp_path, capsys):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 96), nn.ReLU(), nn.Linear(1024, 1024))
+    src, dst = tmp_path / "dense.safetensors", tmp_path / "out.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src)
+    argv = ["convert", str(src), str(dst), *policy, "--min-speedup", "1.0"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("0 "))
+    # a 96x32 layer: any rank is slower than nn.Linear at one token (per-call costs)
+    assert "skipped: expected speed-up 0." in row and "below min_speedup=1" in row
+    layers = json.loads(read_metadata(dst)["layers"])
+    assert set(layers) == {"2"}
+    # judged at 4096 tokens per call, the small layer pays at param_ratio 0.5
+    if policy[0] == "--param-ratio":
+        argv += ["--speedup-tokens", "4096", "--overwrite"]
+        assert main(argv) == 0
+        assert set(json.loads(read_metadata(dst)["layers"])) == {"0", "2"}
+
+
 @pytest.mark.parametrize(
     "flags",
     [
@@ -58,14 +79,17 @@ def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
     assert header == [
-        "layer", "shape", "params", "stored", "rank", "rank@0.9", "kept@0.9",
-        "rank@0.95", "kept@0.95", "rank@0.99", "kept@0.99",
+        "layer", "shape", "params", "stored", "rank", "x@1", "x@1024",
+        "rank@0.9", "kept@0.9", "x@1", "rank@0.95", "kept@0.95", "x@1",
+        "rank@0.99", "kept@0.99", "x@1",
     ]  # fmt: skip
     row = next(line.split() for line in out.splitlines() if line.startswith("0 "))
     assert row[1] == "96x32"
+    assert row[3:6] == ["-", "-", "-"]  # a dense weight: no stored rank
     s = torch.linalg.svdvals(model[0].weight.detach())
     expected = int((torch.cumsum(s**2, 0) / (s**2).sum() < 0.9).sum()) + 1
-    assert int(row[4]) == expected
+    assert int(row[6]) == expected
+    assert float(row[8]) == pytest.approx(expected_speedup(32, 96, expected, 1), abs=0.005)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
