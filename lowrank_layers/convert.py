@@ -39,6 +39,7 @@ __all__ = [
     "allocate_ranks",
     "convert_model",
     "convertible_layers",
+    "inference_layout_",
     "layer_seed",
     "prune_dynamic",
     "register_weight_reader",
@@ -1127,3 +1128,62 @@ def prune_dynamic(
             apply_param_swaps(optimizer, swaps)
         out[name] = layer.max_rank
     return out
+
+
+# ------------------------------------------------------------------------------------------
+# memory layout for decoding
+# ------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
+    """Store every low-rank layer's ``U`` and ``V`` transposed in memory, for decoding.
+
+    At one or a few tokens per call, a layer's time is the time to read its factors, and
+    CPU BLAS (MKL) reads ``Vᵀ`` and ``Uᵀ`` laid out row by row faster than ``V`` and
+    ``U``: on 2 cores, one-token calls at ``param_ratio=0.8`` measured 0.88×, 0.98× and
+    0.76× ``nn.Linear`` (576x576, 576x1536, 1536x576) as stored, 1.17×, 1.39× and
+    1.07× transposed. Shapes, values, names and outputs (to float rounding) are
+    unchanged: only the strides become ``(1, out)`` and ``(1, in)``, through
+    ``param.data``, so optimizers, hooks and references to the parameters stay valid.
+    Saving (:func:`~lowrank_layers.save_lowrank`, ``torch.save``, transformers'
+    ``save_pretrained``) works as before.
+
+    Not for training under FSDP2: ``fully_shard`` refuses non-contiguous parameters; call
+    ``inference_layout_(model, enabled=False)`` before it. Training otherwise works in
+    either layout (the many-token forward folds the factors anyway).
+
+    Args:
+        model: a model holding low-rank layers (any other module is left alone).
+        enabled: ``False`` restores contiguous (row-major) factors.
+
+    Returns:
+        The number of layers whose factors were moved.
+
+    Example:
+        >>> model = nn.Sequential(LowRankLinear(64, 32, 8))
+        >>> inference_layout_(model)
+        1
+        >>> model[0].U.stride(), model[0].U.shape
+        ((1, 32), torch.Size([32, 8]))
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    moved = 0
+    for module in model.modules():
+        if not isinstance(module, LOWRANK_TYPES) or module._parameters.get("U") is None:
+            continue
+        changed = False
+        for name in ("U", "V"):
+            param = module._parameters[name]
+            data = param.data
+            if type(data) is not torch.Tensor or data.dim() != 2:  # DTensor shards and such
+                continue
+            new = data.mT.contiguous().mT if enabled else data.contiguous()
+            if new.data_ptr() != data.data_ptr():
+                param.data = new
+                changed = True
+        moved += changed
+    return moved

@@ -20,6 +20,7 @@ from lowrank_layers import (
     AdaptiveLowRankLinear,
     DynamicLowRankLinear,
     LowRankLinear,
+    inference_layout_,
     lowrank_linear,
 )
 from lowrank_layers.linear import FOLD_MIN_TOKENS
@@ -199,3 +200,58 @@ def test_compiled_inductor_matches_eager_in_both_regimes(gen):
         for tokens in (1, FOLD_MIN_TOKENS):
             x = torch.randn(tokens, 40, generator=gen)
             torch.testing.assert_close(compiled(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_layout_keeps_outputs_names_and_training(kind, gen):
+    layer = make(kind)
+    model = nn.Sequential(layer, nn.Linear(24, 4))
+    x = torch.randn(3, 40, generator=gen)
+    with torch.no_grad():
+        before = model(x)
+    params = dict(model.named_parameters())
+    assert inference_layout_(model) == 1
+    assert layer.U.stride() == (1, 24) and layer.V.stride() == (1, 40)
+    assert dict(model.named_parameters()) == params  # the same Parameter objects
+    assert set(model.state_dict()) == set(params) | (
+        {"0._extra_state"} if kind == "dynamic" else set()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
+    assert_modes_agree(layer, 2, gen)
+    assert_modes_agree(layer, FOLD_MIN_TOKENS, gen)
+    # training still works: the gradient follows the parameter's layout
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(16, 40, generator=gen)).square().mean().backward()
+    assert layer.U.grad.stride() == layer.U.stride()
+    opt.step()
+    assert inference_layout_(model) == 0  # already laid out
+    assert inference_layout_(model, enabled=False) == 1
+    assert layer.U.is_contiguous() and layer.V.is_contiguous()
+
+
+def test_inference_layout_survives_saving(tmp_path, gen):
+    from lowrank_layers import load_lowrank, save_lowrank
+
+    model = nn.Sequential(make("lowrank"))
+    inference_layout_(model)
+    save_lowrank(model, tmp_path / "m.safetensors")
+    fresh = nn.Sequential(nn.Linear(40, 24))
+    load_lowrank(fresh, tmp_path / "m.safetensors")
+    for name, p in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], p), name
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt")
+    assert torch.equal(loaded["0.U"], model[0].U)
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (("model",), r"model must be an nn\.Module, got str"),
+        ((nn.Linear(2, 2), 1), r"enabled must be a bool, got 1"),
+    ],
+)
+def test_inference_layout_rejects_bad_arguments(args, match):
+    with pytest.raises(TypeError, match=match):
+        inference_layout_(*args)
