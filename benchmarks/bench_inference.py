@@ -1,10 +1,10 @@
 """LowRankLinear against nn.Linear in inference, from one token per call to 4096.
 
-For each shape, param_ratio and token count, nn.Linear and LowRankLinear (and, for
-reference, the forward this library had before issue 10, which folded and padded the
-factors on every call) run side by side in ``torch.inference_mode`` (interleaved repeats,
-medians). The limit of the speed-up is ``in·out / (r·(in+out))``: the ratio of weights
-read at few tokens, and of FLOPs at many.
+For each shape, param_ratio and token count, nn.Linear, LowRankLinear as stored and after
+``inference_layout_`` (and, for reference, the forward this library had before issue 10,
+which folded and padded the factors on every call) run side by side in
+``torch.inference_mode`` (interleaved repeats, medians). The limit of the speed-up is
+``in·out / (r·(in+out))``: the ratio of weights read at few tokens, and of FLOPs at many.
 
 At few tokens a call is bound by reading the weights, so a benchmark that calls one
 layer over and over measures a layer that sits in the CPU's caches, unlike a layer in a
@@ -18,6 +18,7 @@ reports the time per layer.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 from functools import partial
@@ -30,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table, paired_median_times
 
-from lowrank_layers import LowRankLinear
+from lowrank_layers import LowRankLinear, inference_layout_
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (1024, 1024), (768, 3072), (3072, 768)]
 RATIOS = [0.9, 0.8, 0.5]
@@ -72,14 +73,17 @@ def measure(threads: int, quick: bool, dtype: torch.dtype) -> list[dict]:
                 copies = max(1, POOL_BYTES // dense_bytes) if n <= 64 else 1
                 denses = [nn.Linear(in_f, out_f, dtype=dtype) for _ in range(copies)]
                 lows = [LowRankLinear(in_f, out_f, r, dtype=dtype) for _ in range(copies)]
+                laid_out = copy.deepcopy(lows)
+                inference_layout_(nn.ModuleList(laid_out))
                 x = torch.randn(n, in_f, dtype=dtype)
                 flops = 2 * n * in_f * out_f * copies
                 reps = 15 if flops < 2e9 else 7 if flops < 2e10 else 5
                 with torch.inference_mode():
-                    t_dense, t_low, t_prev = paired_median_times(
+                    t_dense, t_low, t_layout, t_prev = paired_median_times(
                         [
                             partial(run_pool, nn.Linear.__call__, denses, x),
                             partial(run_pool, LowRankLinear.__call__, lows, x),
+                            partial(run_pool, LowRankLinear.__call__, laid_out, x),
                             partial(run_pool, previous_forward, lows, x),
                         ],
                         reps,
@@ -93,6 +97,7 @@ def measure(threads: int, quick: bool, dtype: torch.dtype) -> list[dict]:
                         "limit": limit,
                         "dense_us": t_dense / copies * 1e6,
                         "speedup": t_dense / t_low,
+                        "layout": t_dense / t_layout,
                         "previous": t_dense / t_prev,
                     }
                 )
@@ -111,6 +116,8 @@ def table(results: list[dict]) -> str:
             f"{r['dense_us']:.0f}",
             f"{r['speedup']:.2f}",
             f"{100 * r['speedup'] / r['limit']:.0f}%",
+            f"{r['layout']:.2f}",
+            f"{100 * r['layout'] / r['limit']:.0f}%",
             f"{r['previous']:.2f}",
         )
         for r in results
@@ -124,19 +131,20 @@ def table(results: list[dict]) -> str:
         "nn.Linear µs",
         "speed-up",
         "of limit",
+        "inference_layout_",
+        "of limit",
         "previous forward",
     ]
-    few = [r["speedup"] / r["limit"] for r in results if r["N"] <= 8]
-    slower = [r for r in results if r["speedup"] < 1]
-    summary = [
-        f"tokens 1-8: median {100 * statistics.median(few):.0f}% of the limit, "
-        f"min {100 * min(few):.0f}% ({len(few)} configurations)",
-        f"slower than nn.Linear: {len(slower)} of {len(results)}"
-        + "".join(
-            f"\n  {r['shape']} ratio {r['ratio']} tokens {r['N']}: {r['speedup']:.2f}"
-            for r in slower
-        ),
-    ]
+    summary = []
+    for key, label in (("speedup", "as stored"), ("layout", "inference_layout_")):
+        few = [r[key] / r["limit"] for r in results if r["N"] <= 8]
+        slower = [r for r in results if r[key] < 1]
+        summary += [
+            f"{label}: tokens 1-8: median {100 * statistics.median(few):.0f}% of the limit, "
+            f"min {100 * min(few):.0f}% ({len(few)} configurations); slower than nn.Linear "
+            f"in {len(slower)} of {len(results)}: "
+            + ", ".join(f"{r['shape']}/{r['ratio']}/{r['N']} {r[key]:.2f}" for r in slower)
+        ]
     return markdown_table(header, rows) + "\n\n" + "\n".join(summary)
 
 

@@ -65,11 +65,17 @@ def lowrank_linear(
         weight = U * S
         if D is not None:
             weight = weight * D[:, None]
+        # the first product takes Vᵀ as a contiguous (r, in) weight, as nn.Linear's:
+        # oneDNN's bfloat16/float16 kernels take no other layout (a transposed weight ran
+        # 5-9x slower); the copy is of the small factor, amortised over the tokens
+        Vt = V.mT
         pad = -S.shape[0] % RANK_ALIGNMENT
         if pad:
-            V = F.pad(V, (0, pad))
+            Vt = F.pad(Vt, (0, 0, 0, pad))
             weight = F.pad(weight, (0, pad))
-        return F.linear(F.linear(input, V.mT), weight, bias)
+        elif not Vt.is_contiguous():
+            Vt = Vt.contiguous()
+        return F.linear(F.linear(input, Vt), weight, bias)
     # under autocast the products come out in the autocast dtype: S, D and the bias
     # follow them (a no-op otherwise), as they would inside a folded weight
     hidden = F.linear(input, V.mT)

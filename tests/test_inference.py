@@ -255,3 +255,16 @@ def test_inference_layout_survives_saving(tmp_path, gen):
 def test_inference_layout_rejects_bad_arguments(args, match):
     with pytest.raises(TypeError, match=match):
         inference_layout_(*args)
+
+
+def test_inference_layout_in_half_precision_keeps_u_row_major(gen):
+    layer = make("lowrank").bfloat16()
+    x = torch.randn(2, 40, generator=gen, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)
+    assert inference_layout_(layer) == 1
+    assert layer.V.stride() == (1, 40) and layer.U.is_contiguous()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), before, rtol=2e-2, atol=2e-2)
+    layer.float()  # a cast keeps the strides; laying out again moves U for float32
+    assert inference_layout_(layer) == 1 and layer.U.stride() == (1, 24)
