@@ -409,9 +409,12 @@ def test_cli_conversion_peak_memory_stays_under_two_largest_tensors(tmp_path):
     # Slack for what does not grow with the tensor: the code and data pages of the BLAS and
     # LAPACK kernels and of the conversion that an import never touches, with MKL's cached
     # GEMM buffers (a conversion of 64x128 weights peaks 12-16 MiB above the import), and
-    # relative_error's float64 block of rows, 16 MiB by design. Measured here: 79 MiB above
-    # the import (bound 96); 140-171 MiB before the fix.
-    slack_mib = 32
+    # relative_error's float64 block of rows, 16 MiB by design. The code pages are file
+    # pages: how many a fault maps depends on the page cache, so a freshly installed
+    # environment (every library just written, all of it cached) counts about 20 MiB more
+    # than an old one. Measured: 79 MiB above the import in an old environment, 99-100 in
+    # a fresh clone (bound 112); 140-171 MiB before the fix.
+    slack_mib = 48
     assert peak - baseline <= 2 * largest_mib + slack_mib, (
         f"peak {peak:.0f} MiB, {peak - baseline:.0f} MiB above the import-only baseline "
         f"{baseline:.0f} MiB: more than 2 x {largest_mib:.0f} MiB + {slack_mib} MiB"

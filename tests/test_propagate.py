@@ -178,10 +178,21 @@ def test_propagation_ignores_padding_and_rejects_no_tokens(gen):
     convert_model(a, rank=5, calibration=[full], propagate=True, exclude=["embed", "head"])
     convert_model(b, rank=5, calibration=[{"x": padded_x, "attention_mask": mask}],
                   propagate=True, exclude=["embed", "head"])  # fmt: skip
-    for name in ("blocks.0.fc1", "blocks.5.fc2"):
-        wa = a.get_submodule(name).to_linear().weight
-        wb = b.get_submodule(name).to_linear().weight
-        assert rel_err(wb, wa) < 1e-3
+    # compare what the models compute, not their weights: with 64 tokens and rank-5
+    # layers upstream, a layer's propagated input covariance is near-singular, and float
+    # rounding that depends on the token count (64 vs 84 rows in a GEMM) moves the
+    # least-squares weights within that null space by percents without changing outputs
+    ones = torch.ones(4, 16, dtype=torch.long)
+    with torch.no_grad():
+        ya, yb, y0 = a(x, ones), b(x, ones), model(x, ones)
+    assert rel_err(yb, ya) < 1e-3 < 0.1 < rel_err(ya, y0)
+    # and the test can fail: the same padded batch with the padding unmasked
+    unmasked = copy.deepcopy(model)
+    unmasked_batch = {"x": padded_x, "attention_mask": ones.new_ones(4, 21)}
+    convert_model(unmasked, rank=5, calibration=[unmasked_batch], propagate=True,
+                  exclude=["embed", "head"])  # fmt: skip
+    with torch.no_grad():
+        assert rel_err(unmasked(x, ones), ya) > 1e-2
     c = copy.deepcopy(model)
     before = copy.deepcopy(c.state_dict())
     empty = {"x": x, "attention_mask": torch.zeros(4, 16, dtype=torch.long)}
