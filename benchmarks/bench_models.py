@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table
+from common import machine_description, markdown_table, paired_median_times
 from conversion_quality import load_smollm2
 
 from lowrank_layers import convert_model, inference_layout_
@@ -51,19 +50,6 @@ from lowrank_layers.demo import _latencies_ms, _load_minilm, load_bbc_news
 from lowrank_layers.linear import LowRankLinear
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL = 64, 32, (8, 256)
-
-
-def interleaved(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each function, one warm-up each, timed runs interleaved."""
-    for fn in fns:
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
 
 
 def weight_elements(model: nn.Module) -> int:
@@ -196,9 +182,9 @@ def smollm2(dtype: torch.dtype, ratios: list[float], repeats: int) -> list[list[
 
     names = list(models)
     decode_profile(models, prompt[:1], dtype)
-    gen1 = interleaved([generate(models[n], prompt[:1]) for n in names], repeats)
-    gen8 = interleaved([generate(models[n], prompt) for n in names], repeats)
-    pre = interleaved([prefill(models[n]) for n in names], repeats)
+    gen1 = paired_median_times([generate(models[n], prompt[:1]) for n in names], repeats)
+    gen8 = paired_median_times([generate(models[n], prompt) for n in names], repeats)
+    pre = paired_median_times([prefill(models[n]) for n in names], repeats)
     element = torch.finfo(dtype).bits // 8
     context = PROMPT_TOKENS + NEW_TOKENS // 2  # the cache's mean length while generating
     base = models["original"]
