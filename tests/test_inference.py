@@ -281,3 +281,20 @@ def test_half_precision_regimes_match_float32(dtype, tokens, gen):
         half = layer.to(dtype)(x.to(dtype)).float()
     # 8 (bfloat16) or 11 (float16) bits of mantissa, over sums of 40 and 9 terms
     assert float((half - reference).norm() / reference.norm()) < 0.02
+
+
+@pytest.mark.parametrize("layout", [False, True])
+def test_one_token_half_precision_paths_agree(layout, gen):
+    """One bfloat16 token takes a matrix-vector product on V as stored, F.linear laid out."""
+    layer = make("lowrank").bfloat16()
+    if layout:
+        inference_layout_(layer)
+    x = torch.randn(1, 1, 40, generator=gen, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+        reference = nn.functional.linear(
+            x.float(), layer.dense_weight().float(), layer.bias.float()
+        )
+    assert out.shape == (1, 1, 24)
+    assert float((out.float() - reference).norm() / reference.norm()) < 0.02
+    assert torch.equal(layer(x).detach(), out)  # autograd on: the same bits
