@@ -67,7 +67,7 @@ from .factorize import (
     select_rank,
 )
 from .linear import LowRankLinear, make_linear
-from .speed import REPORT_TOKENS, SpeedRule, expected_speedup
+from .speed import SpeedRule, report_speedups, speed_rule
 
 __all__ = [
     "FORMAT_NAME",
@@ -810,7 +810,7 @@ def convert_checkpoint(
     for name, value, low in (("threshold", threshold, 0), ("workers", workers, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    speed = None if min_speedup is None else SpeedRule(min_speedup, speedup_tokens)
+    speed = speed_rule(min_speedup, speedup_tokens)
     src, dst = Path(src), Path(dst)
     ckpt = _open_checkpoint(src)
     if ckpt.metadata.get("format") == FORMAT_NAME:
@@ -1090,9 +1090,8 @@ def _factorize_tensor(
         module, "LowRankLinear", in_f, out_f, factors.rank, W.numel(), after,
         relative_error(W, factors), 0.0,
     )  # fmt: skip
-    report.speedup_few, report.speedup_many = (
-        expected_speedup(in_f, out_f, factors.rank, t, balance=keep_d, bias=bias, dtype=W.dtype)
-        for t in REPORT_TOKENS
+    report.speedup_few, report.speedup_many = report_speedups(
+        in_f, out_f, factors.rank, balance=keep_d, bias=bias, dtype=W.dtype
     )
     entry = {
         "type": "LowRankLinear",

@@ -30,8 +30,8 @@ from .factorize import (
     resolve_rank,
     truncated_spectrum,
 )
-from .linear import LowRankLinear
-from .speed import REPORT_TOKENS, SpeedRule, expected_speedup
+from .linear import HALF_DTYPES, LowRankLinear
+from .speed import REPORT_TOKENS, SpeedRule, report_speedups, speed_rule
 
 __all__ = [
     "ConversionReport",
@@ -417,16 +417,12 @@ def convert_model(
             "calibration, budget, ranks and propagate apply to layer='lowrank' or 'dynamic'; "
             "an adaptive layer is factorized later, by switch_to_lowrank"
         )
-    speed = None
-    if min_speedup is not None:
-        if layer == "adaptive":
-            raise ValueError(
-                "min_speedup applies to layer='lowrank' or 'dynamic'; an adaptive layer stays "
-                "dense until switch_to_lowrank"
-            )
-        speed = SpeedRule(min_speedup, speedup_tokens)
-    elif isinstance(speedup_tokens, bool) or not isinstance(speedup_tokens, int):
-        raise ValueError(f"speedup_tokens must be a positive int, got {speedup_tokens!r}")
+    speed = speed_rule(min_speedup, speedup_tokens)
+    if speed is not None and layer == "adaptive":
+        raise ValueError(
+            "min_speedup applies to layer='lowrank' or 'dynamic'; an adaptive layer stays "
+            "dense until switch_to_lowrank"
+        )
     if propagate and (calibration is None or isinstance(calibration, Mapping)):
         raise ValueError(
             "propagate=True needs calibration batches (a list the model takes), not "
@@ -798,17 +794,13 @@ def _convert_one(
         setattr(parent, child_name, new)
     few = many = None
     if rank is not None and layer != "adaptive":
-        few, many = (
-            expected_speedup(
-                in_f,
-                out_f,
-                rank,
-                tokens,
-                balance=new.D is not None,
-                bias=module.bias is not None,
-                dtype=module.weight.dtype,
-            )
-            for tokens in REPORT_TOKENS
+        few, many = report_speedups(
+            in_f,
+            out_f,
+            rank,
+            balance=new.D is not None,
+            bias=module.bias is not None,
+            dtype=module.weight.dtype,
         )
     return LayerReport(
         name=fqn,
@@ -1189,7 +1181,7 @@ def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
             data = param.data
             if type(data) is not torch.Tensor or data.dim() != 2:  # DTensor shards and such
                 continue
-            transpose = enabled and (name == "V" or data.dtype in (torch.float32, torch.float64))
+            transpose = enabled and (name == "V" or data.dtype not in HALF_DTYPES)
             new = data.mT.contiguous().mT if transpose else data.contiguous()
             if new.data_ptr() != data.data_ptr():
                 param.data = new

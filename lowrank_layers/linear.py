@@ -40,7 +40,8 @@ __all__ = [
 # a few percent of each other at 256-512 tokens, where the switch lies.
 RANK_ALIGNMENT = 8
 FOLD_MIN_TOKENS = 512
-_HALF = (torch.bfloat16, torch.float16)
+# oneDNN serves these on CPU: its kernels want a contiguous (out, in) F.linear weight
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def lowrank_linear(
@@ -67,7 +68,7 @@ def lowrank_linear(
         if D is not None:
             weight = weight * D[:, None]
         pad = -S.shape[0] % RANK_ALIGNMENT
-        if V.dtype in _HALF:
+        if V.dtype in HALF_DTYPES:
             # oneDNN's bfloat16/float16 kernels want the first weight Vᵀ contiguous
             # (r, in), as nn.Linear's (a transposed one ran 5-9x slower): one copy of the
             # small factor, amortised over the tokens
@@ -81,27 +82,27 @@ def lowrank_linear(
         return F.linear(F.linear(input, Vt), weight, bias)
     # under autocast the products come out in the autocast dtype: S, D and the bias
     # follow them (a no-op otherwise), as they would inside a folded weight
-    if tokens == 1 and V.dtype in _HALF and not V.mT.is_contiguous():
+    if tokens == 1 and V.dtype in HALF_DTYPES and not V.mT.is_contiguous():
         # one token in bfloat16/float16 with V as stored: F.linear's half-precision kernel
         # wants a contiguous weight (measured 246 µs for 576x334), a matrix-vector
         # product on the transposed view does not (50 µs); inference_layout_ avoids both
         hidden = torch.mv(V.mT, input.reshape(-1)).reshape(*input.shape[:-1], V.shape[1])
     else:
         hidden = F.linear(input, V.mT)
+    # without autograd the scalings run in place on this call's own intermediates; with
+    # it, the same operations out of place (so the bits are the same either way)
+    inplace = not torch.is_grad_enabled()
     S = S.to(hidden.dtype)
-    if torch.is_grad_enabled():
-        hidden = hidden * S
-        if D is None:
-            return F.linear(hidden, U, bias)
-        out = F.linear(hidden, U)
-        out = out * D.to(out.dtype)
-        return out if bias is None else out + bias.to(out.dtype)
-    hidden.mul_(S)
+    hidden = hidden.mul_(S) if inplace else hidden * S
     if D is None:
         return F.linear(hidden, U, bias)
     out = F.linear(hidden, U)
-    out.mul_(D.to(out.dtype))
-    return out if bias is None else out.add_(bias.to(out.dtype))
+    D = D.to(out.dtype)
+    out = out.mul_(D) if inplace else out * D
+    if bias is None:
+        return out
+    bias = bias.to(out.dtype)
+    return out.add_(bias) if inplace else out + bias
 
 
 def check_features(name: str, value: object) -> int:

@@ -25,7 +25,7 @@ from .allocate import collect_sensitivity, loss_aware_ranks
 from .convert import ConversionReport, convert_model, convertible_layers
 from .factorize import _check_choice, _check_fraction
 from .heal import check_heal_options, heal
-from .speed import SpeedRule
+from .speed import speed_rule
 
 __all__ = ["CompressionReport", "compress"]
 
@@ -185,7 +185,7 @@ def compress(
         raise ValueError(
             f"objective must be one of 'auto', 'kl', 'cosine', 'mse', got {objective!r}"
         )
-    speed = None if min_speedup is None else SpeedRule(min_speedup, speedup_tokens)
+    speed = speed_rule(min_speedup, speedup_tokens)
     seconds: dict[str, float] = {}
     if healing and teacher is None:
         teacher = copy.deepcopy(model)

@@ -37,6 +37,8 @@ __all__ = [
     "SpeedRule",
     "expected_speedup",
     "measure_speed_model",
+    "report_speedups",
+    "speed_rule",
 ]
 
 # token counts per call shown in conversion reports and `inspect`: decoding one sequence,
@@ -191,8 +193,7 @@ class SpeedRule:
         m = self.min_speedup
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < math.inf:
             raise ValueError(f"min_speedup must be a positive number, got {m!r}")
-        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
-            raise ValueError(f"speedup_tokens must be a positive int, got {self.tokens!r}")
+        _check_positive_int("speedup_tokens", self.tokens)
 
     def speedup(
         self, out_f: int, in_f: int, rank: int, *, balance: bool, bias: bool, dtype: torch.dtype
@@ -237,6 +238,34 @@ class SpeedRule:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if pays(mid) else (lo, mid - 1)
         return lo
+
+
+def speed_rule(min_speedup: float | None, speedup_tokens: int = 1) -> SpeedRule | None:
+    """The rule of the ``min_speedup=`` / ``speedup_tokens=`` options (None without one);
+    both are validated either way."""
+    if min_speedup is None:
+        _check_positive_int("speedup_tokens", speedup_tokens)
+        return None
+    return SpeedRule(min_speedup, speedup_tokens)
+
+
+def report_speedups(
+    in_features: int,
+    out_features: int,
+    rank: int,
+    *,
+    balance: bool,
+    bias: bool,
+    dtype: torch.dtype,
+) -> tuple[float, float]:
+    """:func:`expected_speedup` at each of ``REPORT_TOKENS``, as conversion reports show it."""
+    few, many = (
+        expected_speedup(
+            in_features, out_features, rank, t, balance=balance, bias=bias, dtype=dtype
+        )
+        for t in REPORT_TOKENS
+    )
+    return few, many
 
 
 def _median_seconds(fn, repeats: int) -> float:

@@ -153,3 +153,8 @@ def test_compress_candidates_respect_min_speedup(gen):
     for layer in report.conversion.converted:
         assert layer.speedup_few >= 1.0
     assert isinstance(model[2], nn.Linear)
+
+
+def test_speedup_tokens_is_checked_without_min_speedup_too():
+    with pytest.raises(ValueError, match=r"speedup_tokens must be a positive int, got 0"):
+        convert_model(two_sizes(), rank=4, speedup_tokens=0)
