@@ -31,6 +31,7 @@ from .linear import (
     make_linear,
     new_factor_params,
 )
+from .readers import lazy_weight
 
 __all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
 
@@ -143,6 +144,7 @@ class AdaptiveLowRankLinear(nn.Module):
         _check_choice("balance", balance, BALANCE_MODES)
         self.default_policy: dict[str, float | int] = policy
         self.default_balance: str = balance
+        self.dense_weight_reads = 0
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         if bias:
@@ -171,10 +173,50 @@ class AdaptiveLowRankLinear(nn.Module):
         """The rank after the switch; ``None`` in the dense phase."""
         return self.S.shape[0] if self.is_lowrank else None
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense ``weight`` Parameter before the switch; a lazy tensor after it.
+
+        After the switch, as :attr:`LowRankLinear.weight
+        <lowrank_layers.LowRankLinear.weight>`: metadata is free, computing with it forms
+        the dense weight from the factors (counted in ``dense_weight_reads``, warned once).
+        """
+        weight = self._parameters.get("weight")
+        if weight is not None:
+            return weight
+        if self.is_lowrank:
+            return lazy_weight(self)
+        # registering: nn.Module.register_parameter asks hasattr(self, "weight") first
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight'")
+
+    def weight_factors(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(U, S, V, D)`` as the forward uses them (not detached); only after the switch."""
+        if not self.is_lowrank:
+            raise RuntimeError(
+                "weight_factors: the layer is still dense; call switch_to_lowrank first"
+            )
+        return self.U, self.S, self.V, self.D
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.is_lowrank:
             return lowrank_linear(input, self.U, self.S, self.V, self.D, self.bias)
-        return F.linear(input, self.weight, self.bias)
+        return F.linear(input, self._parameters["weight"], self.bias)  # type: ignore[arg-type]
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` is not supported: the layer's parameters change at the switch."""
+        phase = "after the switch" if self.is_lowrank else "in the dense phase"
+        fix = (
+            "LowRankLinear.from_factors(layer.factors(), bias=layer.bias)"
+            if self.is_lowrank
+            else "layer.to_linear()"
+        )
+        raise RuntimeError(
+            f"torch.jit.script does not support AdaptiveLowRankLinear (its parameters change "
+            f"at the switch to low rank). Replace it {phase} by {fix}, which can be "
+            "scripted, or use torch.export.export, which supports it."
+        )
 
     # ----------------------------------------------------------------------------------
     # the switch

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ from .linear import (
     make_linear,
     register_lowrank_params,
 )
+from .readers import lazy_weight
 
 __all__ = ["DynamicLowRankLinear", "ParamSwap", "RankScheduler"]
 
@@ -76,6 +77,10 @@ class DynamicLowRankLinear(nn.Module):
         rank: components used at first (default ``max_rank``).
         bias, balance, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
 
+    ``weight`` is a read-only lazy tensor at the active rank, for code that reads
+    ``layer.weight`` (see :class:`~lowrank_layers.readers.FactoredWeight`). Under
+    ``torch.jit.script`` the active rank is fixed when the module is scripted.
+
     Example:
         >>> layer = DynamicLowRankLinear(512, 512, max_rank_ratio=0.2)
         >>> layer.max_rank, layer.rank
@@ -85,6 +90,11 @@ class DynamicLowRankLinear(nn.Module):
         >>> layer(torch.randn(3, 512)).shape
         torch.Size([3, 512])
     """
+
+    __constants__: ClassVar[list[str]] = ["in_features", "out_features"]
+    # TorchScript compiles properties; the lazy weight is for eager Python code only
+    __jit_unused_properties__: ClassVar[list[str]] = ["weight"]
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["dense_weight_reads", "_dense_weight_warned"]
 
     in_features: int
     out_features: int
@@ -119,6 +129,7 @@ class DynamicLowRankLinear(nn.Module):
             max_rank = resolve_rank(out_features, in_features, rank_ratio=max_rank_ratio)
         assert max_rank is not None
         self._rank = max_rank if rank is None else _check_rank("rank", rank, max_rank)
+        self.dense_weight_reads = 0
         register_lowrank_params(
             self,
             out_features,
@@ -148,6 +159,23 @@ class DynamicLowRankLinear(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         r = self._rank
         return lowrank_linear(input, self.U[:, :r], self.S[:r], self.V[:, :r], self.D, self.bias)
+
+    def weight_factors(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The active ``(U, S, V, D)`` as the forward uses them (not detached)."""
+        r = self._rank
+        return self.U[:, :r], self.S[:r], self.V[:, :r], self.D
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``(out, in)`` weight at the current rank, as a lazy tensor.
+
+        As :attr:`LowRankLinear.weight <lowrank_layers.LowRankLinear.weight>`: metadata is
+        free, computing with it forms the dense weight from the active factors (counted in
+        ``dense_weight_reads``, warned once). Not a parameter, not in the state dict.
+        """
+        return lazy_weight(self)
 
     # ----------------------------------------------------------------------------------
     # changing the rank

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .factorize import Balance, Factors, Method, factorize
+from .readers import lazy_weight
 
 __all__ = [
     "LowRankLinear",
@@ -51,6 +52,8 @@ def lowrank_linear(
     V: torch.Tensor,
     D: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    fold_min_tokens: int = FOLD_MIN_TOKENS,
+    rank_alignment: int = RANK_ALIGNMENT,
 ) -> torch.Tensor:
     """``y = x·V·diag(S)·Uᵀ·diag(D) + b``, the functional form of :class:`LowRankLinear`.
 
@@ -61,34 +64,44 @@ def lowrank_linear(
     scales the ``(tokens, r)`` intermediate and ``D`` the output, in place when autograd
     is off (the results are bit-identical to those with autograd on). The choice depends
     on shapes only, so ``torch.compile`` traces either regime whole.
+
+    ``fold_min_tokens`` and ``rank_alignment`` are the regime switch and the rank padding
+    (``FOLD_MIN_TOKENS``, ``RANK_ALIGNMENT``). They are parameters with those defaults
+    because TorchScript cannot read a module's global variables: so written, the function
+    and the layers' forwards compile under ``torch.jit.script`` with both regimes. The
+    factors are 2-D, and ``V.t()`` (not ``V.mT``) keeps the legacy ONNX exporter, which has
+    no ``aten::mT``, working.
     """
+    half = V.dtype == torch.bfloat16 or V.dtype == torch.float16  # HALF_DTYPES
     tokens = input.numel() // max(input.shape[-1], 1)
-    if tokens >= FOLD_MIN_TOKENS:
+    if tokens >= fold_min_tokens:
         weight = U * S
         if D is not None:
             weight = weight * D[:, None]
-        pad = -S.shape[0] % RANK_ALIGNMENT
-        if V.dtype in HALF_DTYPES:
+        pad = -S.shape[0] % rank_alignment
+        if half:
             # oneDNN's bfloat16/float16 kernels want the first weight Vᵀ contiguous
             # (r, in), as nn.Linear's (a transposed one ran 5-9x slower): one copy of the
             # small factor, amortised over the tokens
-            Vt = F.pad(V.mT, (0, 0, 0, pad)) if pad else V.mT.contiguous()
+            Vt = F.pad(V.t(), (0, 0, 0, pad)) if pad else V.t().contiguous()
         else:
             # float32: MKL's GEMM is faster on x·V with V (in, r) row-major than on x·Vᵀᵀ
             # (at 512 tokens, 8-20% on 576x576 to 3072x768)
-            Vt = (F.pad(V, (0, pad)) if pad else V).mT
+            Vt = (F.pad(V, (0, pad)) if pad else V).t()
         if pad:
             weight = F.pad(weight, (0, pad))
         return F.linear(F.linear(input, Vt), weight, bias)
     # under autocast the products come out in the autocast dtype: S, D and the bias
     # follow them (a no-op otherwise), as they would inside a folded weight
-    if tokens == 1 and V.dtype in HALF_DTYPES and not V.mT.is_contiguous():
+    if tokens == 1 and half and not V.t().is_contiguous():
         # one token in bfloat16/float16 with V as stored: F.linear's half-precision kernel
         # wants a contiguous weight (measured 246 µs for 576x334), a matrix-vector
         # product on the transposed view does not (50 µs); inference_layout_ avoids both
-        hidden = torch.mv(V.mT, input.reshape(-1)).reshape(*input.shape[:-1], V.shape[1])
+        shape = list(input.shape[:-1])
+        shape.append(V.shape[1])
+        hidden = torch.mv(V.t(), input.reshape(-1)).reshape(shape)
     else:
-        hidden = F.linear(input, V.mT)
+        hidden = F.linear(input, V.t())
     # without autograd the scalings run in place on this call's own intermediates; with
     # it, the same operations out of place (so the bits are the same either way)
     inplace = not torch.is_grad_enabled()
@@ -256,6 +269,11 @@ class LowRankLinear(nn.Module):
     Attributes:
         U: ``(out_features, rank)``.  S: ``(rank,)``.  V: ``(in_features, rank)``.
         D: ``(out_features,)`` or ``None``.  bias: ``(out_features,)`` or ``None``.
+        weight: a read-only :class:`~lowrank_layers.readers.FactoredWeight`, for code
+            written for ``nn.Linear`` that reads ``layer.weight``: its metadata is free,
+            any computation with it forms ``diag(D)·U·diag(S)·Vᵀ`` (differentiably) and
+            counts it in ``dense_weight_reads``. Not a parameter, not in the state dict.
+        dense_weight_reads: how many times ``weight`` was formed densely.
 
     A fresh layer has orthonormal ``U`` and ``V`` and a constant ``S`` chosen so that
     ``E‖W‖_F²`` equals that of ``nn.Linear``'s default initialisation: on standard
@@ -274,6 +292,9 @@ class LowRankLinear(nn.Module):
     """
 
     __constants__: ClassVar[list[str]] = ["in_features", "out_features", "rank"]
+    # TorchScript compiles properties; the lazy weight is for eager Python code only
+    __jit_unused_properties__: ClassVar[list[str]] = ["weight"]
+    __jit_ignored_attributes__: ClassVar[list[str]] = ["dense_weight_reads", "_dense_weight_warned"]
 
     in_features: int
     out_features: int
@@ -300,6 +321,7 @@ class LowRankLinear(nn.Module):
                 f"weight, got {rank!r}"
             )
         self.rank = rank
+        self.dense_weight_reads = 0
         register_lowrank_params(
             self,
             out_features,
@@ -323,6 +345,24 @@ class LowRankLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return lowrank_linear(input, self.U, self.S, self.V, self.D, self.bias)
+
+    def weight_factors(
+        self,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(U, S, V, D)`` as the forward uses them (not detached)."""
+        return self.U, self.S, self.V, self.D
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The ``(out, in)`` weight as a lazy tensor, a :class:`~.readers.FactoredWeight`.
+
+        Metadata (``dtype``, ``shape``, ``device``, ``isinstance(w, torch.Tensor)``) costs
+        nothing; computing with it forms the dense weight from the factors on every use,
+        which warns once (``DenseWeightWarning``) and counts in ``dense_weight_reads``.
+        The layer's own forward never reads it. Use :meth:`dense_weight` for a detached
+        copy.
+        """
+        return lazy_weight(self)
 
     # ----------------------------------------------------------------------------------
     # conversion

@@ -10,6 +10,8 @@ change, and nothing the layer computes for inference outlives the call.
 from __future__ import annotations
 
 import copy
+import io
+import warnings
 
 import pytest
 import torch
@@ -298,3 +300,108 @@ def test_one_token_half_precision_paths_agree(layout, gen):
     assert out.shape == (1, 1, 24)
     assert float((out.float() - reference).norm() / reference.norm()) < 0.02
     assert torch.equal(layer(x).detach(), out)  # autograd on: the same bits
+
+
+# ------------------------------------------------------------------------------------------
+# export: torch.jit.script, torch.onnx.export (legacy), torch.export
+# ------------------------------------------------------------------------------------------
+
+
+def make_export(kind: str) -> nn.Module:
+    """``make(kind)``, and an AdaptiveLowRankLinear still in its dense phase."""
+    if kind != "adaptive-dense":
+        return make(kind)
+    torch.manual_seed(0)
+    return AdaptiveLowRankLinear(40, 24, rank=9)
+
+
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript in favour of export
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(model)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "dynamic"])
+@pytest.mark.parametrize("balance", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_jit_script_matches_eager_in_both_regimes(kind, balance, bias, gen):
+    """Scripted (and saved, and loaded) models compute what eager does, both regimes kept."""
+    layer = make(kind, balance=balance, bias=bias)
+    model = nn.Sequential(layer, nn.GELU(), nn.Linear(24, 8))
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.save(script(model), buffer)
+        buffer.seek(0)
+        loaded = torch.jit.load(buffer)
+    assert model[0] is layer  # scripting leaves the eager model alone
+    assert getattr(loaded, "0").original_name == type(layer).__name__
+    assert "lowrank_linear" in getattr(loaded, "0").code  # the layer's own forward, both regimes
+    for tokens in (1, 7, FOLD_MIN_TOKENS):
+        x = torch.randn(tokens, 40, generator=gen)
+        expected = model(x)
+        # the same aten ops in the same order: equal to float32 rounding of the last bit
+        torch.testing.assert_close(loaded(x), expected, rtol=1e-6, atol=1e-6)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(x), expected.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["adaptive", "adaptive-dense"])
+def test_jit_script_refuses_adaptive_layers_clearly(kind):
+    model = nn.Sequential(make_export(kind))
+    fix = "LowRankLinear.from_factors" if kind == "adaptive" else r"layer\.to_linear\(\)"
+    with pytest.raises(RuntimeError, match=rf"does not support AdaptiveLowRankLinear.*{fix}"):
+        script(model)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "dynamic", "adaptive", "adaptive-dense"])
+def test_traced_graph_has_no_mT_for_the_legacy_onnx_exporter(kind, gen):
+    """The legacy ONNX exporter reads a jit.trace graph and has no aten::mT."""
+    layer = make_export(kind)
+    x = torch.randn(3, 40, generator=gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings on the regime test
+        graph = torch.jit.trace(layer, (x,), check_trace=False).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "aten::linear" in kinds and "aten::mT" not in kinds
+
+
+@pytest.mark.parametrize("tokens", [3, FOLD_MIN_TOKENS])
+@pytest.mark.parametrize("kind", ["lowrank", "adaptive", "adaptive-dense"])
+def test_legacy_onnx_export_runs_in_onnxruntime(kind, tokens, gen):
+    """Traced at either regime, the graph is valid for any token count (dynamic axis)."""
+    pytest.importorskip("onnx")  # the legacy exporter serialises through it
+    layer = make_export(kind)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            layer, (torch.randn(tokens, 40, generator=gen),), buffer, dynamo=False,
+            input_names=["x"], dynamic_axes={"x": {0: "tokens"}},
+        )  # fmt: skip
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(buffer.getvalue())
+    for n in (1, 5, FOLD_MIN_TOKENS + 3):
+        x = torch.randn(n, 40, generator=gen)
+        (out,) = session.run(None, {"x": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(out), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("regime", ["few", "fold"])
+@pytest.mark.parametrize("kind", ["lowrank", "dynamic", "adaptive", "adaptive-dense"])
+def test_torch_export_with_a_dynamic_token_count(kind, regime, gen):
+    """The regime is a shape guard: a token range on one side of FOLD_MIN_TOKENS exports."""
+    layer = make_export(kind)
+    if regime == "few":
+        tokens = torch.export.Dim("tokens", max=FOLD_MIN_TOKENS - 1)
+        sizes = (1, 7, FOLD_MIN_TOKENS - 1)
+    else:
+        tokens = torch.export.Dim("tokens", min=FOLD_MIN_TOKENS, max=4 * FOLD_MIN_TOKENS)
+        sizes = (FOLD_MIN_TOKENS, FOLD_MIN_TOKENS + 9)
+    example = torch.randn(sizes[-1], 40, generator=gen)
+    program = torch.export.export(layer, (example,), dynamic_shapes=({0: tokens},))
+    exported = program.module()
+    for n in sizes:
+        x = torch.randn(n, 40, generator=gen)
+        torch.testing.assert_close(exported(x), layer(x), rtol=1e-5, atol=1e-5)
