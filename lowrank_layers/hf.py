@@ -1,25 +1,75 @@
 """transformers model folders: calibrated conversion with model code (``lowrank-layers convert
---calibrate``).
+--calibrate``), and the transformers round trip of a converted model.
 
 ``convert_checkpoint`` works on tensors alone; activation-aware conversion and a global
 budget need the model to run on calibration text, so this loads the folder with
 transformers, converts with :func:`~lowrank_layers.convert_model`, and saves a
-lowrank-layers checkpoint next to copies of the folder's config and tokenizer files.
+lowrank-layers checkpoint next to copies of the folder's other files.
+
+The round trip: a converted transformers model describes its low-rank layers in its
+config, as a ``quantization_config`` with ``quant_method`` ``"lowrank-layers"``
+(:func:`mark_lowrank_config`), so ``save_pretrained`` writes the description into
+``config.json``; :func:`load_pretrained` reloads the folder (written by ``save_pretrained``
+or by :func:`convert_pretrained`) as the low-rank model. The quantization method is
+registered with transformers (``transformers.quantizers.auto.register_quantizer``) as soon
+as both libraries are imported, whichever first, so ``AutoModel.from_pretrained(folder)``
+itself returns the low-rank model once ``lowrank_layers`` is imported. Importing
+``lowrank_layers`` never imports transformers: until transformers loads its quantizers, an
+import hook waits for it.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
+import json
 import os
+import re
 import shutil
-from collections.abc import Sequence
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import SINGLE_FILE, _atomic_destination, save_lowrank
-from .convert import ConversionReport, convert_model
+import torch
+from torch import nn
+
+from .checkpoint import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    SINGLE_FILE,
+    CheckpointError,
+    _atomic_destination,
+    _layer_entry,
+    _layer_for,
+    read_metadata,
+    save_lowrank,
+)
+from .convert import ConversionReport, _parents, convert_model
+from .dynamic import DynamicLowRankLinear
 from .pipeline import CompressionReport, compress
 
-__all__ = ["convert_pretrained", "read_texts", "text_batches"]
+__all__ = [
+    "QUANT_METHOD",
+    "convert_pretrained",
+    "load_pretrained",
+    "lowrank_quantization_config",
+    "mark_lowrank_config",
+    "read_texts",
+    "register_with_transformers",
+    "text_batches",
+]
+
+QUANT_METHOD = "lowrank-layers"
+"""The ``quant_method`` of a low-rank model's ``quantization_config`` in ``config.json``."""
+
+_QUANTIZERS_MODULE = "transformers.quantizers.auto"
+# weight files of the converted model itself, at the top of a model folder: replaced
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
+# top-level folders holding exports of the dense model (sentence-transformers' ONNX and
+# OpenVINO backends): copying them would ship the unconverted model beside the converted one
+_DENSE_EXPORT_FOLDERS = {"onnx", "openvino"}
 
 
 def read_texts(path: str | os.PathLike, *, limit: int | None = None) -> list[str]:
@@ -110,14 +160,431 @@ def convert_pretrained(
         if batches is not None:
             convert_kwargs["calibration"] = batches
         report = convert_model(model, **convert_kwargs)
-    weights = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
     with _atomic_destination(dst, is_dir=True, overwrite=overwrite) as tmp:
         save_lowrank(model, tmp / SINGLE_FILE)
-        for item in sorted(src.iterdir()):
-            if (
-                item.is_file()
-                and item.suffix not in weights
-                and not item.name.endswith(".index.json")
-            ):
-                shutil.copy2(item, tmp / item.name)
+        copy_model_folder(src, tmp)
+        _write_config_entry(tmp / "config.json", lowrank_quantization_config(model))
     return report
+
+
+def copy_model_folder(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy every entry of a model folder ``src`` into ``dst`` except the model's own weights.
+
+    Skipped: the top-level weight files (``model.safetensors``, ``pytorch_model.bin``, their
+    shards and ``*.index.json``, and ``.pt``/``.pth``/``.gguf``/``.h5``/``.msgpack`` files),
+    which the converted checkpoint replaces, and the top-level ``onnx/`` and ``openvino/``
+    folders (exports of the dense model, which would load it unconverted). Subfolders are
+    copied whole, weight files included: the modules of a sentence-transformers folder
+    (``1_Pooling/``, ``2_Dense/model.safetensors``, ...) are not converted and are needed.
+    Entries already in ``dst`` are overwritten.
+
+    Returns:
+        The names of the top-level entries copied, sorted.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise NotADirectoryError(f"src must be a model folder, got {src}")
+    copied = []
+    for item in sorted(src.iterdir()):
+        if item.is_dir():
+            if item.name in _DENSE_EXPORT_FOLDERS:
+                continue
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+        elif item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json"):
+            continue
+        else:
+            shutil.copy2(item, dst / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def _write_config_entry(config_json: Path, entry: dict[str, Any]) -> None:
+    if not config_json.exists():
+        return
+    config = json.loads(config_json.read_text(encoding="utf-8"))
+    config["quantization_config"] = entry
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+# ------------------------------------------------------------------------------------------
+# the transformers round trip
+# ------------------------------------------------------------------------------------------
+
+
+def lowrank_layers_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The checkpoint format's description of every low-rank layer of ``model``, by name."""
+    layers = {}
+    for name, module in model.named_modules():
+        entry = _layer_entry(module)
+        if entry is not None:
+            layers[name] = entry
+    return layers
+
+
+def lowrank_quantization_config(
+    model_or_layers: nn.Module | Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` describing a low-rank model.
+
+    ``{"quant_method": "lowrank-layers", "format": "lowrank-layers", "format_version": 1,
+    "layers": {name: {"type", "in_features", "out_features", "rank", "balance", "bias",
+    ["active_rank"]}}}``: the ``layers`` of the checkpoint format (docs/checkpoints.md), for
+    a model (its current layers) or a ``layers`` mapping as read from a checkpoint.
+    """
+    if isinstance(model_or_layers, nn.Module):
+        layers = lowrank_layers_of(model_or_layers)
+    elif isinstance(model_or_layers, Mapping):
+        layers = {str(k): dict(v) for k, v in model_or_layers.items()}
+    else:
+        raise TypeError(
+            "model_or_layers must be an nn.Module or a mapping of layer descriptions, got "
+            f"{type(model_or_layers).__name__}"
+        )
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "layers": dict(sorted(layers.items())),
+    }
+
+
+def mark_lowrank_config(model: nn.Module) -> bool:
+    """Make ``model.save_pretrained`` write a folder that reloads as the low-rank model.
+
+    For a transformers model (one with a ``config`` holding ``to_dict``) with low-rank
+    layers: sets ``model.config.quantization_config`` (see
+    :func:`lowrank_quantization_config`) and attaches the ``lowrank-layers`` quantizer as
+    ``model.hf_quantizer``, which ``save_pretrained`` consults: it refreshes the layer
+    description at save time (so later rank changes are saved too) and stores, for each
+    low-rank layer ``<name>``, an empty tensor ``<name>.weight`` of shape ``(0,)``, so that a
+    dense load without lowrank-layers fails with a size mismatch rather than initialising the
+    layer at random. A no-op returning False for other models, or models without low-rank
+    layers. Called by :func:`~lowrank_layers.convert_model`.
+
+    Returns:
+        Whether the model was marked.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not callable(getattr(config, "to_dict", None)):
+        return False
+    if "transformers" not in sys.modules:
+        return False  # a model with a config-like attribute, not a transformers model
+    layers = lowrank_layers_of(model)
+    existing = getattr(config, "quantization_config", None)
+    if not layers:
+        return False
+    if existing is not None and _quant_method(existing) != QUANT_METHOD:
+        raise ValueError(
+            f"model.config.quantization_config has quant_method {_quant_method(existing)!r}; "
+            f"a low-rank model can only be saved with quant_method {QUANT_METHOD!r}"
+        )
+    config_cls, quantizer_cls = register_with_transformers()
+    qconfig = config_cls.from_dict(lowrank_quantization_config(layers))
+    config.quantization_config = qconfig
+    model.hf_quantizer = quantizer_cls(qconfig, pre_quantized=True)
+    return True
+
+
+def _quant_method(qconfig: Any) -> Any:
+    if isinstance(qconfig, Mapping):
+        return qconfig.get("quant_method")
+    return getattr(qconfig, "quant_method", None)
+
+
+def _layers_from_qconfig(qconfig: Any, where: str) -> dict[str, dict[str, Any]]:
+    data = dict(qconfig) if not isinstance(qconfig, Mapping) else qconfig
+    if data.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{where}: quantization_config has format {data.get('format')!r}, expected "
+            f"{FORMAT_NAME!r}"
+        )
+    version = data.get("format_version")
+    if str(version) != str(FORMAT_VERSION):
+        raise CheckpointError(
+            f"{where}: quantization_config has format_version {version!r}; this version of "
+            f"lowrank-layers reads format_version {FORMAT_VERSION!r}"
+        )
+    layers = data.get("layers")
+    if not isinstance(layers, Mapping):
+        raise CheckpointError(f"{where}: quantization_config has no 'layers' object")
+    return {str(k): dict(v) for k, v in layers.items()}
+
+
+def _restructure(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], where: str) -> None:
+    """Replace each listed module of ``model`` (on any device, ``meta`` too) by its low-rank
+    layer, as :func:`~lowrank_layers.checkpoint.load_lowrank` does before loading."""
+    holders = _parents(model)
+    for name, entry in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{where}: layer {name!r} ({entry.get('type')}) is not in the model"
+            ) from None
+        new = _layer_for(module, dict(entry), name, Path(where))
+        if isinstance(new, DynamicLowRankLinear) and "active_rank" in entry:
+            new.set_extra_state({"rank": int(entry["active_rank"])})
+        if new is not module:
+            for parent, child_name, _ in holders.get(id(module), []):
+                setattr(parent, child_name, new)
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def register_with_transformers() -> tuple[type, type]:
+    """Register the ``lowrank-layers`` quantization method with transformers (idempotent).
+
+    Imports transformers. Called automatically when both libraries are loaded (see the
+    module docstring); call it yourself only if an import hook cannot run (e.g. a frozen
+    application).
+
+    Returns:
+        ``(LowRankQuantizationConfig, LowRankHfQuantizer)``, the registered classes.
+
+    Raises:
+        ImportError: transformers is not installed, or too old to register quantizers.
+        ValueError: another library registered the name ``lowrank-layers``.
+    """
+    if _CLASSES:
+        return _CLASSES["config"], _CLASSES["quantizer"]
+    try:
+        from transformers.quantizers import auto
+        from transformers.quantizers.base import HfQuantizer
+        from transformers.utils.quantization_config import QuantizationConfigMixin
+    except ImportError as exc:
+        raise ImportError(
+            "loading low-rank transformers models needs transformers>=4.40: pip install "
+            "'lowrank-layers[hf]'"
+        ) from exc
+    if not hasattr(auto, "register_quantizer"):
+        raise ImportError(
+            "this transformers has no register_quantizer (transformers.quantizers.auto); "
+            "upgrade transformers to load low-rank models with from_pretrained"
+        )
+
+    class LowRankQuantizationConfig(QuantizationConfigMixin):
+        """``quantization_config`` of a lowrank-layers model: the description of its layers."""
+
+        def __init__(
+            self,
+            layers: Mapping[str, Mapping[str, Any]] | None = None,
+            format: str = FORMAT_NAME,
+            format_version: int | str = FORMAT_VERSION,
+            **kwargs: Any,
+        ) -> None:
+            self.quant_method = QUANT_METHOD
+            self.format = format
+            self.format_version = format_version
+            self.layers = {str(k): dict(v) for k, v in (layers or {}).items()}
+
+        def to_dict(self) -> dict[str, Any]:
+            return lowrank_quantization_config(self.layers) | {
+                "format": self.format,
+                "format_version": self.format_version,
+            }
+
+    class LowRankHfQuantizer(HfQuantizer):
+        """Builds the low-rank layers named in the config before transformers loads weights."""
+
+        requires_calibration = False
+
+        def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+            _layers_from_qconfig(self.quantization_config.to_dict(), "config.json")
+
+        def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+            layers = _layers_from_qconfig(self.quantization_config.to_dict(), "config.json")
+            _restructure(model, layers, "config.json")
+            # the dense-load guards (see mark_lowrank_config) and the active rank of dynamic
+            # layers (set from the config) are not loaded
+            guards = {rf"(^|\.){re.escape(name)}\.weight$" for name in layers}
+            model._keys_to_ignore_on_load_unexpected = (
+                set(model._keys_to_ignore_on_load_unexpected or ()) | guards
+            )
+            model._keys_to_ignore_on_load_missing = set(
+                model._keys_to_ignore_on_load_missing or ()
+            ) | {r"\._extra_state$"}
+
+        def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+            # an ordinary model: half(), to(dtype) and Trainer work as for a dense one
+            model.is_quantized = False
+            model.config._is_quantized = False
+
+        def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[dict, dict]:
+            layers = lowrank_layers_of(model)
+            dynamic = [n for n, e in layers.items() if e["type"] == "DynamicLowRankLinear"]
+            if dynamic:
+                raise ValueError(
+                    f"save_pretrained cannot save DynamicLowRankLinear layers ({dynamic[0]!r}"
+                    f"{' and others' if len(dynamic) > 1 else ''}): transformers cannot load "
+                    "their active rank; save with lowrank_layers.save_lowrank, or set each "
+                    "layer's rank and replace it by a LowRankLinear first"
+                )
+            self.quantization_config.layers = layers  # save_pretrained writes the config next
+            model.config.quantization_config = self.quantization_config
+            state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+            for name in layers:
+                module = model.get_submodule(name)
+                state[f"{name}.weight" if name else "weight"] = torch.empty(0, dtype=module.S.dtype)
+            return state, {}
+
+        def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
+            return True
+
+        @property
+        def is_trainable(self) -> bool:
+            return True
+
+        @property
+        def is_qat_trainable(self) -> bool:
+            return True
+
+    for cls, mapping, register in (
+        (LowRankQuantizationConfig, auto.AUTO_QUANTIZATION_CONFIG_MAPPING,
+         auto.register_quantization_config),
+        (LowRankHfQuantizer, auto.AUTO_QUANTIZER_MAPPING, auto.register_quantizer),
+    ):  # fmt: skip
+        present = mapping.get(QUANT_METHOD)
+        if present is None:
+            register(QUANT_METHOD)(cls)
+        elif present.__module__ == __name__ and present.__name__ == cls.__name__:
+            mapping[QUANT_METHOD] = cls  # this module reloaded: replace our own registration
+        else:
+            raise ValueError(
+                f"quant_method {QUANT_METHOD!r} is already registered with transformers by "
+                f"{present.__module__}.{present.__qualname__}"
+            )
+    _CLASSES["config"], _CLASSES["quantizer"] = LowRankQuantizationConfig, LowRankHfQuantizer
+    return LowRankQuantizationConfig, LowRankHfQuantizer
+
+
+def load_pretrained(path: str | os.PathLike, *, auto_class: Any = None, **kwargs: Any) -> nn.Module:
+    """Reload a low-rank transformers model folder: the model that was saved, in eval mode.
+
+    ``path`` is a folder written by ``save_pretrained`` of a converted model, by
+    :func:`convert_pretrained` (``lowrank-layers convert --calibrate/--budget``), or by
+    :func:`~lowrank_layers.checkpoint.convert_checkpoint` from a model folder: the low-rank
+    layers are read from ``config.json``'s ``quantization_config`` or, failing that, from
+    the checkpoint's metadata, and built before transformers loads the weights.
+
+    Args:
+        path: the model folder.
+        auto_class: the transformers class to load with: ``AutoModelForCausalLM`` when
+            ``config.architectures`` names a ``*ForCausalLM``, else ``AutoModel`` (the choice
+            of :func:`convert_pretrained`); or any class with ``from_pretrained`` (e.g.
+            ``AutoModelForSequenceClassification``, ``BertModel``).
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+
+    Raises:
+        FileNotFoundError: ``path`` has no ``config.json``.
+        CheckpointError (a ``ValueError``): the folder describes no low-rank layer (a dense
+            folder loads with transformers' ``from_pretrained``), an unknown
+            ``format_version``, or a listed layer the model lacks.
+        TypeError: ``auto_class`` has no ``from_pretrained``.
+
+    Returns:
+        The model, in eval mode.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"path must be a transformers model folder, {path} has no config.json"
+        )
+    if auto_class is not None and not callable(getattr(auto_class, "from_pretrained", None)):
+        raise TypeError(
+            f"auto_class must be a transformers class with from_pretrained (e.g. "
+            f"transformers.AutoModel), got {auto_class!r}"
+        )
+    register_with_transformers()
+    import transformers
+
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = transformers.AutoConfig.from_pretrained(path)
+    qconfig = getattr(config, "quantization_config", None)
+    if qconfig is None:
+        metadata = _checkpoint_metadata(path)
+        if metadata.get("format") != FORMAT_NAME:
+            raise CheckpointError(
+                f"{path} is not a lowrank-layers model folder: config.json has no "
+                f"quantization_config with quant_method {QUANT_METHOD!r} and its weights no "
+                f"{FORMAT_NAME} metadata (a dense folder loads with transformers' from_pretrained)"
+            )
+        try:
+            layers = json.loads(metadata["layers"])
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: malformed layers metadata ({exc})") from exc
+        config.quantization_config = lowrank_quantization_config(layers) | {
+            "format_version": metadata.get("format_version")
+        }
+    elif _quant_method(qconfig) != QUANT_METHOD:
+        raise CheckpointError(
+            f"{path}: config.json's quantization_config has quant_method "
+            f"{_quant_method(qconfig)!r}, not {QUANT_METHOD!r}: not a lowrank-layers model"
+        )
+    if auto_class is None:
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto_class.from_pretrained(path, config=config, **kwargs)
+    return model.eval()
+
+
+def _checkpoint_metadata(path: Path) -> dict[str, str]:
+    try:
+        return read_metadata(path)
+    except (CheckpointError, FileNotFoundError):
+        return {}
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """Registers the quantization method right after transformers imports its quantizers."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != _QUANTIZERS_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(importlib.abc.Loader):
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: Any) -> Any:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self.loader.exec_module(module)
+        _remove_hook()
+        try:
+            register_with_transformers()
+        except (ImportError, ValueError) as exc:  # never break transformers' own import
+            warnings.warn(
+                f"lowrank-layers could not register with transformers: {exc}", stacklevel=2
+            )
+
+    def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...
+        return getattr(self.loader, name)
+
+
+def _remove_hook() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _RegisterAfterImport)]
+
+
+def _enable_transformers_integration() -> None:
+    """Register now if transformers' quantizers are loaded, else when they are (no import)."""
+    if _QUANTIZERS_MODULE in sys.modules:
+        try:
+            register_with_transformers()
+        except (ImportError, ValueError) as exc:
+            warnings.warn(
+                f"lowrank-layers could not register with transformers: {exc}", stacklevel=2
+            )
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
+
+
+_enable_transformers_integration()
