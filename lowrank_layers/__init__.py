@@ -31,9 +31,12 @@ from .factorize import (
 from .factory import make_efficient_linear
 from .grad import GradientProjector
 from .heal import HealReport, heal
+from .hf import load_pretrained, mark_lowrank_config
 from .linear import LowRankLinear, lowrank_linear
 from .pipeline import CompressionReport, compress
+from .readers import DenseWeightWarning
 from .speed import SpeedModel, expected_speedup, measure_speed_model
+from .tools import LowRankSummary, lowrank_summary, merge_to_dense
 
 __version__ = "0.1.0"
 
@@ -41,6 +44,7 @@ __all__ = [
     "AdaptiveLowRankLinear",
     "CompressionReport",
     "ConversionReport",
+    "DenseWeightWarning",
     "DynamicLowRankLinear",
     "Factors",
     "GradientProjector",
@@ -48,6 +52,7 @@ __all__ = [
     "InputStats",
     "LayerReport",
     "LowRankLinear",
+    "LowRankSummary",
     "RankScheduler",
     "SpeedModel",
     "SwitchResult",
@@ -66,9 +71,13 @@ __all__ = [
     "heal",
     "inference_layout_",
     "load_lowrank",
+    "load_pretrained",
     "lowrank_linear",
+    "lowrank_summary",
     "make_efficient_linear",
+    "mark_lowrank_config",
     "measure_speed_model",
+    "merge_to_dense",
     "prune_dynamic",
     "randomized_svd",
     "register_weight_reader",

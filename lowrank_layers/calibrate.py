@@ -17,6 +17,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .linears import is_linear_like
+
 __all__ = [
     "InputStats",
     "collect_input_stats",
@@ -69,8 +71,9 @@ def _count(n: int, one: str, many: str) -> str:
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` of ``model`` below the root, by qualified name."""
-    return {name: m for name, m in model.named_modules() if name and isinstance(m, nn.Linear)}
+    """Every ``nn.Linear`` (and transformers ``Conv1D``) of ``model`` below the root, by
+    qualified name."""
+    return {name: m for name, m in model.named_modules() if name and is_linear_like(m)}
 
 
 def padding_mask(batch: Any) -> torch.Tensor | None:

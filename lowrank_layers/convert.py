@@ -19,8 +19,10 @@ from .calibrate import InputStats, collect_input_stats
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import (
     BALANCE_MODES,
+    NONFINITE_REASON,
     Balance,
     Method,
+    _all_finite,
     _check_choice,
     _check_fraction,
     factor_parameters,
@@ -31,6 +33,8 @@ from .factorize import (
     truncated_spectrum,
 )
 from .linear import HALF_DTYPES, LowRankLinear
+from .linears import as_linear, is_conv1d, is_linear_like
+from .readers import register_weight_reader, weight_reader_policy
 from .speed import REPORT_TOKENS, SpeedRule, report_speedups, speed_rule
 
 __all__ = [
@@ -49,23 +53,6 @@ __all__ = [
 LayerKind = Literal["lowrank", "adaptive", "dynamic"]
 LAYER_KINDS: tuple[str, ...] = ("lowrank", "adaptive", "dynamic")
 LOWRANK_TYPES = (LowRankLinear, AdaptiveLowRankLinear, DynamicLowRankLinear)
-
-# Parents whose forward reads a child's `.weight` directly instead of calling it: replacing
-# that child would break the parent. nn.MultiheadAttention passes out_proj.weight to
-# F.multi_head_attention_forward.
-_WEIGHT_READERS: dict[type[nn.Module], tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
-
-
-def register_weight_reader(parent_type: type[nn.Module], child_names: Iterable[str]) -> None:
-    """Declare that ``parent_type``'s forward reads ``child.weight`` of these children.
-
-    ``convert_model`` then leaves those children alone and says why in its report.
-    """
-    if not (isinstance(parent_type, type) and issubclass(parent_type, nn.Module)):
-        raise TypeError(f"parent_type must be an nn.Module subclass, got {parent_type!r}")
-    names = tuple(child_names)
-    _WEIGHT_READERS[parent_type] = tuple(_WEIGHT_READERS.get(parent_type, ())) + names
-
 
 # ------------------------------------------------------------------------------------------
 # the report
@@ -92,6 +79,8 @@ class LayerReport:
     # REPORT_TOKENS[0] and REPORT_TOKENS[1] tokens per call; None when not low rank
     speedup_few: float | None = None
     speedup_many: float | None = None
+    # for a converted layer: what to know about it (a parent that reads its .weight)
+    note: str | None = None
 
     @property
     def converted(self) -> bool:
@@ -178,7 +167,8 @@ class ConversionReport:
                 num(layer.relative_error),
             ]
             row += [num(layer.output_error)] if calibrated else []
-            row += [f"{layer.seconds:.2f}", "" if layer.converted else f"skipped: {layer.reason}"]
+            note = layer.note or "" if layer.converted else f"skipped: {layer.reason}"
+            row += [f"{layer.seconds:.2f}", note]
             rows.append(row)
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
         right = set(range(2, len(header) - 1))
@@ -233,14 +223,69 @@ def name_matches(fqn: str, patterns: str | Iterable[str]) -> bool:
 
 
 def _has_matrix(module: nn.Module) -> bool:
-    """Whether the module holds a weight matrix of its own (Embedding, Conv, Linear...)."""
+    """Whether the module holds a weight matrix of its own (Embedding, Conv, Linear...) or
+    fused 3-D expert tensors."""
     weight = module._parameters.get("weight")
-    return weight is not None and weight.dim() >= 2
+    return (weight is not None and weight.dim() >= 2) or bool(_fused_tensors(module))
+
+
+def _fused_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The 3-D parameters a module holds directly: the stacked per-expert matrices of a
+    mixture of experts (transformers 5's ``MixtralExperts``, ``Qwen2MoeExperts``: one
+    ``(experts, out, in)`` tensor per projection). Convolutions are not counted."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return {}
+    return {
+        n: p
+        for n, p in module._parameters.items()
+        if p is not None and not isinstance(p, nn.parameter.UninitializedParameter) and p.dim() == 3
+    }
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear whose forward is nn.Linear's (subclasses that override it are not safe)."""
+    """An nn.Linear whose forward is nn.Linear's (subclasses that override it are not safe),
+    or transformers' Conv1D."""
+    if is_conv1d(module):
+        return True
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _hooks_reason(module: nn.Module) -> str | None:
+    """Why a module with hooks or parametrizations cannot be replaced, or None.
+
+    A replacement would silently drop them: a forward hook that logs or edits outputs, a
+    ``weight_norm``/``spectral_norm`` parametrization (or the older hook-based versions),
+    ``torch.nn.utils.prune``'s mask. The user removes them and, if wanted, registers them
+    on the new layer.
+    """
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        names = ", ".join(sorted(module.parametrizations.keys()))  # type: ignore[union-attr]
+        return (
+            f"its {names} is parametrized (weight_norm, spectral_norm, ...), which a "
+            "low-rank layer would drop: remove the parametrization first "
+            "(torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+    kinds = {
+        "forward pre-hook": module._forward_pre_hooks,
+        "forward hook": module._forward_hooks,
+        "backward hook": module._backward_hooks,
+        "backward pre-hook": module._backward_pre_hooks,
+        "state-dict hook": module._state_dict_hooks,
+        "load-state-dict pre-hook": module._load_state_dict_pre_hooks,
+    }
+    found = []
+    for kind, hooks in kinds.items():
+        for hook in hooks.values():
+            if isinstance(hook, tuple):  # (hook, with_module) in older state-dict hooks
+                hook = hook[0]
+            what = getattr(hook, "__qualname__", None) or type(hook).__name__
+            found.append(f"{kind} {what}")
+    if found:
+        return (
+            f"it has {', '.join(found)}, which a low-rank layer would drop: remove them "
+            "(handle.remove()) before converting and register them on the new layer"
+        )
+    return None
 
 
 def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
@@ -429,7 +474,10 @@ def convert_model(
             f"{'nothing' if calibration is None else 'precomputed statistics'}"
         )
 
+    if isinstance(calibration, Mapping):
+        _check_statistics(calibration)
     candidates, holders, owners, eligible = _select(model, include, exclude, filter_fn)
+    views = {fqn: as_linear(m) for fqn, m in eligible.items()}  # Conv1D read as nn.Linear
     report = ConversionReport(model_params_before=_count(model))
     if ranks is not None:
         unknown = sorted(set(ranks) - {fqn for fqn, _ in candidates})
@@ -455,33 +503,37 @@ def convert_model(
     if calibration is not None and eligible and not propagate:
         _check_reached(eligible, covariances)
     layer_policy: dict[str, dict[str, Any]] = {}
-    dense_reason: dict[str, str] = {}
+    # one rule with convert_checkpoint: a weight that cannot be factorized stays dense, with
+    # its reason, decided before anything is replaced
+    dense_reason: dict[str, str] = {
+        fqn: NONFINITE_REASON for fqn, m in views.items() if not _all_finite(m.weight.detach())
+    }
     if budget is not None:
         spectra = {
             fqn: truncated_spectrum(
                 m.weight.detach(), balance=balance, input_cov=covariances.get(fqn)
             )
-            for fqn, m in eligible.items()
-            if m.in_features * m.out_features > threshold**2
+            for fqn, m in views.items()
+            if m.in_features * m.out_features > threshold**2 and fqn not in dense_reason
         }
         caps: dict[str, int] | None = None
         fraction = budget
         if speed is not None:
             caps = {
                 f: speed.max_rank(
-                    eligible[f].out_features,
-                    eligible[f].in_features,
+                    views[f].out_features,
+                    views[f].in_features,
                     len(sv),
                     balance=balance != "none",
-                    bias=eligible[f].bias is not None,
-                    dtype=eligible[f].weight.dtype,
+                    bias=views[f].bias is not None,
+                    dtype=views[f].weight.dtype,
                 )
                 for f, sv in spectra.items()
             }
             slow = sorted(f for f, cap in caps.items() if cap == 0)
-            fraction = _budget_without(spectra, eligible, slow, budget, balance != "none")
+            fraction = _budget_without(spectra, views, slow, budget, balance != "none")
             for f in slow:
-                m = eligible[f]
+                m = views[f]
                 dense_reason[f] = speed.reason(
                     m.out_features,
                     m.in_features,
@@ -492,7 +544,7 @@ def convert_model(
                 )  # type: ignore[assignment]
                 del spectra[f]
         allocated = allocate_ranks(
-            {f: (s, eligible[f].out_features, eligible[f].in_features) for f, s in spectra.items()},
+            {f: (s, views[f].out_features, views[f].in_features) for f, s in spectra.items()},
             fraction,
             balance=balance != "none",
             strategy=allocation,
@@ -502,6 +554,8 @@ def convert_model(
     elif ranks is not None:
         for fqn in eligible:
             r = ranks.get(fqn)
+            if fqn in dense_reason:
+                continue
             if r is not None:
                 layer_policy[fqn] = {"rank": r}
             else:
@@ -520,6 +574,7 @@ def convert_model(
             entry = _convert_one(
                 fqn,
                 module,
+                views.get(fqn, module),
                 holders,
                 owners,
                 layer,
@@ -538,22 +593,34 @@ def convert_model(
         entries[fqn] = entry
 
     propagation = None
-    if propagate and eligible:
-        from .propagate import convert_propagated
+    try:
+        if propagate and eligible:
+            from .propagate import convert_propagated
 
-        batches = calibration if isinstance(calibration, Sequence) else list(calibration)
-        todo = {f: m for f, m in eligible.items() if f not in dense_reason}
-        propagation = convert_propagated(model, batches, todo, convert_one, progress=progress)
-        _check_reached(todo, dict.fromkeys(entries))
-    iterator: Iterable[tuple[str, nn.Module]] = candidates
-    if progress and not propagate:
-        iterator = _progress(candidates)
-    for fqn, module in iterator:
-        if fqn not in entries:
-            convert_one(fqn, module)
-        report.layers.append(entries[fqn])
+            batches = calibration if isinstance(calibration, Sequence) else list(calibration)
+            todo = {f: m for f, m in eligible.items() if f not in dense_reason}
+            propagation = convert_propagated(model, batches, todo, convert_one, progress=progress)
+            _check_reached(todo, dict.fromkeys(entries))
+        iterator: Iterable[tuple[str, nn.Module]] = candidates
+        if progress and not propagate:
+            iterator = _progress(candidates)
+        for fqn, module in iterator:
+            if fqn not in entries:
+                convert_one(fqn, module)
+            report.layers.append(entries[fqn])
+    except BaseException:
+        # all or nothing: put every replaced layer back before the error propagates
+        for module in eligible.values():
+            for parent, child_name, _ in holders.get(id(module), []):
+                if parent._modules.get(child_name) is not module:
+                    setattr(parent, child_name, module)
+        raise
     report.propagation = propagation
     report.model_params_after = _count(model)
+    if report.converted:
+        from .hf import mark_lowrank_config  # hf imports this module
+
+        mark_lowrank_config(model)  # a transformers model's save_pretrained keeps low rank
     if not report.converted:
         examples = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
         more = f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else ""
@@ -564,6 +631,27 @@ def convert_model(
             stacklevel=2,
         )
     return report
+
+
+def _check_statistics(calibration: Mapping[Any, Any]) -> None:
+    """A mapping given as ``calibration`` must be statistics ``{layer name: InputStats or a
+    square (in, in) tensor}``; a single batch (a tokenizer's output) is refused clearly."""
+    for key, value in calibration.items():
+        square = isinstance(value, torch.Tensor) and value.dim() == 2
+        if not (isinstance(value, InputStats) or (square and value.shape[0] == value.shape[1])):
+            keys = list(calibration)[:4]
+            raise TypeError(
+                f"calibration is a mapping, read as precomputed statistics {{layer name: "
+                f"InputStats}}, but its entry {key!r} is "
+                f"{_describe(value)}; keys {keys} look like one batch: pass a list of "
+                "batches, calibration=[batch]"
+            )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 def _check_reached(eligible: Mapping[str, nn.Module], reached: Mapping[str, Any]) -> None:
@@ -585,7 +673,11 @@ def _check_reached(eligible: Mapping[str, nn.Module], reached: Mapping[str, Any]
 
 
 def _count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    return sum(
+        p.numel()
+        for p in model.parameters()
+        if not isinstance(p, nn.parameter.UninitializedParameter)
+    )
 
 
 def _progress(items: list, desc: str = "converting", unit: str = "layer") -> Iterable:
@@ -598,14 +690,30 @@ def _progress(items: list, desc: str = "converting", unit: str = "layer") -> Ite
     return tqdm(items, desc=desc, unit=unit)
 
 
+def _matrix_params(module: nn.Module) -> int:
+    """The parameters a module holds directly (with its parametrizations' originals), its
+    bias excluded: reports count weights."""
+    parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+    return sum(
+        p.numel()
+        for n, p in module.named_parameters(recurse=parametrized)
+        if n != "bias" and not isinstance(p, nn.parameter.UninitializedParameter)
+    )
+
+
 def _skip(fqn: str, module: nn.Module, reason: str) -> LayerReport:
-    weight = getattr(module, "weight", None)
-    params = weight.numel() if isinstance(weight, torch.Tensor) else 0
+    params = _matrix_params(module)
+    features = {
+        "in": getattr(module, "in_features", None),
+        "out": getattr(module, "out_features", None),
+    }
+    if is_conv1d(module):
+        features = {"in": module.weight.shape[0], "out": module.weight.shape[1]}
     return LayerReport(
         name=fqn,
         kind=type(module).__name__,
-        in_features=getattr(module, "in_features", None),
-        out_features=getattr(module, "out_features", None),
+        in_features=features["in"],
+        out_features=features["out"],
         rank=None,
         params_before=params,
         params_after=params,
@@ -624,14 +732,26 @@ def _structural_reason(
     """Why a matched module cannot be converted whatever its rank, or None."""
     if isinstance(module, LOWRANK_TYPES):
         return f"already a {type(module).__name__}"
+    fused = _fused_tensors(module)
+    if fused:
+        shapes = ", ".join(f"{n} {'x'.join(map(str, p.shape))}" for n, p in fused.items())
+        return f"fused 3-D expert tensors ({shapes}) are not converted"
     if not _is_plain_linear(module):
         if isinstance(module, nn.Linear):
             return f"{type(module).__name__} overrides nn.Linear.forward"
         return f"cannot convert a {type(module).__name__}"
+    if isinstance(module.weight, nn.parameter.UninitializedParameter):
+        return (
+            f"the {type(module).__name__}'s weight is not initialised yet: run one forward "
+            "pass first"
+        )
+    reason = _hooks_reason(module)
+    if reason is not None:
+        return reason
     for parent, child_name, _ in holders.get(id(module), []):
-        for parent_type, names in _WEIGHT_READERS.items():
-            if isinstance(parent, parent_type) and child_name in names:
-                return f"parent {type(parent).__name__} reads .weight directly"
+        read = weight_reader_policy(parent, child_name)
+        if read is not None and read.policy == "skip":
+            return read.reason
     sharers = [o for o in owners.get(id(module.weight), []) if o != fqn]
     sharers = [o for o in sharers if all(o != h[2] for h in holders.get(id(module), []))]
     if sharers:
@@ -650,7 +770,11 @@ def _candidates(
     """The matched modules, in ``named_modules`` order; a ValueError when none matched."""
 
     def selected(fqn: str, module: nn.Module) -> bool:
-        linear_like = isinstance(module, (nn.Linear, *LOWRANK_TYPES))
+        linear_like = (
+            is_linear_like(module)
+            or isinstance(module, LOWRANK_TYPES)
+            or bool(_fused_tensors(module))
+        )
         if not linear_like and ((include is None and filter_fn is None) or not _has_matrix(module)):
             return False
         if include is not None and not name_matches(fqn, include):
@@ -660,6 +784,13 @@ def _candidates(
         return filter_fn is None or bool(filter_fn(module, fqn))
 
     candidates = [(fqn, m) for fqn, m in model.named_modules() if fqn and selected(fqn, m)]
+    if not candidates and (is_linear_like(model) or isinstance(model, LOWRANK_TYPES)):
+        raise ValueError(
+            f"convert_model replaces the layers inside model, and model is itself a "
+            f"{type(model).__name__}: the root module cannot be replaced in place. Convert "
+            "one layer with LowRankLinear.from_linear(layer, ...), or wrap it: "
+            "convert_model(nn.Sequential(layer), ...)"
+        )
     if not candidates:
         raise ValueError(
             f"convert_model: no module of {type(model).__name__} matched (include={include!r}, "
@@ -708,6 +839,7 @@ def _select(
 def _convert_one(
     fqn: str,
     module: nn.Module,
+    source: nn.Linear,
     holders: dict[int, list[tuple[nn.Module, str, str]]],
     owners: dict[int, list[str]],
     layer: str,
@@ -723,10 +855,12 @@ def _convert_one(
     eval_cov: torch.Tensor | None = None,
     speed: SpeedRule | None = None,
 ) -> LayerReport:
+    """Replace ``module`` (read through ``source``, its ``nn.Linear`` view) by a low-rank
+    layer at every place it is held, or say why not."""
     reason = _structural_reason(fqn, module, holders, owners)
     if reason is not None:
         return _skip(fqn, module, reason)
-    out_f, in_f = module.out_features, module.in_features
+    out_f, in_f = source.out_features, source.in_features
     keep_d = balance != "none"
     planned, reason = plan_rank(out_f, in_f, policy, threshold=threshold, balance=keep_d)
     if reason is None and planned is not None and speed is not None:
@@ -735,15 +869,15 @@ def _convert_one(
             in_f,
             planned,
             balance=keep_d,
-            bias=module.bias is not None,
-            dtype=module.weight.dtype,
+            bias=source.bias is not None,
+            dtype=source.weight.dtype,
         )
     if reason is not None:
         return _skip(fqn, module, reason)
 
     out_error, error_data = None, None
     if layer == "adaptive":
-        new: nn.Module = AdaptiveLowRankLinear.from_linear(module, balance=balance, **policy)
+        new: nn.Module = AdaptiveLowRankLinear.from_linear(source, balance=balance, **policy)
         rank, error = planned, None
         after = (
             factor_parameters(out_f, in_f, planned, balance=keep_d)
@@ -752,9 +886,9 @@ def _convert_one(
         )
     else:
         cls = LowRankLinear if layer == "lowrank" else DynamicLowRankLinear
-        generator = torch.Generator(module.weight.device).manual_seed(layer_seed(seed, fqn))
+        generator = torch.Generator(source.weight.device).manual_seed(layer_seed(seed, fqn))
         new = cls.from_linear(
-            module,
+            source,
             method=method,
             balance=balance,
             input_cov=input_cov,
@@ -772,24 +906,25 @@ def _convert_one(
                 in_f,
                 rank,
                 balance=factors.D is not None,
-                bias=module.bias is not None,
-                dtype=module.weight.dtype,
+                bias=source.bias is not None,
+                dtype=source.weight.dtype,
             )
             if reason is not None:
                 return _skip(fqn, module, reason)
-        error = relative_error(module.weight, factors)
+        error = relative_error(source.weight, factors)
         after = factor_parameters(out_f, in_f, rank, balance=factors.D is not None)
         if eval_cov is not None:
-            out_error, error_data = output_error(module.weight, factors, eval_cov), "held-out"
+            out_error, error_data = output_error(source.weight, factors, eval_cov), "held-out"
         elif input_cov is not None:
             out_error = output_error(
-                module.weight, factors, input_cov, cross_cov=cross_cov, target_energy=target_energy
+                source.weight, factors, input_cov, cross_cov=cross_cov, target_energy=target_energy
             )
             error_data = "calibration"
     new.train(module.training)
-    if not module.weight.requires_grad:
+    if not source.weight.requires_grad:
         for p in new.parameters():
             p.requires_grad_(False)
+    reads = [weight_reader_policy(p, n) for p, n, _ in holders.get(id(module), [])]
     for parent, child_name, _ in holders.get(id(module), []):
         setattr(parent, child_name, new)
     few = many = None
@@ -799,8 +934,8 @@ def _convert_one(
             out_f,
             rank,
             balance=new.D is not None,
-            bias=module.bias is not None,
-            dtype=module.weight.dtype,
+            bias=source.bias is not None,
+            dtype=source.weight.dtype,
         )
     return LayerReport(
         name=fqn,
@@ -816,6 +951,7 @@ def _convert_one(
         error_data=error_data,
         speedup_few=few,
         speedup_many=many,
+        note="; ".join(r.reason for r in reads if r is not None) or None,
     )
 
 
@@ -852,7 +988,7 @@ ALLOCATIONS: tuple[str, ...] = ("minimax", "greedy")
 
 
 def allocate_ranks(
-    spectra: dict[str, tuple[torch.Tensor, int, int]],
+    spectra: Mapping[str, tuple[torch.Tensor, int, int] | torch.Tensor],
     budget: float,
     *,
     balance: bool = False,
@@ -862,7 +998,8 @@ def allocate_ranks(
     """Per-layer ranks keeping at most ``budget`` of the layers' weight parameters.
 
     ``spectra`` maps a layer to ``(singular values, out, in)`` of the matrix that will be
-    truncated; a layer's relative error at rank ``r`` is ``sqrt(Σ_{i>r} σᵢ² / Σ σᵢ²)``.
+    truncated, or to the ``(out, in)`` weight itself (its singular values are computed);
+    a layer's relative error at rank ``r`` is ``sqrt(Σ_{i>r} σᵢ² / Σ σᵢ²)``.
 
     - ``"minimax"`` (default): the smallest common relative error every layer reaches within
       the budget (a bisection on the error level, each layer taking the smallest rank that
@@ -886,6 +1023,7 @@ def allocate_ranks(
 
     _check_fraction("budget", budget)
     _check_choice("strategy", strategy, ALLOCATIONS)
+    spectra = {name: _spectrum_entry(name, value) for name, value in spectra.items()}
     total = sum(out * inp for _, out, inp in spectra.values())
     allowed = budget * total
     names = sorted(spectra)
@@ -924,6 +1062,30 @@ def allocate_ranks(
         if r + 1 < len(energy[n]):
             heapq.heappush(heap, (-energy[n][r + 1] / step, i, n))
     return ranks
+
+
+def _spectrum_entry(name: str, value: object) -> tuple[torch.Tensor, int, int]:
+    """One ``allocate_ranks`` entry as ``(singular values, out, in)``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2:
+        return torch.linalg.svdvals(value.detach().to(torch.float64)), *value.shape
+    ok = (
+        isinstance(value, tuple)
+        and len(value) == 3
+        and isinstance(value[0], torch.Tensor)
+        and value[0].dim() == 1
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value[1:])
+    )
+    if not ok:
+        got = (
+            f"a tensor of shape {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else repr(value)
+        )
+        raise TypeError(
+            f"spectra[{name!r}] must be (singular values as a 1-D tensor, out, in) or a 2-D "
+            f"weight, got {got}"
+        )
+    return value  # type: ignore[return-value]
 
 
 def _minimax_ranks(
@@ -989,6 +1151,13 @@ def plan_rank(
         return None, f"{out_f}x{in_f} is not above threshold {threshold}²"
     if "rank" in policy and policy["rank"] > min(out_f, in_f):
         policy = {"rank": min(out_f, in_f)}
+    if "param_ratio" in policy:
+        least = factor_parameters(out_f, in_f, 1, balance=balance)
+        if least > policy["param_ratio"] * out_f * in_f:
+            return None, (
+                f"param_ratio={policy['param_ratio']} is below rank 1 of a {out_f}x{in_f} "
+                f"weight ({least} of {out_f * in_f} parameters)"
+            )
     planned = resolve_rank(out_f, in_f, balance=balance, **policy)
     if planned is not None and not saves_parameters(out_f, in_f, planned, balance=balance):
         return None, break_even_reason(planned)
@@ -1064,7 +1233,8 @@ def switch_to_lowrank(
         ``{module name: SwitchResult}``.
 
     Raises:
-        ValueError: no dense-phase ``AdaptiveLowRankLinear`` in the model.
+        ValueError: no dense-phase ``AdaptiveLowRankLinear`` in the model; an ``optimizer``
+            that lacks the weight of a layer to switch (nothing is switched then).
 
     Example:
         >>> model = nn.Sequential(AdaptiveLowRankLinear(64, 64), nn.ReLU())
@@ -1082,6 +1252,25 @@ def switch_to_lowrank(
         raise ValueError(
             "switch_to_lowrank: the model holds no AdaptiveLowRankLinear in its dense phase"
         )
+    if optimizer is not None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [  # frozen layers are not expected in the optimizer
+            name
+            for name, layer in layers
+            if layer.weight.requires_grad and id(layer.weight) not in held
+        ]
+        if missing:
+            raise ValueError(
+                f"switch_to_lowrank: the optimizer holds no weight of {len(missing)} of the "
+                f"{len(layers)} layers to switch ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}): their factors would never train. "
+                "Pass the optimizer that trains this model, or optimizer=None and add the "
+                "new factors yourself"
+            )
     results: dict[str, SwitchResult] = {}
     for name, layer in layers:
         old = layer.weight
@@ -1097,6 +1286,9 @@ def switch_to_lowrank(
         if optimizer is not None:
             new = tuple(p for n, p in layer.named_parameters() if n in ("U", "S", "V", "D"))
             apply_param_swaps(optimizer, [ParamSwap(old, new)])
+    from .hf import mark_lowrank_config  # hf imports this module
+
+    mark_lowrank_config(model)
     return results
 
 

@@ -13,6 +13,7 @@ bfloat16 would lose the small singular values), and results are cast back.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Literal
@@ -115,6 +116,22 @@ def _check_weight(W: torch.Tensor, name: str = "W") -> None:
         raise ValueError(f"{name} must be finite, got {bad} NaN or Inf entries")
 
 
+# why a weight that cannot be factorized is kept dense, in every conversion path
+NONFINITE_REASON = "weight has NaN or Inf entries"
+
+
+def as_integer(value: object) -> object:
+    """``value`` as an ``int`` when it is an integer of another type (``numpy.int64``, a
+    0-d integer tensor); anything else unchanged, for the caller to validate."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and not (value.is_floating_point() or value.is_complex()):
+            return value if value.dtype == torch.bool else int(value)
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else value
+
+
 def _all_finite(W: torch.Tensor) -> bool:
     """Whether every entry of ``W`` is finite, without a temporary of ``W``'s size.
 
@@ -206,6 +223,7 @@ def resolve_rank(
         )
     max_rank = min(out_features, in_features)
     shape = (out_features, in_features)
+    rank = as_integer(rank)  # type: ignore[assignment]
     if rank is not None:
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise TypeError(_rank_range_error("rank", repr(rank), max_rank, shape))
@@ -238,7 +256,12 @@ def rank_policy(
     param_ratio: float | None = None,
 ) -> dict[str, int | float]:
     """The given rank policy as keyword arguments (the ``None`` ones dropped), unvalidated."""
-    given = {"rank": rank, "rank_ratio": rank_ratio, "energy": energy, "param_ratio": param_ratio}
+    given = {
+        "rank": as_integer(rank),
+        "rank_ratio": rank_ratio,
+        "energy": energy,
+        "param_ratio": param_ratio,
+    }
     return {k: v for k, v in given.items() if v is not None}
 
 
@@ -499,7 +522,7 @@ def factorize(
         generator: random generator for ``method="randomized"``.
 
     Returns:
-        :class:`Factors` in ``W``'s dtype and device.
+        :class:`Factors` in ``W``'s dtype and device, detached from any autograd graph.
 
     Raises:
         TypeError: ``W`` is not a real floating-point tensor.
@@ -515,6 +538,10 @@ def factorize(
     _check_weight(W)
     _check_choice("method", method, METHODS)
     _check_choice("balance", balance, BALANCE_MODES)
+    # a decomposition, not a differentiable map: factors of a Parameter carry no graph
+    W = W.detach()
+    input_cov = None if input_cov is None else input_cov.detach()
+    cross_cov = None if cross_cov is None else cross_cov.detach()
     out_features, in_features = W.shape
     r = resolve_rank(
         out_features,

@@ -240,7 +240,16 @@ def test_budget_and_calibration_errors():
 def test_calibration_that_misses_layers_is_reported():
     model = Net()
     with pytest.raises(ValueError, match=r"the calibration reached none of the layers"):
-        convert_model(model, rank=8, calibration={"input_ids": torch.zeros(3)})
+        convert_model(model, rank=8, calibration={"elsewhere": torch.eye(48)})
+    # one tokenizer batch (a mapping) is not mistaken for statistics
+    with pytest.raises(
+        TypeError,
+        match=r"entry 'input_ids' is a tensor of shape \(2, 3\); keys "
+        r"\['input_ids', 'attention_mask'\] look like one batch: .*\[batch\]",
+    ):
+        ids = torch.zeros(2, 3, dtype=torch.long)
+        batch = {"input_ids": ids, "attention_mask": torch.ones(2, 3)}
+        convert_model(model, rank=8, calibration=batch)
     with pytest.warns(UserWarning, match=r"q saw 4 tokens, fewer than its 48 inputs"):
         stats = collect_input_stats(model, [torch.randn(4, 48)], {"q": model.q})
     with pytest.warns(UserWarning, match=r"no calibration input reached 3 layers \(k, up, down\)"):

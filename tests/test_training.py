@@ -119,10 +119,12 @@ def test_switch_errors_and_policy_override():
         switch_to_lowrank(model)
 
 
-def test_weight_not_in_optimizer_is_left_out():
+def test_an_optimizer_without_the_layers_weights_is_refused():
     model = make_model()
     opt = torch.optim.SGD([model[4].weight], lr=0.1)  # only the head is trained
-    switch_to_lowrank(model, opt)
+    with pytest.raises(ValueError, match=r"the optimizer holds no weight of \d+ of the \d+ "
+                       r"layers to switch"):  # fmt: skip
+        switch_to_lowrank(model, opt)
     assert optimizer_params(opt) == {id(model[4].weight)}
 
 

@@ -1,0 +1,210 @@
+"""Whole-model tools: see what low rank a model holds, and merge it back to dense.
+
+:func:`lowrank_summary` is the ``print_trainable_parameters`` of this library: kinds,
+ranks and parameters of every low-rank layer, for example right after loading a
+checkpoint. :func:`merge_to_dense` is peft's ``merge_and_unload``: every low-rank layer
+becomes the ``nn.Linear`` its factors multiply out to, in place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adaptive import AdaptiveLowRankLinear
+from .convert import LOWRANK_TYPES, _parents
+from .dynamic import DynamicLowRankLinear
+from .linears import is_linear_like
+
+__all__ = ["LayerSummary", "LowRankSummary", "lowrank_summary", "merge_to_dense"]
+
+
+@dataclass
+class LayerSummary:
+    """One low-rank layer of a model."""
+
+    name: str
+    kind: str
+    in_features: int
+    out_features: int
+    rank: int | None  # None: an AdaptiveLowRankLinear still dense
+    max_rank: int | None  # a DynamicLowRankLinear's stored rank; else equal to rank
+    params: int  # the weight (or factor) parameters it holds, bias excluded
+    dense_params: int  # in·out, what nn.Linear holds
+
+    @property
+    def lowrank(self) -> bool:
+        return self.rank is not None
+
+
+@dataclass
+class LowRankSummary:
+    """What :func:`lowrank_summary` found; ``str()`` is an aligned table."""
+
+    layers: list[LayerSummary] = field(default_factory=list)
+    dense_linears: int = 0  # plain nn.Linear / Conv1D layers left
+    dense_linear_params: int = 0
+    model_params: int = 0
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """Layers per kind (``"AdaptiveLowRankLinear (dense)"`` for one not switched yet)."""
+        return dict(Counter(_kind(x) for x in self.layers))
+
+    @property
+    def params(self) -> int:
+        """Parameters held by the low-rank layers' weights or factors."""
+        return sum(x.params for x in self.layers)
+
+    @property
+    def dense_params(self) -> int:
+        """What the same layers would hold as ``nn.Linear`` weights."""
+        return sum(x.dense_params for x in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "layers": [asdict(x) for x in self.layers],
+            "totals": {
+                "kinds": self.kinds,
+                "params": self.params,
+                "dense_params": self.dense_params,
+                "dense_linears": self.dense_linears,
+                "dense_linear_params": self.dense_linear_params,
+                "model_params": self.model_params,
+            },
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def __str__(self) -> str:
+        header = ["layer", "kind", "in", "out", "rank", "max_rank", "params", "as Linear"]
+        rows = [header]
+        for x in self.layers:
+            rows.append(
+                [
+                    x.name,
+                    _kind(x),
+                    str(x.in_features),
+                    str(x.out_features),
+                    "-" if x.rank is None else str(x.rank),
+                    "-" if x.max_rank is None else str(x.max_rank),
+                    f"{x.params:,}",
+                    f"{x.dense_params:,}",
+                ]
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+
+        def fmt(row: Sequence[str]) -> str:
+            return "  ".join(
+                c.rjust(w) if i >= 2 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+
+        lines = [fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]]
+        kinds = ", ".join(f"{n} {k}" for k, n in self.kinds.items()) or "no low-rank layer"
+        share = self.params / self.dense_params if self.dense_params else 0.0
+        lines.append(
+            f"{kinds}: {self.params:,} parameters where nn.Linear would hold "
+            f"{self.dense_params:,} ({share:.1%}); {self.dense_linears} dense linear layers "
+            f"({self.dense_linear_params:,} parameters) left; model {self.model_params:,}"
+        )
+        return "\n".join(lines)
+
+
+def _kind(x: LayerSummary) -> str:
+    return f"{x.kind} (dense)" if x.rank is None else x.kind
+
+
+def _weight_params(module: nn.Module) -> int:
+    return sum(p.numel() for n, p in module.named_parameters(recurse=False) if n != "bias")
+
+
+def lowrank_summary(model: nn.Module) -> LowRankSummary:
+    """Kinds, ranks and parameters of every low-rank layer of ``model`` (the root too).
+
+    A layer held at several places is listed once, under its first name. Works on any
+    model: one without low-rank layers gives an empty table and its dense linear count.
+
+    Example:
+        >>> from lowrank_layers import LowRankLinear
+        >>> s = lowrank_summary(nn.Sequential(LowRankLinear(64, 64, 8), nn.Linear(64, 4)))
+        >>> s.kinds, s.params, s.dense_linears
+        ({'LowRankLinear': 1}, 1032, 1)
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    summary = LowRankSummary(model_params=sum(p.numel() for p in model.parameters()))
+    for name, module in model.named_modules():
+        if isinstance(module, LOWRANK_TYPES):
+            if isinstance(module, AdaptiveLowRankLinear) and not module.is_lowrank:
+                rank = max_rank = None
+            elif isinstance(module, DynamicLowRankLinear):
+                rank, max_rank = module.rank, module.max_rank
+            else:
+                rank = max_rank = module.S.shape[0]
+            summary.layers.append(
+                LayerSummary(
+                    name=name,
+                    kind=type(module).__name__,
+                    in_features=module.in_features,
+                    out_features=module.out_features,
+                    rank=rank,
+                    max_rank=max_rank,
+                    params=_weight_params(module),
+                    dense_params=module.in_features * module.out_features,
+                )
+            )
+        elif is_linear_like(module):
+            summary.dense_linears += 1
+            summary.dense_linear_params += _weight_params(module)
+    return summary
+
+
+@torch.no_grad()
+def merge_to_dense(model: nn.Module) -> dict[str, int | None]:
+    """Replace every low-rank layer of ``model`` by the ``nn.Linear`` it computes, in place.
+
+    The new weight is ``diag(D)·U·diag(S)·Vᵀ`` (at a dynamic layer's active rank), in the
+    factors' dtype and device, with the bias copied; ``requires_grad`` and the training
+    flag are kept. A layer held at several places is replaced by one ``nn.Linear`` at all
+    of them. The merged layers' parameters are new objects: an optimizer built before
+    must be rebuilt.
+
+    Returns:
+        ``{name: the rank it had}`` (``None`` for an adaptive layer still dense).
+
+    Raises:
+        ValueError: the model holds no low-rank layer, or is one itself (use its
+            ``to_linear()``).
+    """
+    if isinstance(model, LOWRANK_TYPES):
+        raise ValueError(
+            f"merge_to_dense replaces layers inside model, and model is itself a "
+            f"{type(model).__name__}: use model.to_linear()"
+        )
+    summary = {x.name: x.rank for x in lowrank_summary(model).layers}
+    if not summary:
+        raise ValueError(
+            f"merge_to_dense: {type(model).__name__} holds no low-rank layer "
+            "(LowRankLinear, AdaptiveLowRankLinear or DynamicLowRankLinear)"
+        )
+    holders = _parents(model)
+    modules = dict(model.named_modules())
+    for name in summary:
+        layer = modules[name]
+        dense = layer.to_linear()
+        grad = any(p.requires_grad for n, p in layer.named_parameters() if n != "bias")
+        dense.weight.requires_grad_(grad)
+        if dense.bias is not None:
+            dense.bias.requires_grad_(layer.bias.requires_grad)
+        dense.train(layer.training)
+        for parent, child_name, _ in holders[id(layer)]:
+            setattr(parent, child_name, dense)
+    return summary
