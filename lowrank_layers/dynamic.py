@@ -15,6 +15,7 @@ from .factorize import (
     Method,
     _check_fraction,
     _promote,
+    as_integer,
     factorize,
     resolve_rank,
     select_rank,
@@ -48,6 +49,7 @@ class ParamSwap:
 
 
 def _check_rank(name: str, value: object, max_rank: int) -> int:
+    value = as_integer(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rank:
         raise ValueError(f"{name} must be an int in [1, {max_rank}], got {value!r}")
     return value
@@ -123,7 +125,7 @@ class DynamicLowRankLinear(nn.Module):
         if max_rank is None and max_rank_ratio is None:
             max_rank_ratio = 0.2
         if max_rank is not None:
-            _check_rank("max_rank", max_rank, min(in_features, out_features))
+            max_rank = _check_rank("max_rank", max_rank, min(in_features, out_features))
         else:
             _check_fraction("max_rank_ratio", max_rank_ratio)  # type: ignore[arg-type]
             max_rank = resolve_rank(out_features, in_features, rank_ratio=max_rank_ratio)
@@ -215,7 +217,7 @@ class DynamicLowRankLinear(nn.Module):
 
     def set_rank(self, rank: int) -> None:
         """Use the first ``rank`` components; shrinking sorts them first (see reorthonormalize)."""
-        _check_rank("rank", rank, self.max_rank)
+        rank = _check_rank("rank", rank, self.max_rank)
         if rank < self._rank:
             self.reorthonormalize()
         self._rank = rank

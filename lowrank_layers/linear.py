@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factorize import Balance, Factors, Method, factorize
+from .factorize import Balance, Factors, Method, as_integer, factorize
 from .readers import lazy_weight
 
 __all__ = [
@@ -315,6 +315,7 @@ class LowRankLinear(nn.Module):
         self.in_features = check_features("in_features", in_features)
         self.out_features = check_features("out_features", out_features)
         max_rank = min(in_features, out_features)
+        rank = as_integer(rank)  # type: ignore[assignment]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
             raise ValueError(
                 f"rank must be an int in [1, {max_rank}] for a {out_features}x{in_features} "

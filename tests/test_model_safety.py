@@ -378,6 +378,11 @@ def test_ranks_may_be_numpy_or_tensor_integers(gen):
         assert torch.equal(got.U, expected.U)
         report = convert_model(nn.Sequential(nn.Linear(12, 16)), rank=rank)
         assert report.converted[0].rank == 4
+        assert LowRankLinear(12, 16, rank).rank == 4
+        dynamic = DynamicLowRankLinear(12, 16, rank=rank, max_rank=np.int64(8))
+        assert (dynamic.rank, dynamic.max_rank) == (4, 8)
+        dynamic.set_rank(rank - 1)
+        assert dynamic.rank == 3 and type(dynamic.rank) is int
     for bad in (torch.tensor(4.0), torch.tensor([4]), np.float64(4.0), True):
         with pytest.raises(TypeError, match=r"rank must be an int in \[1, 12\] for a 16x12"):
             resolve_rank(16, 12, rank=bad)
