@@ -27,9 +27,11 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import struct
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -201,26 +203,206 @@ def _header_reserve(names: Iterable[str], metadata_bytes: int) -> int:
     return sum(len(json.dumps(n)) + 120 for n in names) + metadata_bytes + 1024
 
 
+# Temporary names: ``.<name>.tmp-<host>-<pid>-<hex8>`` beside the file or folder ``<name>``
+# they become (``.old-`` for a replaced folder on its way out). The host and pid name the
+# writer, so that the next write to the same destination can remove what a writer killed
+# outright (SIGKILL, power loss) left behind: on this host, a pid that no longer runs.
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "localhost"
+# our own file names in a folder save_lowrank writes into (transformers' naming)
+_OWN_FILES = r"model(?:-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+
+
+def _temp_path(dst: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``dst`` naming this host and process (see ``_HOST``)."""
+    return dst.with_name(f".{dst.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _temp_pattern(names: str) -> re.Pattern[str]:
+    """Temporary names of writes to ``names`` (a regex); groups: name, host, pid."""
+    return re.compile(
+        rf"\.(?P<name>{names})\.(?:tmp|old)-(?:(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-)?"
+        r"[0-9a-f]{8}(?:\.rewrite)?"
+    )
+
+
+def _destination_of(path: str | os.PathLike) -> Path:
+    """``path`` with every temporary component replaced by the name it is written for."""
+    pattern = _temp_pattern(".+")
+    parts = [m.group("name") if (m := pattern.fullmatch(p)) else p for p in Path(path).parts]
+    return Path(*parts) if parts else Path(path)
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (True when that cannot be told)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process, alive
+        return True
+    return True
+
+
+def _clean_leftovers(folder: Path, names: str) -> None:
+    """Remove the temporaries of writes to ``folder/<names>`` whose writer died; warn naming them.
+
+    A temporary of this host whose pid no longer runs is removed; one of another host or a
+    live process is left alone (a write in progress); one without a pid (written before
+    pids were part of the name) is named in a warning and left for the user to remove.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:  # no folder yet: nothing left over
+        return
+    pattern = _temp_pattern(names)
+    removed: list[str] = []
+    unknown: list[str] = []
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None:
+            continue
+        if m.group("pid") is None:
+            unknown.append(entry.path)
+        elif (
+            m.group("host") == _HOST
+            and not _writer_alive(int(m.group("pid")))
+            and _remove(Path(entry.path))
+        ):
+            removed.append(entry.path)
+    if removed:
+        warnings.warn(
+            f"removed {len(removed)} temporary file(s) left by interrupted writes whose process "
+            f"no longer runs: {', '.join(removed)}",
+            stacklevel=5,  # the caller of save_lowrank / convert_checkpoint
+        )
+    if unknown:
+        warnings.warn(
+            f"{', '.join(unknown)}: temporary file(s) of an interrupted write (or of one still "
+            "running) by an earlier version of lowrank-layers; remove them if no write is "
+            "in progress",
+            stacklevel=5,  # the caller of save_lowrank / convert_checkpoint
+        )
+
+
+def _named(path: Path) -> Path:
+    """``path``, resolved when it has no name of its own (``.``, ``..``, ``a/..``)."""
+    return path.resolve() if path.name in ("", "..") else path
+
+
+def _make_folder(folder: Path, target: Path | None = None) -> Path | None:
+    """Create ``folder`` (for ``target``) and its missing parents; the topmost created, or None."""
+    missing: list[Path] = []
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"cannot write {target or folder}: {existing} is a file, not a folder"
+        )
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def _remove_created(folder: Path, top: Path | None) -> None:
+    """Remove the empty folders ``_make_folder`` created, ``folder`` up to ``top``."""
+    if top is None:
+        return
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top:
+            return
+
+
 @contextmanager
 def _atomic_destination(dst: Path, *, is_dir: bool, overwrite: bool) -> Iterator[Path]:
-    """A temporary sibling of ``dst`` that is renamed to ``dst`` only if the block succeeds."""
+    """A temporary sibling of ``dst`` that replaces ``dst`` whole only if the block succeeds.
+
+    For a new file, or a whole new folder (an existing ``dst`` folder is replaced with all
+    of its files); :func:`_files_into_folder` writes some files into a folder and keeps the
+    others. Temporaries of earlier writes to ``dst`` whose process died are removed first.
+    """
+    dst = _named(dst)
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+    if dst.is_dir() and not is_dir:
+        raise IsADirectoryError(f"{dst} is a folder; a file cannot replace it")
+    if dst.is_dir() and Path.cwd().resolve().is_relative_to(dst.resolve()):
+        raise ValueError(
+            f"{dst} is the current folder or holds it, and would be replaced whole: "
+            "write into a new folder"
+        )
+    created = _make_folder(dst.parent, dst)
+    _clean_leftovers(dst.parent, re.escape(dst.name))
+    tmp = _temp_path(dst)
     if is_dir:
         tmp.mkdir()
     try:
         yield tmp
         _commit(tmp, dst)
     except BaseException:
-        _remove(tmp)
+        _remove_temporary(tmp)
+        _remove_created(dst.parent, created)
+        raise
+
+
+@contextmanager
+def _files_into_folder(
+    folder: Path, names: Sequence[str], *, overwrite: bool
+) -> Iterator[dict[str, Path]]:
+    """Temporary paths in ``folder`` for ``names``, each renamed over its name at the end.
+
+    The folder's other files stay, except our own checkpoint files (``_OWN_FILES``) that
+    ``names`` leave out — the shards, single file or index of an earlier save — which are
+    removed once the new files are in place (a stale index first: it would be read instead
+    of a new ``model.safetensors``). Each file is replaced atomically; the renames at the
+    end take milliseconds. With ``overwrite=False`` any own file present is an error.
+    """
+    folder = _named(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"cannot write into {folder}: it is a file, not a folder")
+    own = re.compile(_OWN_FILES)
+    present = sorted(  # files only: a folder of such a name is not ours to remove
+        p.name
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if own.fullmatch(p.name) and not p.is_dir()
+    )
+    for name in names:
+        if (folder / name).is_dir():
+            raise IsADirectoryError(f"{folder / name} is a folder; a file cannot replace it")
+    if present and not overwrite:
+        raise FileExistsError(
+            f"{folder / present[0]} already exists (pass overwrite=True to replace it)"
+        )
+    stale = [n for n in present if n not in names]
+    created = _make_folder(folder)
+    _clean_leftovers(folder, _OWN_FILES)
+    temps = {name: _temp_path(folder / name) for name in names}
+    try:
+        yield temps
+        if INDEX_FILE in stale:  # first, or fail: left behind, it would be read instead
+            (folder / INDEX_FILE).unlink(missing_ok=True)
+        for name in sorted(names, key=lambda n: n == INDEX_FILE):  # the index last
+            os.replace(temps[name], folder / name)
+        for name in stale:  # unreferenced now: one left behind would not be read
+            _remove(folder / name)
+    except BaseException:
+        for tmp in temps.values():
+            _remove_temporary(tmp)
+        _remove_created(folder, created)
         raise
 
 
 def _commit(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        trash = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+    """Rename ``tmp`` to ``dst``: a file in one atomic step, a folder over an old one in two."""
+    if dst.exists() and (dst.is_dir() or tmp.is_dir()):  # a link to a folder: the link goes
+        trash = _temp_path(dst, "old")
         os.replace(dst, trash)
         os.replace(tmp, dst)
         _remove(trash)
@@ -228,11 +410,22 @@ def _commit(tmp: Path, dst: Path) -> None:
         os.replace(tmp, dst)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+def _remove(path: Path) -> bool:
+    """Remove a file or folder if it is there; never raises (a cleanup). Whether it is gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_temporary(tmp: Path) -> None:
+    """Remove a temporary and the copy ``_rewrite_with_header`` may have begun beside it."""
+    _remove(tmp)
+    _remove(tmp.with_name(tmp.name + ".rewrite"))
 
 
 def _layer_entry(module: nn.Module) -> dict[str, Any] | None:
@@ -292,10 +485,16 @@ def save_lowrank(
 ) -> list[Path]:
     """Save ``model``'s state dict, with the description of its low-rank layers, as safetensors.
 
-    ``path`` ending in ``.safetensors`` is one file; any other path is a folder that gets
-    ``model.safetensors``, or shards and ``model.safetensors.index.json`` when the tensors
-    exceed ``max_shard_size`` (bytes, or a string such as ``"2GB"``). Tied tensors are stored
-    once (``aliases`` in the metadata). The write is atomic.
+    ``path`` ending in ``.safetensors`` is one file; any other path (``"."`` included) is a
+    folder that gets ``model.safetensors``, or shards and ``model.safetensors.index.json``
+    when the tensors exceed ``max_shard_size`` (bytes, or a string such as ``"2GB"``). Tied
+    tensors are stored once (``aliases`` in the metadata).
+
+    Each file is written under a temporary name beside it and renamed over it at the end.
+    In an existing folder only these files are replaced, and those of the same naming left
+    by an earlier save (``model.safetensors``, ``model-*-of-*.safetensors``, the index) that
+    this one does not write are removed; every other file stays. With ``overwrite=False``
+    an existing file of that naming (or ``path`` itself, for one file) is an error.
 
     Returns:
         The files written.
@@ -309,6 +508,11 @@ def save_lowrank(
         8
     """
     path = Path(path)
+    if path.suffix != ".safetensors" and path.is_file():
+        raise NotADirectoryError(
+            f"save_lowrank: path {str(path)!r} is a file, but a path not ending in "
+            ".safetensors names a folder to write model.safetensors into"
+        )
     limit = _parse_size(max_shard_size)
     state = model.state_dict()
     layers: dict[str, Any] = {}
@@ -356,16 +560,16 @@ def save_lowrank(
         with _atomic_destination(path, is_dir=False, overwrite=overwrite) as tmp:
             _write_group(tmp, groups[0], tensors, metadata, meta_bytes)
         return [path]
-    with _atomic_destination(path, is_dir=True, overwrite=overwrite) as tmp:
-        names = _shard_names(len(groups))
+    names = _shard_names(len(groups))
+    written = names + ([INDEX_FILE] if len(groups) > 1 else [])
+    with _files_into_folder(path, written, overwrite=overwrite) as temps:
         weight_map: dict[str, str] = {}
         for fname, keys in zip(names, groups, strict=True):
-            _write_group(tmp / fname, keys, tensors, metadata, meta_bytes)
+            _write_group(temps[fname], keys, tensors, metadata, meta_bytes)
             weight_map.update(dict.fromkeys(keys, fname))
         if len(groups) > 1:
-            _write_index(tmp / INDEX_FILE, weight_map, metadata, total)
-    files = [path / n for n in names]
-    return files + ([path / INDEX_FILE] if len(groups) > 1 else [])
+            _write_index(temps[INDEX_FILE], weight_map, metadata, total)
+    return [path / n for n in written]
 
 
 def _write_group(
@@ -787,9 +991,12 @@ def convert_checkpoint(
     The result loads with :func:`load_lowrank` into the dense architecture and gives the
     same outputs as :func:`~lowrank_layers.convert_model` with the same policy, method and
     seed. ``dst`` is a file when ``src`` is one file and ``dst`` ends in ``.safetensors``
-    (and ``workers == 1``), else a folder mirroring ``src``'s shards (one shard per worker
-    for a single-file source) with an index. Nothing appears at ``dst`` unless the whole
-    conversion succeeds.
+    (with several ``workers``, their parts are merged into it; not under
+    ``torch.distributed``, which needs a folder), else a folder mirroring ``src``'s shards
+    (one shard per worker for a single-file source) with an index. It is written under a
+    temporary name beside it and renamed at the end: nothing appears at ``dst`` unless the
+    whole conversion succeeds, and an existing ``dst`` (with ``overwrite=True``) is
+    replaced whole, a folder with all of its files.
 
     Work is shared by ``workers`` processes on this machine, or, when called inside an
     initialised ``torch.distributed`` job (torchrun), by its ranks: each rank converts its
@@ -799,6 +1006,7 @@ def convert_checkpoint(
     Raises:
         FileNotFoundError, CheckpointError: a missing or unreadable ``src``.
         FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        NotADirectoryError: a folder above ``dst`` is a file.
         ValueError, TypeError: bad options (named, with the value and what is allowed).
     """
     policy = rank_policy(rank, rank_ratio, energy, param_ratio)
@@ -811,7 +1019,7 @@ def convert_checkpoint(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     speed = speed_rule(min_speedup, speedup_tokens)
-    src, dst = Path(src), Path(dst)
+    src, dst = Path(src), _named(Path(dst))
     ckpt = _open_checkpoint(src)
     if ckpt.metadata.get("format") == FORMAT_NAME:
         raise CheckpointError(f"{src} is already a {FORMAT_NAME} checkpoint")
@@ -843,9 +1051,13 @@ def convert_checkpoint(
 
     distributed = _dist_world()
     world, rank_id = distributed
-    single_out = (
-        len(ckpt.files) == 1 and dst.suffix == ".safetensors" and workers == 1 and world == 1
-    )
+    one_file = len(ckpt.files) == 1 and dst.suffix == ".safetensors"
+    if one_file and world > 1:
+        raise ValueError(
+            f"dst {str(dst)!r} names one .safetensors file, but the {world} ranks of a "
+            "torch.distributed conversion write a folder (one shard per rank): pass a folder"
+        )
+    single_out = one_file and workers == 1  # else the workers' parts are merged into dst
     if len(ckpt.files) > 1:
         plan = [
             (f, tuple(k for k in headers[f] if k != "__metadata__"), f.name) for f in ckpt.files
@@ -880,6 +1092,16 @@ def convert_checkpoint(
 
     if world > 1:
         results = _run_distributed(jobs_in, dst, overwrite, rank_id, world, ckpt, plan, single_out)
+    elif one_file and not single_out:  # several workers, one output file
+        with _atomic_destination(dst, is_dir=False, overwrite=overwrite) as tmp:
+            parts = _temp_path(_named(dst))
+            parts.mkdir()
+            try:
+                jobs = jobs_in(parts)
+                results = _run_jobs(jobs, workers, progress)
+                _merge_parts(tmp, [Path(job.out) for job in jobs], results)
+            finally:
+                _remove(parts)
     else:
         with _atomic_destination(dst, is_dir=not single_out, overwrite=overwrite) as tmp:
             jobs = jobs_in(tmp)
@@ -893,6 +1115,25 @@ def convert_checkpoint(
         r.params_before - r.params_after for r in report.converted
     )
     return report
+
+
+def _merge_parts(out: Path, parts: Sequence[Path], results: Sequence[tuple]) -> None:
+    """Copy the workers' part files into one safetensors file, one tensor at a time."""
+    layers: dict[str, Any] = {}
+    for _, _, part_layers, _ in results:
+        layers.update(part_layers)
+    metadata = _format_metadata(layers, {})
+    keys = [key for _, written, _, _ in results for key in written]
+    writer = _ShardWriter(out, _header_reserve(keys, len(json.dumps(metadata))))
+    try:
+        for part, (_, written, _, _) in zip(parts, results, strict=True):
+            with _TensorReader(part) as reader:
+                for key in written:
+                    writer.add(key, reader.get(key))
+        writer.finish(metadata)
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _balance(keys: list[str], header: dict[str, Any], n: int) -> list[list[str]]:
@@ -1139,7 +1380,8 @@ def _run_distributed(jobs_in, dst, overwrite, rank_id, world, ckpt, plan, single
             if dst.exists() and not overwrite:
                 raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}")
+            _clean_leftovers(dst.parent, re.escape(dst.name))
+            tmp = _temp_path(dst)
             tmp.mkdir()
             box[0] = str(tmp)
         except BaseException as exc:

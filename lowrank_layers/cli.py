@@ -1,15 +1,25 @@
 """The ``lowrank-layers`` command line: ``convert``, ``inspect``, ``demo``.
 
-User mistakes (a missing file, a file that is not safetensors, an out-of-range value,
-conflicting flags) print one line on stderr and exit with code 2, never a traceback, and
-write nothing.
+Exit codes (docs/cli.md): 0 done; 2 a user mistake (a missing file, a file that is not
+safetensors, an out-of-range value, conflicting flags, an existing DST without
+``--overwrite``), found before any work; 1 the operating system refused to read or write
+a path (permission denied, read-only file system, a file where a folder should be, disk
+full); 130 interrupted (Ctrl-C), 128 + N ended by signal N (143: SIGTERM). Errors are one
+line on stderr naming the path or value, never a traceback; a run that fails or is
+stopped leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import os
+import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -17,11 +27,25 @@ from . import __version__
 
 __all__ = ["main"]
 
+EXIT_ENVIRONMENT = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):
     """A mistake of the user's: reported as one line, exit code 2."""
+
+
+class EnvironmentProblem(Exception):
+    """The operating system refused to read or write a path: one line, exit code 1."""
+
+
+class _Terminated(BaseException):
+    """Raised by the handler of SIGTERM (or SIGHUP): unwinds, so that cleanups run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class _Parser(argparse.ArgumentParser):
@@ -176,8 +200,40 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_writable(path: Path, flag: str, *, create: bool) -> None:
+    """Refuse ``path`` (the value of ``flag``) before any work when it cannot be written.
+
+    Its folder must exist (``create=False``) or be creatable below its nearest existing
+    folder (``create=True``); that folder must accept a new file (probed with an anonymous
+    temporary file, which leaves nothing).
+    """
+    folder = path.parent
+    if not create and not folder.exists():
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise EnvironmentProblem(f"cannot write {flag} {path}: {folder} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise EnvironmentProblem(
+            f"cannot write {flag} {path}: {folder}: {exc.strerror or exc}"
+        ) from None
+
+
+def _check_destination(dst: Path, overwrite: bool) -> None:
+    """Refuse an existing DST without --overwrite, or one that cannot be written."""
+    if dst.exists() and not overwrite:
+        raise UsageError(f"DST {dst} already exists (pass --overwrite to replace it)")
+    _check_writable(dst.resolve() if dst.name in ("", "..") else dst, "DST", create=True)
+
+
 def _run_convert(args: argparse.Namespace) -> None:
     from .checkpoint import _pin_mmap_threshold, convert_checkpoint
+
+    _check_destination(args.dst, args.overwrite)
 
     policy = {
         "rank": args.rank,
@@ -286,8 +342,14 @@ def _run_inspect(args: argparse.Namespace) -> None:
     from .checkpoint import weight_spectra
     from .speed import REPORT_TOKENS, expected_speedup
 
-    if args.plot is not None and args.plot.suffix.lower() != ".png":
-        raise UsageError(f"--plot must name a .png file, got {args.plot}")
+    if args.plot is not None:  # before any work: a bad path would fail after the table
+        if args.plot.suffix.lower() != ".png":
+            raise UsageError(f"--plot must name a .png file, got {args.plot}")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise UsageError(
+                f"--plot {args.plot} needs matplotlib: pip install 'lowrank-layers[plot]'"
+            )
+        _check_writable(args.plot, "--plot", create=False)
     spectra = weight_spectra(args.path, include=args.include)
     if not spectra:
         raise UsageError(f"{args.path} holds no 2-D floating-point weight")
@@ -375,34 +437,83 @@ def _save_round_trip(model, path: Path) -> float:
     return float((a - b).abs().max())
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into :class:`_Terminated` while the block runs.
+
+    A signal's default action ends the process on the spot, leaving the temporary files of
+    a write in progress; an exception unwinds through their cleanups. Only a signal left to
+    its default action is taken over (one ignored, as ``nohup`` ignores SIGHUP, or handled
+    by the caller stays so), and the previous handlers come back afterwards. Only in the
+    main thread (the only one Python delivers signals to).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous: dict[int, object] = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None and signal.getsignal(signum) is signal.SIG_DFL:
+            previous[signum] = signal.signal(signum, _on_signal)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # type: ignore[arg-type]
+
+
+def _one_line(exc: BaseException) -> str:
+    message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    # the library's advice names its keyword; here it is a flag
+    return message.replace("pass overwrite=True", "pass --overwrite")
+
+
+def _os_error_line(exc: OSError) -> str:
+    """``<path>: <reason>`` for an error of the OS, the path as the user knows it."""
+    from .checkpoint import _destination_of
+
+    reason = exc.strerror or _one_line(exc)
+    if exc.filename is None:
+        return reason
+    return f"{_destination_of(os.fsdecode(exc.filename))}: {reason}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowrank-layers`` console script; returns the exit code."""
     from .checkpoint import CheckpointError
 
     try:
-        args = _build_parser().parse_args(argv)
-        # run as the program (console script, python -m): this process is ours to tune;
-        # main([...]) called from Python leaves the caller's process as it is
-        args.whole_process = argv is None
-        {"convert": _run_convert, "inspect": _run_inspect, "demo": _run_demo}[args.command](args)
-    except (
-        UsageError,
-        CheckpointError,
-        ValueError,
-        TypeError,
-        FileNotFoundError,
-        FileExistsError,
-        IsADirectoryError,
-        NotADirectoryError,
-        PermissionError,
-        ImportError,
-    ) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"lowrank-layers: error: {message}", file=sys.stderr)
+        with _signals_unwind():
+            args = _build_parser().parse_args(argv)
+            # run as the program (console script, python -m): this process is ours to tune;
+            # main([...]) called from Python leaves the caller's process as it is
+            args.whole_process = argv is None
+            commands = {"convert": _run_convert, "inspect": _run_inspect, "demo": _run_demo}
+            commands[args.command](args)
+    except (UsageError, CheckpointError, ValueError, TypeError, ImportError) as exc:
+        print(f"lowrank-layers: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except EnvironmentProblem as exc:
+        print(f"lowrank-layers: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
+    except OSError as exc:
+        if exc.errno is None:  # raised by this library with a message: a path given wrong
+            print(f"lowrank-layers: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"lowrank-layers: error: {_os_error_line(exc)}", file=sys.stderr)
+        return EXIT_ENVIRONMENT
     except KeyboardInterrupt:
         print("lowrank-layers: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except _Terminated as exc:
+        name = signal.Signals(exc.signum).name
+        print(f"lowrank-layers: terminated by {name}", file=sys.stderr)
+        return 128 + exc.signum
     return 0
 
 

@@ -285,7 +285,7 @@ def test_failure_mid_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
 
     real = ckpt_mod._factorize_tensor
     monkeypatch.setattr(ckpt_mod, "_factorize_tensor", failing)
-    for dst in (tmp_path / "out.safetensors", tmp_path / "outdir"):
+    for dst in (tmp_path / "out.safetensors", tmp_path / "outdir", tmp_path / "new" / "o"):
         calls.clear()
         with pytest.raises(RuntimeError, match="injected failure"):
             convert_checkpoint(src, dst, rank=8)
@@ -470,3 +470,188 @@ def test_torch_distributed_ranks_share_the_conversion(tiny, tmp_path):
     reference = convert_model(tiny, rank=8, method="randomized", seed=1, include=["fc1", "fc2"])
     assert len(reference.converted) == 2
     assert torch.allclose(fresh.eval()(IDS), tiny(IDS), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------
+# destinations: existing folders, temporaries, paths
+# ------------------------------------------------------------------------------------------
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def _model_folder(folder: Path) -> list[str]:
+    """A transformers-like model folder: the files a save must keep."""
+    (folder / "1_Pooling").mkdir(parents=True)
+    (folder / "1_Pooling" / "config.json").write_text("{}")
+    for name in ("config.json", "tokenizer.json", "README.md", "model.safetensors.bak"):
+        (folder / name).write_text(name)
+    (folder / "model-00001-of-00009.safetensors").mkdir()  # our naming, but a folder: kept
+    return _listing(folder)
+
+
+def test_save_into_an_existing_folder_replaces_only_its_own_files(tiny, tmp_path):
+    convert_model(tiny, rank=8, include=["fc1", "fc2"])
+    folder = tmp_path / "model"
+    others = _model_folder(folder)
+    assert save_lowrank(tiny, folder) == [folder / "model.safetensors"]
+    assert _listing(folder) == sorted([*others, "model.safetensors"])
+    files = save_lowrank(tiny, folder, max_shard_size="4KB")  # sharded: the single file goes
+    shards = sorted(f.name for f in files)
+    assert len(shards) > 2 and "model.safetensors.index.json" in shards
+    assert _listing(folder) == sorted(others + shards)
+    fresh = Tiny()
+    load_lowrank(fresh, folder)
+    assert torch.equal(fresh.eval()(IDS), tiny(IDS))
+    # one file again: the index and shards of the sharded save would contradict it
+    save_lowrank(tiny, folder)
+    assert _listing(folder) == sorted([*others, "model.safetensors"])
+    fresh = Tiny()
+    load_lowrank(fresh, folder)
+    assert torch.equal(fresh.eval()(IDS), tiny(IDS))
+    with pytest.raises(FileExistsError, match=r"model\.safetensors already exists \(pass overw"):
+        save_lowrank(tiny, folder, overwrite=False)
+    # overwrite=False refuses the shards it would remove, too
+    (folder / "model.safetensors").rename(folder / "model-00001-of-00003.safetensors")
+    with pytest.raises(FileExistsError, match=r"model-00001-of-00003\.safetensors already exis"):
+        save_lowrank(tiny, folder, overwrite=False)
+    assert _listing(folder) == sorted([*others, "model-00001-of-00003.safetensors"])
+
+
+def test_save_into_the_current_folder(tiny, tmp_path, monkeypatch):
+    convert_model(tiny, rank=8, include=["fc1"])
+    others = _model_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert save_lowrank(tiny, ".") == [Path("model.safetensors")]
+    assert _listing(tmp_path) == sorted([*others, "model.safetensors"])
+    fresh = Tiny()
+    load_lowrank(fresh, ".")
+    assert torch.equal(fresh.eval()(IDS), tiny(IDS))
+
+
+def test_a_failed_save_keeps_the_old_files_and_leaves_no_temporary(tiny, tmp_path):
+    folder = tmp_path / "model"
+    others = _model_folder(folder)
+    save_lowrank(tiny, folder)
+    before = (folder / "model.safetensors").read_bytes()
+    tiny.register_buffer("phase", torch.ones(3, dtype=torch.complex64))  # not in safetensors
+    with pytest.raises(TypeError, match=r"'phase' has dtype torch\.complex64"):
+        save_lowrank(tiny, folder)
+    assert _listing(folder) == sorted([*others, "model.safetensors"])
+    assert (folder / "model.safetensors").read_bytes() == before
+    with pytest.raises(TypeError, match=r"'phase' has dtype torch\.complex64"):
+        save_lowrank(tiny, tmp_path / "new" / "deeper")  # the folders it made go too
+    with pytest.raises(TypeError, match=r"'phase' has dtype torch\.complex64"):
+        save_lowrank(tiny, tmp_path / "one.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_destination_path_errors(tiny, tmp_path, monkeypatch):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"path '.*a_file' is a file, but a path not"):
+        save_lowrank(tiny, a_file)
+    with pytest.raises(NotADirectoryError, match=r"cannot write .*a_file/m: .*a_file is a file"):
+        save_lowrank(tiny, a_file / "m")
+    with pytest.raises(NotADirectoryError, match=r"write .*x\.safetensors: .*a_file is a file"):
+        save_lowrank(tiny, a_file / "x.safetensors")
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"dir\.safetensors is a folder; a file cannot"):
+        save_lowrank(tiny, tmp_path / "dir.safetensors")
+    (tmp_path / "m" / "model.safetensors").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match=r"model\.safetensors is a folder; a file canno"):
+        save_lowrank(tiny, tmp_path / "m")
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    with pytest.raises(NotADirectoryError, match=r"write .*a_file/o: .*a_file is a file, not a"):
+        convert_checkpoint(src, a_file / "o", rank=4)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"is the current folder or holds it, and would be re"):
+        convert_checkpoint(src, ".", rank=4, overwrite=True)
+    with pytest.raises(FileExistsError, match=r"already exists \(pass overwrite=True"):
+        convert_checkpoint(src, ".", rank=4)
+
+
+def test_convert_checkpoint_replaces_an_existing_folder_whole(tiny, tmp_path):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    dst = tmp_path / "out"
+    _model_folder(dst)
+    convert_checkpoint(src, dst, rank=4, overwrite=True)
+    assert _listing(dst) == ["model.safetensors"]  # as documented: the folder is replaced
+
+
+def test_workers_write_one_file_for_a_safetensors_dst(tiny, tmp_path):
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    convert_checkpoint(src, tmp_path / "one.safetensors", rank=8)
+    report = convert_checkpoint(src, tmp_path / "two.safetensors", rank=8, workers=2)
+    assert [r.name for r in report.converted] == ["fc1", "fc2"]
+    assert (tmp_path / "two.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == [
+        "dense.safetensors",
+        "one.safetensors",
+        "two.safetensors",
+    ]
+    a, b = _tensors(tmp_path / "one.safetensors"), _tensors(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
+    for m in ("fc1", "fc2"):  # other thread counts: equal up to rounding
+        wa = (a[f"{m}.U"] * a[f"{m}.S"]) @ a[f"{m}.V"].mT
+        wb = (b[f"{m}.U"] * b[f"{m}.S"]) @ b[f"{m}.V"].mT
+        assert torch.allclose(wa, wb, atol=1e-5), m
+    assert torch.equal(a["emb.weight"], b["emb.weight"])
+    layers = json.loads(read_metadata(tmp_path / "two.safetensors")["layers"])
+    assert {k: v["rank"] for k, v in layers.items()} == {"fc1": 8, "fc2": 8}
+    one, two = Tiny(), Tiny()
+    load_lowrank(one, tmp_path / "one.safetensors")
+    load_lowrank(two, tmp_path / "two.safetensors")
+    assert torch.allclose(two.eval()(IDS), one.eval()(IDS), atol=1e-4)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.skipif(os.name != "posix", reason="liveness of a pid is checked with os.kill(pid, 0)")
+def test_leftovers_of_dead_writers_are_removed_by_the_next_write(tiny, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    dead, host = _dead_pid(), ckpt_mod._HOST
+    dead_file = folder / f".model.safetensors.tmp-{host}-{dead}-0123abcd"
+    dead_shard = folder / f".model-00002-of-00003.safetensors.tmp-{host}-{dead}-4567cdef"
+    live = folder / f".model.safetensors.tmp-{host}-{os.getpid()}-89abcdef"  # in progress
+    elsewhere = folder / f".model.safetensors.tmp-other-host-{dead}-0123abcd"  # not ours
+    unrelated = folder / f".config.json.tmp-{host}-{dead}-0123abcd"  # not a name we write
+    old_style = folder / ".model.safetensors.tmp-0123abcd"  # before pids: unknown writer
+    for path in (dead_file, dead_shard, live, elsewhere, unrelated, old_style):
+        path.write_bytes(b"partial")
+    with pytest.warns(UserWarning) as rec:
+        save_lowrank(tiny, folder)
+    removed, named = (str(w.message) for w in rec)
+    assert removed.startswith("removed 2 temporary file(s) left by interrupted writes whose")
+    assert removed.endswith(f"{dead_shard}, {dead_file}")  # sorted by name
+    assert named.startswith(f"{old_style}: temporary file(s) of an interrupted write")
+    assert "earlier version of lowrank-layers; remove them if no write is" in named
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["model.safetensors", live.name, elsewhere.name, unrelated.name, old_style.name]
+    )
+    # a whole-destination write (one file, a whole folder) cleans beside its destination
+    dead_dir = tmp_path / f".out.tmp-{host}-{dead}-0123abcd"
+    (dead_dir / "sub").mkdir(parents=True)
+    src = tmp_path / "dense.safetensors"
+    _dense_checkpoint(tiny, src)
+    with pytest.warns(UserWarning, match=r"left by interrupted writes .*\.out\.tmp-"):
+        convert_checkpoint(src, tmp_path / "out", rank=4)
+    assert not dead_dir.exists() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_temporary_names_map_back_to_their_destination():
+    tmp = ckpt_mod._temp_path(Path("/data/out.safetensors"))
+    assert tmp.parent == Path("/data") and tmp.name.startswith(".out.safetensors.tmp-")
+    assert ckpt_mod._destination_of(tmp) == Path("/data/out.safetensors")
+    inner = ckpt_mod._temp_path(Path("/data/out")) / "model-00001-of-00002.safetensors"
+    assert ckpt_mod._destination_of(inner) == Path("/data/out/model-00001-of-00002.safetensors")
+    assert ckpt_mod._destination_of("/data/.hidden") == Path("/data/.hidden")
