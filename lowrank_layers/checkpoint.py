@@ -32,7 +32,7 @@ import struct
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +57,7 @@ from .dynamic import DynamicLowRankLinear
 from .factorize import (
     BALANCE_MODES,
     METHODS,
+    NONFINITE_REASON,
     Balance,
     Method,
     _all_finite,
@@ -69,6 +70,7 @@ from .factorize import (
     select_rank,
 )
 from .linear import LowRankLinear, make_linear
+from .linears import is_conv1d
 from .speed import SpeedRule, report_speedups, speed_rule
 
 __all__ = [
@@ -428,6 +430,19 @@ def _remove_temporary(tmp: Path) -> None:
     _remove(tmp.with_name(tmp.name + ".rewrite"))
 
 
+def _guard_key(layer_name: str) -> str:
+    """The ``<layer>.weight`` key under which an empty guard tensor is stored (see
+    :func:`save_lowrank`)."""
+    return f"{layer_name}.weight" if layer_name else "weight"
+
+
+def _guard(dtype: torch.dtype) -> torch.Tensor:
+    """An empty ``(0,)`` tensor: stored as ``<layer>.weight`` beside a low-rank layer's
+    factors, it makes a dense loader (``load_state_dict``, ``from_pretrained`` without
+    lowrank-layers) fail on the shape instead of leaving that layer's weight random."""
+    return torch.empty(0, dtype=dtype)
+
+
 def _layer_entry(module: nn.Module) -> dict[str, Any] | None:
     if isinstance(module, AdaptiveLowRankLinear) and not module.is_lowrank:
         return None  # dense phase: an ordinary Linear-shaped weight
@@ -540,6 +555,10 @@ def save_lowrank(
         if ident is not None:
             seen[ident] = key
         tensors[key] = value
+    for name, module in model.named_modules():
+        if name in layers and _guard_key(name) not in tensors:
+            factor = next(p for n, p in module.named_parameters(recurse=False) if n == "U")
+            tensors[_guard_key(name)] = _guard(factor.dtype)
     metadata = _format_metadata(layers, aliases)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     single_file = path.suffix == ".safetensors"
@@ -617,6 +636,7 @@ class _Checkpoint:
     metadata: dict[str, str]
     total_size: int = 0
     extra_files: list[Path] = field(default_factory=list)
+    folder: Path | None = None  # the model folder, for a folder or index source
 
 
 def _read_header(path: Path) -> tuple[dict[str, Any], int]:
@@ -657,6 +677,7 @@ def _open_checkpoint(path: Path) -> _Checkpoint:
             )
         ckpt = _open_file(shards[0])
         ckpt.extra_files = [p for p in sorted(path.iterdir()) if p.is_file() and p != shards[0]]
+        ckpt.folder = path
         return ckpt
     if path.name.endswith(".index.json"):
         return _open_index(path)
@@ -693,7 +714,7 @@ def _open_index(index: Path) -> _Checkpoint:
     extra = [p for p in sorted(folder.iterdir()) if p.is_file() and p not in shard_set]
     total = int((data.get("metadata") or {}).get("total_size", 0))
     return _Checkpoint(
-        files, {k: folder / v for k, v in weight_map.items()}, metadata, total, extra
+        files, {k: folder / v for k, v in weight_map.items()}, metadata, total, extra, folder
     )
 
 
@@ -714,8 +735,10 @@ def _merge_metadata(parts: Sequence[dict[str, str]]) -> dict[str, str]:
 def _check_format(meta: dict[str, str], where: Path) -> tuple[dict[str, Any], dict[str, str]]:
     if meta.get("format") != FORMAT_NAME:
         raise CheckpointError(
-            f"{where} is not a {FORMAT_NAME} checkpoint (metadata format={meta.get('format')!r}); "
-            "a dense checkpoint loads with load_state_dict or from_pretrained"
+            f"{where} is not a {FORMAT_NAME} checkpoint (metadata format="
+            f"{meta.get('format')!r}): a folder saved by save_pretrained from a converted model "
+            "reloads with lowrank_layers.load_pretrained(folder); a dense checkpoint loads "
+            "with load_state_dict or transformers' from_pretrained"
         )
     version = meta.get("format_version")
     if version != str(FORMAT_VERSION):
@@ -816,6 +839,10 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
             for parent, child_name, _ in holders.get(id(module), []):
                 setattr(parent, child_name, new)
     state = dict(_read_tensors(ckpt))
+    for name in layers:  # the dense loaders' tripwire, not a tensor of the model
+        guard = state.get(_guard_key(name))
+        if guard is not None and guard.numel() == 0:
+            del state[_guard_key(name)]
     for alias, target in aliases.items():
         if target not in state:
             raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
@@ -871,6 +898,10 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
                 "(non-persistent buffers are not saved in checkpoints: build the model with "
                 "only its parameters on meta, e.g. accelerate.init_empty_weights())"
             )
+    if layers:
+        from .hf import mark_lowrank_config  # hf imports this module
+
+        mark_lowrank_config(model)  # a transformers model's save_pretrained keeps low rank
     return model
 
 
@@ -896,15 +927,19 @@ def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) 
             module._restructure(rank, balance=entry["balance"])
         return module
     ref = next(iter(module.parameters()), None)
-    if ref is None or not hasattr(module, "in_features"):
+    if ref is not None and is_conv1d(module):  # GPT-2's Conv1D: weight stored (in, out)
+        in_f, out_f = module.weight.shape
+    elif ref is not None and hasattr(module, "in_features"):
+        in_f, out_f = module.in_features, module.out_features
+    else:
         raise CheckpointError(
             f"{path}: layer {name!r} is a {type(module).__name__} in the model, which cannot "
             f"hold a {kind}"
         )
-    if (module.in_features, module.out_features) != (entry["in_features"], entry["out_features"]):
+    if (in_f, out_f) != (entry["in_features"], entry["out_features"]):
         raise CheckpointError(
             f"{path}: layer {name!r} is {entry['out_features']}x{entry['in_features']} in the "
-            f"checkpoint but {module.out_features}x{module.in_features} in the model"
+            f"checkpoint but {out_f}x{in_f} in the model"
         )
     kw = {"bias": entry["bias"], "device": ref.device, "dtype": ref.dtype}
     if cls is LowRankLinear:
@@ -922,6 +957,96 @@ def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) 
     layer = AdaptiveLowRankLinear(entry["in_features"], entry["out_features"], **kw)
     layer._restructure(rank, balance=entry["balance"])
     return layer
+
+
+# ------------------------------------------------------------------------------------------
+# model folders: the files beside the weights, and config.json's description of the layers
+# ------------------------------------------------------------------------------------------
+
+QUANT_METHOD = "lowrank-layers"
+"""The ``quant_method`` of a low-rank model's ``quantization_config`` in ``config.json``."""
+
+# weight files of the converted model itself, at the top of a model folder: replaced
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
+# top-level folders holding exports of the dense model (sentence-transformers' ONNX and
+# OpenVINO backends): copying them would ship the unconverted model beside the converted one
+_DENSE_EXPORT_FOLDERS = {"onnx", "openvino"}
+
+
+def copy_model_folder(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy every entry of a model folder ``src`` into ``dst`` except the model's own weights.
+
+    Skipped: the top-level weight files (``model.safetensors``, ``pytorch_model.bin``, their
+    shards and ``*.index.json``, and ``.pt``/``.pth``/``.gguf``/``.h5``/``.msgpack`` files),
+    which the converted checkpoint replaces, and the top-level ``onnx/`` and ``openvino/``
+    folders (exports of the dense model, which would load it unconverted). Subfolders are
+    copied whole, weight files included: the modules of a sentence-transformers folder
+    (``1_Pooling/``, ``2_Dense/model.safetensors``, ...) are not converted and are needed.
+    Entries already in ``dst`` are overwritten.
+
+    Returns:
+        The names of the top-level entries copied, sorted.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise NotADirectoryError(f"src must be a model folder, got {src}")
+    copied = []
+    for item in sorted(src.iterdir()):
+        if item.is_dir():
+            if item.name in _DENSE_EXPORT_FOLDERS:
+                continue
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+        elif item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json"):
+            continue
+        else:
+            shutil.copy2(item, dst / item.name)
+        copied.append(item.name)
+    return copied
+
+
+def _write_config_entry(config_json: Path, entry: dict[str, Any]) -> None:
+    if not config_json.exists():
+        return
+    config = json.loads(config_json.read_text(encoding="utf-8"))
+    config["quantization_config"] = entry
+    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def lowrank_layers_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The checkpoint format's description of every low-rank layer of ``model``, by name."""
+    layers = {}
+    for name, module in model.named_modules():
+        entry = _layer_entry(module)
+        if entry is not None:
+            layers[name] = entry
+    return layers
+
+
+def lowrank_quantization_config(
+    model_or_layers: nn.Module | Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` describing a low-rank model.
+
+    ``{"quant_method": "lowrank-layers", "format": "lowrank-layers", "format_version": 1,
+    "layers": {name: {"type", "in_features", "out_features", "rank", "balance", "bias",
+    ["active_rank"]}}}``: the ``layers`` of the checkpoint format (docs/checkpoints.md), for
+    a model (its current layers) or a ``layers`` mapping as read from a checkpoint.
+    """
+    if isinstance(model_or_layers, nn.Module):
+        layers = lowrank_layers_of(model_or_layers)
+    elif isinstance(model_or_layers, Mapping):
+        layers = {str(k): dict(v) for k, v in model_or_layers.items()}
+    else:
+        raise TypeError(
+            "model_or_layers must be an nn.Module or a mapping of layer descriptions, got "
+            f"{type(model_or_layers).__name__}"
+        )
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "layers": dict(sorted(layers.items())),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -944,11 +1069,108 @@ class _Job:
     seed: int
     threads: int
     speed: SpeedRule | None = None
+    transposed: frozenset[str] = frozenset()  # Conv1D weights, stored (in, out)
 
 
 def is_embedding_name(module_name: str) -> bool:
     """Whether a module name looks like an embedding (excluded by default by convert_checkpoint)."""
     return any(_EMBEDDING_COMPONENT.fullmatch(part) for part in module_name.split("."))
+
+
+# transformers model types whose projections are Conv1D, with the modules' names
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+CONV1D_NAMES = r"(?:.*\.)?(?:c_attn|c_proj|c_fc|q_attn)"
+
+
+def _folder_config(folder: Path) -> dict[str, Any]:
+    """``folder/config.json`` as a dict; empty when there is none or it is not an object."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _load_time_conversions(config: Mapping[str, Any]) -> list[tuple[re.Pattern[str], str]]:
+    """The tensors transformers renames or merges when it loads this model type.
+
+    transformers >= 5 keeps some checkpoints in an older layout and converts them on load
+    (Mixtral's ``block_sparse_moe.experts.<i>.w1.weight`` become ``mlp.experts.gate_up_proj``):
+    a factorized tensor of that layout has no place in the loaded model. Empty without
+    transformers, or for a folder transformers did not write.
+    """
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or "transformers_version" not in config:
+        return []
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:
+        return []
+    out = []
+    for transform in get_checkpoint_conversion_mapping(model_type) or []:
+        targets = ", ".join(getattr(transform, "target_patterns", None) or ())
+        for source in getattr(transform, "source_patterns", None) or ():
+            pattern = re.compile(re.escape(source).replace(r"\*", r"[^.]+"))
+            out.append((pattern, f"{source!r} -> {targets!r}"))
+    return out
+
+
+def _conversion_reason(key: str, conversions: list[tuple[re.Pattern[str], str]]) -> str | None:
+    """Why ``key`` is not factorized: transformers converts it when loading; or None."""
+    for pattern, description in conversions:
+        if pattern.search(key):
+            return (
+                f"transformers converts this tensor when loading the model ({description}), "
+                "so a factorized one could not be loaded: convert the loaded model instead "
+                "(convert_model, or the CLI with --budget)"
+            )
+    return None
+
+
+def _conv1d_keys(
+    selected: set[str], conv1d: bool | str | Sequence[str] | None, folder: Path
+) -> set[str]:
+    """The selected ``<module>.weight`` keys stored ``(in, out)`` (see ``conv1d``)."""
+    patterns: str | Sequence[str] | None
+    if conv1d is None:
+        model_type = _folder_config(folder).get("model_type")
+        if model_type is not None:
+            patterns = CONV1D_NAMES if model_type in CONV1D_MODEL_TYPES else None
+        else:
+            like = sorted(k for k in selected if re.fullmatch(CONV1D_NAMES, k[: -len(".weight")]))
+            if like:
+                raise ValueError(
+                    f"convert_checkpoint: {like[0]} is named like a GPT-2 Conv1D weight, stored "
+                    f"(in, out), and no config.json in {folder} says which model this is: pass "
+                    "conv1d=True (GPT-2's Conv1D layers) or conv1d=False (every weight is "
+                    "nn.Linear's (out, in)); CLI --conv1d gpt2 / none"
+                )
+            patterns = None
+    elif isinstance(conv1d, bool):
+        patterns = CONV1D_NAMES if conv1d else None
+    else:
+        patterns = conv1d
+    if patterns is None:
+        return set()
+    return {k for k in selected if name_matches(k[: -len(".weight")], patterns)}
+
+
+def _is_expert_tensor(key: str, info: dict[str, Any]) -> bool:
+    """A fused 3-D expert tensor of a mixture of experts (``...experts.gate_up_proj``)."""
+    return (
+        len(info["shape"]) == 3
+        and info["dtype"] in ("F64", "F32", "F16", "BF16")
+        and "expert" in key.lower()
+    )
+
+
+def _expert_report(key: str, info: dict[str, Any]) -> LayerReport:
+    n = math.prod(info["shape"])
+    shape = "x".join(map(str, info["shape"]))
+    return LayerReport(
+        key, "experts (3-D)", None, None, None, n, n, None, 0.0,
+        f"fused 3-D expert tensor ({shape}) is not converted",
+    )  # fmt: skip
 
 
 def convert_checkpoint(
@@ -962,6 +1184,7 @@ def convert_checkpoint(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     exclude_embeddings: bool = True,
+    conv1d: bool | str | Sequence[str] | None = None,
     threshold: int = 0,
     method: Method = "svd",
     balance: Balance = "none",
@@ -998,6 +1221,22 @@ def convert_checkpoint(
     whole conversion succeeds, and an existing ``dst`` (with ``overwrite=True``) is
     replaced whole, a folder with all of its files.
 
+    GPT-2 (transformers' ``Conv1D``) stores its projection weights ``(in, out)``, the
+    transpose of ``nn.Linear``'s, which the tensors alone do not tell. ``conv1d`` says
+    which weights are stored so: ``None`` (default) reads ``config.json`` beside the
+    checkpoint (``model_type`` gpt2, openai-gpt, imagegpt or decision_transformer: their
+    ``c_attn``, ``c_proj``, ``c_fc``, ``q_attn``) and, without a config, refuses a
+    checkpoint with such names rather than guess; ``True`` / ``False``: those names are /
+    no weight is ``Conv1D``; a regex or list (as ``include``): these modules are. Such a
+    weight is factorized as the ``(out, in)`` matrix it is, and :func:`load_lowrank` puts
+    the low-rank layer in place of the model's ``Conv1D``.
+
+    A folder ``dst`` gets copies of the source folder's other files and subfolders (config,
+    tokenizer, a sentence-transformers model's ``modules.json`` and ``1_Pooling/``; not
+    its weights), and ``config.json`` a ``quantization_config`` describing the low-rank
+    layers (see :func:`~lowrank_layers.load_pretrained`). Fused 3-D expert tensors
+    (``...experts.gate_up_proj``) are copied and reported as not converted.
+
     Work is shared by ``workers`` processes on this machine, or, when called inside an
     initialised ``torch.distributed`` job (torchrun), by its ranks: each rank converts its
     share of the files into a common temporary folder and rank 0 writes the index and
@@ -1019,12 +1258,15 @@ def convert_checkpoint(
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     speed = speed_rule(min_speedup, speedup_tokens)
+    if conv1d is not None and not isinstance(conv1d, bool):
+        _check_patterns("conv1d", conv1d)
     src, dst = Path(src), _named(Path(dst))
     ckpt = _open_checkpoint(src)
     if ckpt.metadata.get("format") == FORMAT_NAME:
         raise CheckpointError(f"{src} is already a {FORMAT_NAME} checkpoint")
 
     headers = {f: _read_header(f)[0] for f in ckpt.files}
+    conversions = _load_time_conversions(_folder_config(ckpt.folder or src.parent))
     selected: set[str] = set()
     report = ConversionReport()
     for f in ckpt.files:
@@ -1033,6 +1275,9 @@ def convert_checkpoint(
                 continue
             report.model_params_before += math.prod(info["shape"])
             module = key[: -len(".weight")] if key.endswith(".weight") else None
+            if _is_expert_tensor(key, info):
+                report.layers.append(_expert_report(key, info))
+                continue
             if (
                 module is None
                 or len(info["shape"]) != 2
@@ -1042,12 +1287,21 @@ def convert_checkpoint(
                 or (exclude_embeddings and is_embedding_name(module))
             ):
                 continue
+            reason = _conversion_reason(key, conversions)
+            if reason is not None:
+                n = math.prod(info["shape"])
+                out_f, in_f = info["shape"]
+                report.layers.append(
+                    LayerReport(module, "Linear", in_f, out_f, None, n, n, None, 0.0, reason)
+                )
+                continue
             selected.add(key)
     if not selected:
         raise ValueError(
             f"convert_checkpoint: no 2-D weight of {src} matched (include={include!r}, "
             f"exclude={exclude!r}, exclude_embeddings={exclude_embeddings})"
         )
+    transposed = _conv1d_keys(selected, conv1d, ckpt.folder or src.parent)
 
     distributed = _dist_world()
     world, rank_id = distributed
@@ -1086,6 +1340,7 @@ def convert_checkpoint(
                 seed,
                 threads if workers > 1 else total_threads,
                 speed,
+                frozenset(transposed & set(keys)),
             )
             for f, keys, name in plan
         ]
@@ -1168,7 +1423,7 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
     for key in job.keys:
         if key in job.selected:
             module = key[: -len(".weight")]
-            out_keys += [f"{module}.{n}" for n in ("U", "S", "V", "D")]
+            out_keys += [f"{module}.{n}" for n in ("U", "S", "V", "D", "weight")]
         else:
             out_keys.append(key)
     layers_bound = sum(len(k) + 200 for k in job.selected)
@@ -1207,7 +1462,17 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
                     continue
                 module = key[: -len(".weight")]
                 start = time.perf_counter()
-                entry = _factorize_tensor(module, tensor, policy, job, bias=module in bias_of)
+                conv1d = key in job.transposed  # (in, out): factorize its (out, in) view
+                W = tensor.t() if conv1d else tensor
+                entry = _factorize_tensor(
+                    module,
+                    W,
+                    policy,
+                    job,
+                    bias=module in bias_of,
+                    kind="Conv1D" if conv1d else "Linear",
+                )
+                del W
                 if isinstance(entry, LayerReport):  # skipped: copy the weight unchanged
                     writer.add(key, tensor)
                     written.append(key)
@@ -1216,10 +1481,13 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
                     _release_free_heap()
                     continue
                 factors, layer_report, layer_entry = entry
+                dtype = tensor.dtype
                 del entry, tensor  # the factors alone are written
                 for name in list(factors):
                     writer.add(f"{module}.{name}", factors.pop(name))
                     written.append(f"{module}.{name}")
+                writer.add(_guard_key(module), _guard(dtype))
+                written.append(_guard_key(module))
                 layer_report.seconds = time.perf_counter() - start
                 reports.append(layer_report)
                 layers[module] = layer_entry
@@ -1285,14 +1553,20 @@ def _release_free_heap() -> None:
 
 
 def _factorize_tensor(
-    module: str, W: torch.Tensor, policy: dict[str, Any], job: _Job, *, bias: bool
+    module: str,
+    W: torch.Tensor,
+    policy: dict[str, Any],
+    job: _Job,
+    *,
+    bias: bool,
+    kind: str = "Linear",
 ) -> tuple[dict[str, torch.Tensor], LayerReport, dict[str, Any]] | LayerReport:
+    """Factorize one ``(out, in)`` weight ``W`` (a transposed view for a ``Conv1D``), or the
+    report of why it stays as it is."""
     out_f, in_f = W.shape
 
     def skipped(reason: str) -> LayerReport:
-        return LayerReport(
-            module, "Linear", in_f, out_f, None, W.numel(), W.numel(), None, 0.0, reason
-        )
+        return LayerReport(module, kind, in_f, out_f, None, W.numel(), W.numel(), None, 0.0, reason)
 
     keep_d = job.balance != "none"
     planned, reason = plan_rank(out_f, in_f, policy, threshold=job.threshold, balance=keep_d)
@@ -1301,7 +1575,7 @@ def _factorize_tensor(
     if reason is not None:
         return skipped(reason)
     if not _all_finite(W):  # two scalars; torch.isfinite(W) built 1.75·W of temporaries
-        return skipped("weight has NaN or Inf entries")
+        return skipped(NONFINITE_REASON)
     generator = torch.Generator().manual_seed(layer_seed(job.seed, module))
     # beside W: the randomized SVD's (·, rank + 10) working matrices, at most an iterate,
     # its LU basis and the next (≤ 55 MiB for 4096x8192 at rank 410, ~0.4·W, factors
@@ -1346,17 +1620,20 @@ def _factorize_tensor(
 
 
 def _finish_folder(tmp: Path, ckpt: _Checkpoint, results: list[tuple], plan: list) -> None:
-    for extra in ckpt.extra_files:
-        if extra.name not in {name for _, _, name in plan} and not extra.name.startswith("."):
-            shutil.copy2(extra, tmp / extra.name)
+    """Beside the converted shards: the source folder's other files, the index (several
+    shards), and ``config.json``'s description of the low-rank layers."""
+    if ckpt.folder is not None:
+        copy_model_folder(ckpt.folder, tmp)
+    layers: dict[str, Any] = {}
+    for _, _, layer_entries, _ in results:
+        layers.update(layer_entries)
+    _write_config_entry(tmp / "config.json", lowrank_quantization_config(layers))
     if len(plan) == 1 and plan[0][2] == SINGLE_FILE:
         return
     weight_map: dict[str, str] = {}
-    layers: dict[str, Any] = {}
     total = 0
-    for (_, _, name), (_, written, layer_entries, size) in zip(plan, results, strict=True):
+    for (_, _, name), (_, written, _, size) in zip(plan, results, strict=True):
         weight_map.update(dict.fromkeys(written, name))
-        layers.update(layer_entries)
         total += size
     _write_index(tmp / INDEX_FILE, weight_map, _format_metadata(layers, {}), total)
 

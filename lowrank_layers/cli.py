@@ -111,6 +111,14 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument(
         "--keep-embeddings", action="store_true", help="also factorize embedding matrices"
     )
+    convert.add_argument(
+        "--conv1d",
+        choices=["auto", "gpt2", "none"],
+        default="auto",
+        help="which weights are stored (in, out) like GPT-2's Conv1D: 'auto' (from SRC's "
+        "config.json; refused without one when names look like GPT-2's), 'gpt2' (c_attn, "
+        "c_proj, c_fc, q_attn), 'none'",
+    )
     convert.add_argument("--threshold", type=_non_negative_int, default=0)
     convert.add_argument("--workers", type=_positive_int, default=1)
     convert.add_argument(
@@ -262,6 +270,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         include=args.include,
         exclude=args.exclude,
         exclude_embeddings=not args.keep_embeddings,
+        conv1d={"auto": None, "gpt2": True, "none": False}[args.conv1d],
         threshold=args.threshold,
         method=args.method,
         balance=args.balance,

@@ -25,7 +25,6 @@ import importlib.machinery
 import json
 import os
 import re
-import shutil
 import sys
 import warnings
 from collections.abc import Mapping, Sequence
@@ -38,11 +37,15 @@ from torch import nn
 from .checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
+    QUANT_METHOD,
     SINGLE_FILE,
     CheckpointError,
     _atomic_destination,
-    _layer_entry,
     _layer_for,
+    _write_config_entry,
+    copy_model_folder,
+    lowrank_layers_of,
+    lowrank_quantization_config,
     read_metadata,
     save_lowrank,
 )
@@ -61,15 +64,7 @@ __all__ = [
     "text_batches",
 ]
 
-QUANT_METHOD = "lowrank-layers"
-"""The ``quant_method`` of a low-rank model's ``quantization_config`` in ``config.json``."""
-
 _QUANTIZERS_MODULE = "transformers.quantizers.auto"
-# weight files of the converted model itself, at the top of a model folder: replaced
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
-# top-level folders holding exports of the dense model (sentence-transformers' ONNX and
-# OpenVINO backends): copying them would ship the unconverted model beside the converted one
-_DENSE_EXPORT_FOLDERS = {"onnx", "openvino"}
 
 
 def read_texts(path: str | os.PathLike, *, limit: int | None = None) -> list[str]:
@@ -167,85 +162,9 @@ def convert_pretrained(
     return report
 
 
-def copy_model_folder(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
-    """Copy every entry of a model folder ``src`` into ``dst`` except the model's own weights.
-
-    Skipped: the top-level weight files (``model.safetensors``, ``pytorch_model.bin``, their
-    shards and ``*.index.json``, and ``.pt``/``.pth``/``.gguf``/``.h5``/``.msgpack`` files),
-    which the converted checkpoint replaces, and the top-level ``onnx/`` and ``openvino/``
-    folders (exports of the dense model, which would load it unconverted). Subfolders are
-    copied whole, weight files included: the modules of a sentence-transformers folder
-    (``1_Pooling/``, ``2_Dense/model.safetensors``, ...) are not converted and are needed.
-    Entries already in ``dst`` are overwritten.
-
-    Returns:
-        The names of the top-level entries copied, sorted.
-    """
-    src, dst = Path(src), Path(dst)
-    if not src.is_dir():
-        raise NotADirectoryError(f"src must be a model folder, got {src}")
-    copied = []
-    for item in sorted(src.iterdir()):
-        if item.is_dir():
-            if item.name in _DENSE_EXPORT_FOLDERS:
-                continue
-            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
-        elif item.suffix in _WEIGHT_SUFFIXES or item.name.endswith(".index.json"):
-            continue
-        else:
-            shutil.copy2(item, dst / item.name)
-        copied.append(item.name)
-    return copied
-
-
-def _write_config_entry(config_json: Path, entry: dict[str, Any]) -> None:
-    if not config_json.exists():
-        return
-    config = json.loads(config_json.read_text(encoding="utf-8"))
-    config["quantization_config"] = entry
-    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
 # ------------------------------------------------------------------------------------------
 # the transformers round trip
 # ------------------------------------------------------------------------------------------
-
-
-def lowrank_layers_of(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The checkpoint format's description of every low-rank layer of ``model``, by name."""
-    layers = {}
-    for name, module in model.named_modules():
-        entry = _layer_entry(module)
-        if entry is not None:
-            layers[name] = entry
-    return layers
-
-
-def lowrank_quantization_config(
-    model_or_layers: nn.Module | Mapping[str, Mapping[str, Any]],
-) -> dict[str, Any]:
-    """The ``quantization_config`` entry of ``config.json`` describing a low-rank model.
-
-    ``{"quant_method": "lowrank-layers", "format": "lowrank-layers", "format_version": 1,
-    "layers": {name: {"type", "in_features", "out_features", "rank", "balance", "bias",
-    ["active_rank"]}}}``: the ``layers`` of the checkpoint format (docs/checkpoints.md), for
-    a model (its current layers) or a ``layers`` mapping as read from a checkpoint.
-    """
-    if isinstance(model_or_layers, nn.Module):
-        layers = lowrank_layers_of(model_or_layers)
-    elif isinstance(model_or_layers, Mapping):
-        layers = {str(k): dict(v) for k, v in model_or_layers.items()}
-    else:
-        raise TypeError(
-            "model_or_layers must be an nn.Module or a mapping of layer descriptions, got "
-            f"{type(model_or_layers).__name__}"
-        )
-    return {
-        "quant_method": QUANT_METHOD,
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "layers": dict(sorted(layers.items())),
-    }
 
 
 def mark_lowrank_config(model: nn.Module) -> bool:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import lowrank_layers
@@ -98,13 +98,27 @@ def test_save_shards_with_an_index(tiny, tmp_path):
     files = save_lowrank(tiny, tmp_path / "out", max_shard_size="4KB")
     assert files[-1].name == "model.safetensors.index.json" and len(files) > 2
     index = json.loads(files[-1].read_text())
-    assert set(index["weight_map"]) == set(tiny.state_dict()) - {"head.weight"}
+    guards = {"fc1.weight", "fc2.weight"}  # (0,)-shaped: a dense loader fails on them
+    assert set(index["weight_map"]) == set(tiny.state_dict()) - {"head.weight"} | guards
     assert json.loads(index["metadata"]["layers"])["fc2"]["rank"] == 8
     fresh = Tiny()
     load_lowrank(fresh, tmp_path / "out")
     assert torch.equal(fresh.eval()(IDS), tiny(IDS))
     with pytest.raises(ValueError, match=r"max_shard_size must be a positive int or a size"):
         save_lowrank(tiny, tmp_path / "x", max_shard_size="lots")
+
+
+def test_a_dense_loader_fails_on_the_guards_instead_of_keeping_random_weights(tiny, tmp_path):
+    convert_model(tiny, rank=8, include=["fc1", "fc2"])
+    path = save_lowrank(tiny, tmp_path / "m.safetensors")[0]
+    stored = load_file(path)
+    assert stored["fc1.weight"].shape == (0,) and stored["fc1.weight"].dtype == torch.float32
+    dense = Tiny()
+    with pytest.raises(RuntimeError, match=r"size mismatch for fc1.weight"):
+        dense.load_state_dict(stored, strict=False)
+    fresh = load_lowrank(Tiny(), path)  # the lowrank loader drops them
+    assert "fc1.weight" not in fresh.state_dict()
+    assert torch.equal(fresh.eval()(IDS), tiny(IDS))
 
 
 def test_load_into_a_model_on_meta(tmp_path):
