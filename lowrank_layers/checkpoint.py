@@ -826,18 +826,7 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     path = Path(path)
     ckpt = _open_checkpoint(path)
     layers, aliases = _check_format(ckpt.metadata, path)
-    holders = _parents(model)
-    for name, entry in layers.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(
-                f"{path}: layer {name!r} ({entry.get('type')}) is not in the model"
-            ) from None
-        new = _layer_for(module, entry, name, path)
-        if new is not module:
-            for parent, child_name, _ in holders.get(id(module), []):
-                setattr(parent, child_name, new)
+    _restructure(model, layers, str(path))
     state = dict(_read_tensors(ckpt))
     for name in layers:  # the dense loaders' tripwire, not a tensor of the model
         guard = state.get(_guard_key(name))
@@ -903,6 +892,26 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
 
         mark_lowrank_config(model)  # a transformers model's save_pretrained keeps low rank
     return model
+
+
+def _restructure(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], where: str) -> None:
+    """Replace each listed module of ``model`` (on any device, ``meta`` too) by the low-rank
+    layer its entry describes, before the tensors are loaded (``where`` names the source in
+    errors)."""
+    holders = _parents(model)
+    for name, entry in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{where}: layer {name!r} ({entry.get('type')}) is not in the model"
+            ) from None
+        new = _layer_for(module, dict(entry), name, Path(where))
+        if isinstance(new, DynamicLowRankLinear) and "active_rank" in entry:
+            new.set_extra_state({"rank": int(entry["active_rank"])})
+        if new is not module:
+            for parent, child_name, _ in holders.get(id(module), []):
+                setattr(parent, child_name, new)
 
 
 def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) -> nn.Module:

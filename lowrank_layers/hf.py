@@ -41,7 +41,7 @@ from .checkpoint import (
     SINGLE_FILE,
     CheckpointError,
     _atomic_destination,
-    _layer_for,
+    _restructure,
     _write_config_entry,
     copy_model_folder,
     lowrank_layers_of,
@@ -49,8 +49,7 @@ from .checkpoint import (
     read_metadata,
     save_lowrank,
 )
-from .convert import ConversionReport, _parents, convert_model
-from .dynamic import DynamicLowRankLinear
+from .convert import ConversionReport, convert_model
 from .pipeline import CompressionReport, compress
 
 __all__ = [
@@ -227,25 +226,6 @@ def _layers_from_qconfig(qconfig: Any, where: str) -> dict[str, dict[str, Any]]:
     if not isinstance(layers, Mapping):
         raise CheckpointError(f"{where}: quantization_config has no 'layers' object")
     return {str(k): dict(v) for k, v in layers.items()}
-
-
-def _restructure(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], where: str) -> None:
-    """Replace each listed module of ``model`` (on any device, ``meta`` too) by its low-rank
-    layer, as :func:`~lowrank_layers.checkpoint.load_lowrank` does before loading."""
-    holders = _parents(model)
-    for name, entry in layers.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(
-                f"{where}: layer {name!r} ({entry.get('type')}) is not in the model"
-            ) from None
-        new = _layer_for(module, dict(entry), name, Path(where))
-        if isinstance(new, DynamicLowRankLinear) and "active_rank" in entry:
-            new.set_extra_state({"rank": int(entry["active_rank"])})
-        if new is not module:
-            for parent, child_name, _ in holders.get(id(module), []):
-                setattr(parent, child_name, new)
 
 
 _CLASSES: dict[str, type] = {}
