@@ -1,4 +1,6 @@
-"""Loss-aware allocation: the estimate, the exact budget solver, and the gradient pass."""
+"""Rank allocation: the loss-aware estimate, the exact budget solver, the gradient pass
+(allocate.py), and the spectral allocation of a global budget (``convert.allocate_ranks``,
+``convert_model(budget=)``)."""
 
 import copy
 import itertools
@@ -8,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from lowrank_layers import LowRankLinear, convert_model
 from lowrank_layers.allocate import (
     LayerOptions,
     Sensitivity,
@@ -16,7 +19,9 @@ from lowrank_layers.allocate import (
     rank_options,
     solve_budget,
 )
-from lowrank_layers.factorize import factorize
+from lowrank_layers.calibrate import collect_input_stats
+from lowrank_layers.convert import allocate_ranks
+from lowrank_layers.factorize import factorize, truncated_spectrum
 
 from .helpers import tiny_llama
 
@@ -181,7 +186,6 @@ def test_kl_probe_on_a_causal_lm(gen):
 
 
 def test_convert_model_follows_a_rank_plan():
-    from lowrank_layers import LowRankLinear, convert_model
 
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.Linear(16, 16))
     report = convert_model(model, ranks={"0": 4, "2": None})
@@ -212,3 +216,80 @@ def test_layers_without_sensitivity_take_the_uniform_ratio(gen):
         for n, r in plan.items()
     )
     assert kept <= 0.5 * sum(m.weight.numel() for m in layers.values())
+
+
+# ------------------------------------------------------------------------------------------
+# spectral allocation: convert.allocate_ranks and convert_model(budget=)
+# ------------------------------------------------------------------------------------------
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 48), nn.ReLU(), nn.Linear(48, 128), nn.ReLU(),
+                         nn.Linear(128, 48))  # fmt: skip
+
+
+def test_convert_model_budget_is_allocate_ranks_on_the_whitened_spectra(gen):
+    model = mlp()
+    mix = torch.randn(48, 48, generator=gen) * torch.logspace(0, -2, 48)  # anisotropic inputs
+    calib = [torch.randn(64, 48, generator=gen) @ mix.mT for _ in range(3)]
+    stats = collect_input_stats(model, calib)
+    expected = allocate_ranks(
+        {
+            name: (
+                truncated_spectrum(m.weight.detach(), input_cov=stats[name].covariance),
+                m.out_features,
+                m.in_features,
+            )
+            for name, m in model.named_children()
+            if isinstance(m, nn.Linear)
+        },
+        0.5,
+    )
+    plans = []
+    for _ in range(2):  # deterministic
+        m = copy.deepcopy(model)
+        report = convert_model(m, budget=0.5, calibration=calib)
+        plans.append({layer.name: layer.rank for layer in report.converted})
+        assert report.params_after <= 0.5 * report.params_before
+        assert all(isinstance(m[int(name)], LowRankLinear) for name in plans[-1])
+    assert plans[0] == plans[1] == expected
+    assert len(set(expected.values())) > 1  # ranks differ by layer: chosen from spectra
+
+
+@pytest.mark.parametrize("strategy", ["minimax", "greedy"])
+def test_allocate_ranks(strategy):
+    flat = torch.ones(20)
+    steep = torch.logspace(0, -3, 20)
+    spectra = {"a": (flat, 20, 20), "b": (steep, 20, 20)}
+    ranks = allocate_ranks(spectra, budget=0.5, strategy=strategy)
+    assert ranks["a"] > ranks["b"]  # the flat spectrum needs more components
+    used = sum(r * 41 for r in ranks.values())
+    assert used <= 0.5 * 800 and used + 41 > 0.5 * 800  # budget filled as far as it goes
+    assert allocate_ranks(spectra, budget=0.5, strategy=strategy) == ranks  # deterministic
+
+
+def test_minimax_equalises_relative_error():
+    spectra = {
+        name: (torch.logspace(0, -decay, 64), 64, 64) for name, decay in [("a", 1), ("b", 3)]
+    }
+    ranks = allocate_ranks(spectra, budget=0.3)
+
+    def residual(s, r):
+        return float(s[r:].square().sum() / s.square().sum())
+
+    res = {n: residual(spectra[n][0], r) for n, r in ranks.items()}
+    greedy = allocate_ranks(spectra, budget=0.3, strategy="greedy")
+    res_greedy = {n: residual(spectra[n][0], r) for n, r in greedy.items()}
+    assert max(res.values()) <= max(res_greedy.values())
+
+
+def test_allocate_ranks_errors():
+    flat = torch.ones(20)
+    steep = torch.logspace(0, -3, 20)
+    with pytest.raises(ValueError, match=r"budget=0\.01 keeps 8 of 800 parameters, but rank 1"):
+        allocate_ranks({"a": (flat, 20, 20), "b": (steep, 20, 20)}, budget=0.01)
+    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1\.5"):
+        allocate_ranks({"a": (flat, 20, 20)}, budget=1.5)
+    with pytest.raises(ValueError, match=r"strategy must be one of 'minimax', 'greedy'"):
+        allocate_ranks({"a": (flat, 20, 20)}, budget=0.5, strategy="even")

@@ -1,4 +1,7 @@
-"""Activation-aware conversion: calibration hooks, whitening, the global rank budget."""
+"""Activation-aware conversion: calibration hooks, whitening, and their errors.
+
+The rank allocation (``allocate_ranks``, ``budget=``) is tested in test_allocate.py.
+"""
 
 import warnings
 
@@ -9,7 +12,6 @@ from torch import nn
 
 from lowrank_layers import convert_model, factorize
 from lowrank_layers.calibrate import collect_input_stats, run_batch
-from lowrank_layers.convert import allocate_ranks
 from lowrank_layers.factorize import output_error, truncated_spectrum, whitening_factor
 
 from .helpers import rel_err, tiny_bert, tiny_llama
@@ -171,59 +173,6 @@ def test_calibrated_conversion_lowers_output_error(gen):
     dict_batches = [{"x": b, "scale": 1.0} for b in calib]
     again = Net()
     convert_model(again, rank=8, calibration=dict_batches)
-
-
-def test_budget_is_respected_exactly_and_deterministic(gen):
-    torch.manual_seed(0)
-    model = Net()
-    calib = [torch.randn(64, 48, generator=gen) for _ in range(3)]
-    totals = []
-    for _ in range(2):
-        m = Net()
-        m.load_state_dict(model.state_dict())
-        report = convert_model(m, budget=0.5, calibration=calib)
-        totals.append([(layer.name, layer.rank) for layer in report.converted])
-        assert report.params_after <= 0.5 * report.params_before
-    assert totals[0] == totals[1]
-    assert len({r for _, r in totals[0]}) > 1  # ranks differ by layer: chosen from spectra
-
-
-@pytest.mark.parametrize("strategy", ["minimax", "greedy"])
-def test_allocate_ranks(strategy):
-    flat = torch.ones(20)
-    steep = torch.logspace(0, -3, 20)
-    spectra = {"a": (flat, 20, 20), "b": (steep, 20, 20)}
-    ranks = allocate_ranks(spectra, budget=0.5, strategy=strategy)
-    assert ranks["a"] > ranks["b"]  # the flat spectrum needs more components
-    used = sum(r * 41 for r in ranks.values())
-    assert used <= 0.5 * 800 and used + 41 > 0.5 * 800  # budget filled as far as it goes
-    assert allocate_ranks(spectra, budget=0.5, strategy=strategy) == ranks  # deterministic
-
-
-def test_minimax_equalises_relative_error():
-    spectra = {
-        name: (torch.logspace(0, -decay, 64), 64, 64) for name, decay in [("a", 1), ("b", 3)]
-    }
-    ranks = allocate_ranks(spectra, budget=0.3)
-
-    def residual(s, r):
-        return float(s[r:].square().sum() / s.square().sum())
-
-    res = {n: residual(spectra[n][0], r) for n, r in ranks.items()}
-    greedy = allocate_ranks(spectra, budget=0.3, strategy="greedy")
-    res_greedy = {n: residual(spectra[n][0], r) for n, r in greedy.items()}
-    assert max(res.values()) <= max(res_greedy.values())
-
-
-def test_allocate_ranks_errors():
-    flat = torch.ones(20)
-    steep = torch.logspace(0, -3, 20)
-    with pytest.raises(ValueError, match=r"budget=0\.01 keeps 8 of 800 parameters, but rank 1"):
-        allocate_ranks({"a": (flat, 20, 20), "b": (steep, 20, 20)}, budget=0.01)
-    with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1\.5"):
-        allocate_ranks({"a": (flat, 20, 20)}, budget=1.5)
-    with pytest.raises(ValueError, match=r"strategy must be one of 'minimax', 'greedy'"):
-        allocate_ranks({"a": (flat, 20, 20)}, budget=0.5, strategy="even")
 
 
 def test_budget_and_calibration_errors():

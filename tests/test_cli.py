@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_layers import __version__, expected_speedup
-from lowrank_layers import checkpoint as ckpt_mod
+from lowrank_layers import __version__, balance_rows, expected_speedup, factorize
 from lowrank_layers.checkpoint import load_lowrank, read_metadata
 from lowrank_layers.cli import main
+from lowrank_layers.convert import layer_seed
+from lowrank_layers.safetensors_io import ShardWriter
+
+from .helpers import eckart_young, matrix_with_spectrum, rel_err
 
 
 @pytest.fixture
@@ -64,20 +67,206 @@ def test_convert_min_speedup_keeps_slow_layers_dense(policy, tmp_path, capsys):
         assert set(json.loads(read_metadata(dst)["layers"])) == {"0", "2"}
 
 
+# ------------------------------------------------------------------------------------------
+# convert: what each flag does to the written file
+# ------------------------------------------------------------------------------------------
+
+LAYERS = ["layers.0.q_proj", "layers.0.mlp", "layers.1.q_proj", "layers.1.mlp"]
+
+
+@pytest.fixture
+def blocks(tmp_path):
+    """Two blocks of q_proj (48x32, with bias) and mlp (64x48), singular values from 1 down
+    to 0.01, plus an embedding (100x32) and a norm."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for i in range(2):
+        tensors[f"layers.{i}.q_proj.weight"] = matrix_with_spectrum(
+            torch.logspace(0, -2, 32), 48, 32, gen, torch.float32
+        )
+        tensors[f"layers.{i}.q_proj.bias"] = torch.randn(48, generator=gen)
+        tensors[f"layers.{i}.mlp.weight"] = matrix_with_spectrum(
+            torch.logspace(0, -2, 48), 64, 48, gen, torch.float32
+        )
+    tensors["embed_tokens.weight"] = torch.randn(100, 32, generator=gen)
+    tensors["norm.weight"] = torch.rand(32, generator=gen)
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    return src, tensors
+
+
+def _convert(src: Path, dst: Path, *flags: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run ``convert``; the written file's layer metadata and tensors."""
+    assert main(["convert", str(src), str(dst), "--no-progress", *flags]) == 0
+    return json.loads(read_metadata(dst)["layers"]), load_file(dst)
+
+
+def _dense(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """``diag(D)·U·diag(S)·Vᵀ`` of a stored low-rank layer."""
+    U, S, V = (tensors[f"{name}.{k}"].double() for k in "USV")
+    W = (U * S) @ V.mT
+    D = tensors.get(f"{name}.D")
+    return W if D is None else D.double()[:, None] * W
+
+
+def _svdvals(W: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(W.double())
+
+
+def _energy_rank(W: torch.Tensor, energy: float) -> int:
+    s2 = _svdvals(W).square()
+    return int((torch.cumsum(s2, 0) / s2.sum() < energy).sum()) + 1
+
+
 @pytest.mark.parametrize(
-    "flags",
+    ("flags", "expected_rank"),
     [
-        ["--rank-ratio", "0.25"],
-        ["--energy", "0.9", "--balance", "rownorm"],
-        ["--param-ratio", "0.5", "--include", "0", "--threshold", "10"],
-        ["--rank", "4", "--exclude", "2", "--workers", "2", "--seed", "3"],
+        (["--rank", "5"], lambda W: 5),
+        (["--rank-ratio", "0.25"], lambda W: round(0.25 * min(W.shape))),  # 8 and 12
+        (["--param-ratio", "0.5"], lambda W: int(0.5 * W.numel() / (sum(W.shape) + 1))),
+        (["--energy", "0.9"], lambda W: _energy_rank(W, 0.9)),
     ],
 )
-def test_convert_flags(flags, dense_file, tmp_path):
-    src, _ = dense_file
-    dst = tmp_path / "out"
-    assert main(["convert", str(src), str(dst), *flags]) == 0
-    assert dst.exists()
+def test_convert_rank_policy_flags_give_the_policys_rank_and_the_svd_optimum(
+    flags, expected_rank, blocks, tmp_path
+):
+    src, dense = blocks
+    layers, out = _convert(src, tmp_path / "out.safetensors", *flags)
+    assert sorted(layers) == sorted(LAYERS)  # not the embedding, not the norm (1-D)
+    for name in LAYERS:
+        W = dense[f"{name}.weight"]
+        r = expected_rank(W)
+        assert layers[name]["rank"] == r and out[f"{name}.S"].shape == (r,)
+        assert (layers[name]["out_features"], layers[name]["in_features"]) == tuple(W.shape)
+        # --method svd (default): the truncation error is Eckart-Young's optimum
+        assert rel_err(_dense(out, name), W) == pytest.approx(
+            eckart_young(_svdvals(W), r), rel=1e-3
+        )
+    for key in ("embed_tokens.weight", "norm.weight", "layers.0.q_proj.bias"):
+        assert torch.equal(out[key], dense[key])  # copied bit for bit
+
+
+def test_convert_method_randomized_is_another_accurate_factorization(blocks, tmp_path):
+    src, dense = blocks
+    _, svd = _convert(src, tmp_path / "svd.safetensors", "--rank", "5")
+    _, rnd = _convert(src, tmp_path / "rnd.safetensors", "--rank", "5", "--method", "randomized")
+    for name in LAYERS:
+        W = dense[f"{name}.weight"]
+        assert not torch.equal(rnd[f"{name}.U"], svd[f"{name}.U"])  # another algorithm ran
+        optimum = eckart_young(_svdvals(W), 5)
+        assert optimum <= rel_err(_dense(rnd, name), W) <= 1.01 * optimum
+        # the sketch is seeded per layer: layer_seed(--seed, name), as convert_model's
+        expected = factorize(
+            W,
+            rank=5,
+            method="randomized",
+            generator=torch.Generator().manual_seed(layer_seed(0, name)),
+        )
+        assert torch.equal(rnd[f"{name}.S"], expected.S)
+        assert torch.equal(rnd[f"{name}.U"], expected.U)
+
+
+def test_convert_seed_changes_only_the_randomized_sketches(blocks, tmp_path):
+    src, _ = blocks
+    randomized = ["--rank", "5", "--method", "randomized"]
+    _, seed0 = _convert(src, tmp_path / "a.safetensors", *randomized)
+    _, seed3 = _convert(src, tmp_path / "b.safetensors", *randomized, "--seed", "3")
+    _, again = _convert(src, tmp_path / "c.safetensors", *randomized, "--seed", "3")
+    assert all(torch.equal(again[k], seed3[k]) for k in seed3)  # reproducible
+    assert not any(torch.equal(seed0[f"{n}.U"], seed3[f"{n}.U"]) for n in LAYERS)
+    _, svd0 = _convert(src, tmp_path / "d.safetensors", "--rank", "5")
+    _, svd3 = _convert(src, tmp_path / "e.safetensors", "--rank", "5", "--seed", "3")
+    assert all(torch.equal(svd0[k], svd3[k]) for k in svd0)  # the exact SVD draws nothing
+
+
+@pytest.mark.parametrize("mode", ["rownorm", "rowsum"])
+def test_convert_balance_writes_the_row_scales(mode, blocks, tmp_path):
+    src, dense = blocks
+    plain, plain_out = _convert(src, tmp_path / "plain.safetensors", "--rank", "5")
+    assert not any(entry["balance"] for entry in plain.values())
+    assert not any(key.endswith(".D") for key in plain_out)
+    layers, out = _convert(src, tmp_path / "out.safetensors", "--rank", "5", "--balance", mode)
+    for name in LAYERS:
+        W = dense[f"{name}.weight"]
+        assert layers[name]["balance"] is True
+        D = out[f"{name}.D"]
+        torch.testing.assert_close(D, balance_rows(W, mode), rtol=1e-6, atol=0)
+        if mode == "rownorm":
+            torch.testing.assert_close(D, W.norm(dim=1), rtol=1e-5, atol=0)
+        # the row-weighted optimum: diag(1/D)·(W - Ŵ) is the best rank-5 error of diag(1/D)·W
+        scaled = W.double() / D.double()[:, None]
+        residual = (W.double() - _dense(out, name)) / D.double()[:, None]
+        assert rel_err(residual + scaled, scaled) == pytest.approx(
+            eckart_young(_svdvals(scaled), 5), rel=1e-3
+        )
+        assert rel_err(_dense(out, name), W) > rel_err(_dense(plain_out, name), W)
+
+
+@pytest.mark.parametrize(
+    ("flags", "selected"),
+    [
+        (["--include", r".*q_proj"], ["layers.0.q_proj", "layers.1.q_proj"]),
+        (["--exclude", r"layers\.1\..*"], ["layers.0.q_proj", "layers.0.mlp"]),
+        (["--include", r".*q_proj", "--exclude", r"layers\.1\..*"], ["layers.0.q_proj"]),
+        (["--include", "q_proj"], []),  # a regex matches the whole name: nothing
+    ],
+)
+def test_convert_include_exclude_select_the_layers(flags, selected, blocks, tmp_path, capsys):
+    src, dense = blocks
+    dst = tmp_path / "out.safetensors"
+    if not selected:
+        assert main(["convert", str(src), str(dst), "--rank", "5", *flags]) == 2
+        assert "no 2-D weight" in capsys.readouterr().err and not dst.exists()
+        return
+    layers, out = _convert(src, dst, "--rank", "5", *flags)
+    assert sorted(layers) == sorted(selected)
+    for name in LAYERS:
+        if name in selected:
+            assert f"{name}.weight" in out and out[f"{name}.weight"].shape == (0,)  # the guard
+            assert out[f"{name}.U"].shape[1] == 5
+        else:
+            assert f"{name}.U" not in out
+            assert torch.equal(out[f"{name}.weight"], dense[f"{name}.weight"])
+
+
+def test_convert_threshold_skips_small_layers(blocks, tmp_path, capsys):
+    src, dense = blocks
+    # 48x32 = 1536 is not above 40² = 1600; 64x48 = 3072 is
+    layers, out = _convert(src, tmp_path / "out.safetensors", "--rank", "5", "--threshold", "40")
+    assert sorted(layers) == ["layers.0.mlp", "layers.1.mlp"]
+    report = capsys.readouterr().out
+    for name in ("layers.0.q_proj", "layers.1.q_proj"):
+        row = next(line for line in report.splitlines() if line.startswith(f"{name} "))
+        assert "48x32 is not above threshold 40²" in row
+        assert torch.equal(out[f"{name}.weight"], dense[f"{name}.weight"])
+    assert "converted 2 of" in report
+
+
+def test_convert_keep_embeddings_factorizes_the_embedding(blocks, tmp_path):
+    src, dense = blocks
+    layers, out = _convert(src, tmp_path / "a.safetensors", "--rank", "5")
+    assert "embed_tokens" not in layers
+    assert torch.equal(out["embed_tokens.weight"], dense["embed_tokens.weight"])
+    layers, out = _convert(src, tmp_path / "b.safetensors", "--rank", "5", "--keep-embeddings")
+    assert sorted(layers) == sorted([*LAYERS, "embed_tokens"])
+    assert (layers["embed_tokens"]["out_features"], layers["embed_tokens"]["in_features"]) == (
+        100,
+        32,
+    )
+    W = dense["embed_tokens.weight"]
+    assert rel_err(_dense(out, "embed_tokens"), W) == pytest.approx(
+        eckart_young(_svdvals(W), 5), rel=1e-3
+    )
+
+
+def test_convert_workers_give_the_same_file_as_one_process(blocks, tmp_path):
+    src, _ = blocks
+    flags = ["--rank", "5", "--method", "randomized", "--seed", "3"]
+    layers1, one = _convert(src, tmp_path / "one.safetensors", *flags)
+    layers2, two = _convert(src, tmp_path / "two.safetensors", *flags, "--workers", "2")
+    assert layers1 == layers2
+    assert sorted(one) == sorted(two)
+    assert all(torch.equal(one[k], two[k]) for k in one)
 
 
 def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
@@ -222,7 +411,7 @@ def test_an_os_error_during_the_work_names_the_destination_exit_1(
     def disk_full(self, name, tensor):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    monkeypatch.setattr(ckpt_mod._ShardWriter, "add", disk_full)
+    monkeypatch.setattr(ShardWriter, "add", disk_full)
     assert main(["convert", str(src), str(dst), "--rank", "4", "--no-progress"]) == 1
     _, err = _one_error_line(capsys)
     assert err == f"lowrank-layers: error: {dst}: No space left on device\n"  # not the temp

