@@ -36,7 +36,7 @@ from common import machine_description, markdown_table
 CHILD = r"""
 import json, sys, time, torch
 torch.set_num_threads(2)
-from lowrank_layers.checkpoint import convert_checkpoint
+from lowrank_layers.offline import convert_checkpoint
 args = json.loads(sys.argv[1])
 start = time.perf_counter()
 if args["mode"] != "baseline":

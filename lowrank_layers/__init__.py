@@ -5,11 +5,10 @@ The public API; see ``docs/`` for the guide, the design notes and the benchmarks
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
 from .calibrate import InputStats, collect_input_stats
-from .checkpoint import convert_checkpoint, load_lowrank, save_lowrank
+from .checkpoint import load_lowrank, save_lowrank
 from .convert import (
     ConversionReport,
     LayerReport,
-    allocate_ranks,
     convert_model,
     convertible_layers,
     inference_layout_,
@@ -18,22 +17,21 @@ from .convert import (
     switch_to_lowrank,
 )
 from .dynamic import DynamicLowRankLinear, RankScheduler
-from .factorize import (
-    Factors,
-    balance_rows,
-    break_even_rank,
-    factor_parameters,
-    factorize,
-    randomized_svd,
-    relative_error,
-    select_rank,
-)
+from .factorize import Factors, balance_rows, factorize, randomized_svd, relative_error
 from .factory import make_efficient_linear
 from .grad import GradientProjector
 from .heal import HealReport, heal
 from .hf import load_pretrained, mark_lowrank_config
 from .linear import LowRankLinear, lowrank_linear
+from .offline import convert_checkpoint
 from .pipeline import CompressionReport, compress
+from .policy import (
+    RankPolicy,
+    allocate_ranks,
+    break_even_rank,
+    factor_parameters,
+    select_rank,
+)
 from .readers import DenseWeightWarning
 from .speed import SpeedModel, expected_speedup, measure_speed_model
 from .tools import LowRankSummary, lowrank_summary, merge_to_dense
@@ -53,6 +51,7 @@ __all__ = [
     "LayerReport",
     "LowRankLinear",
     "LowRankSummary",
+    "RankPolicy",
     "RankScheduler",
     "SpeedModel",
     "SwitchResult",

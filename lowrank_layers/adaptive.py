@@ -10,18 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factorize import (
-    BALANCE_MODES,
-    Balance,
-    Factors,
-    Method,
-    _check_choice,
-    factor_parameters,
-    factorize,
-    rank_policy,
-    relative_error,
-    resolve_rank,
-)
+from .common import check_choice
+from .factorize import BALANCE_MODES, Balance, Factors, Method, factorize, relative_error
 from .linear import (
     check_features,
     check_linear,
@@ -31,6 +21,7 @@ from .linear import (
     make_linear,
     new_factor_params,
 )
+from .policy import RankPolicy, as_policy, factor_parameters
 from .readers import lazy_weight
 
 __all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
@@ -84,11 +75,12 @@ class AdaptiveLowRankLinear(nn.Module):
 
     In its dense phase it *is* ``nn.Linear``: parameters ``weight`` and ``bias``, the same
     initialisation, the same ``F.linear`` forward (bit-identical outputs), and it loads an
-    ``nn.Linear`` state dict. :meth:`switch_to_lowrank` factorizes the weight through the
-    original design's row-balanced ("DBC-normalized") SVD, frees the dense weight, and
-    from then on the layer computes :func:`~lowrank_layers.linear.lowrank_linear` with
-    parameters ``U``, ``S``, ``V`` (``D``) and ``bias``, like
-    :class:`~lowrank_layers.LowRankLinear`.
+    ``nn.Linear`` state dict. :meth:`switch_to_lowrank` factorizes the weight with the
+    layer's ``balance`` (default ``"none"``: the plain truncated SVD, the smallest weight
+    error; ``"rowsum"`` is the original design's row-balanced, "DBC-normalized" SVD), frees
+    the dense weight, and from then on the layer computes
+    :func:`~lowrank_layers.linear.lowrank_linear` with parameters ``U``, ``S``, ``V``
+    (``D`` only when balanced) and ``bias``, like :class:`~lowrank_layers.LowRankLinear`.
 
     Loading a state dict saved after the switch into a dense-phase layer (a fresh model
     resuming a run) restructures it to the saved rank; loading a dense state dict into a
@@ -125,6 +117,7 @@ class AdaptiveLowRankLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
+        policy: RankPolicy | None = None,
         *,
         bias: bool = True,
         rank: int | None = None,
@@ -138,11 +131,18 @@ class AdaptiveLowRankLinear(nn.Module):
         super().__init__()
         self.in_features = check_features("in_features", in_features)
         self.out_features = check_features("out_features", out_features)
-        policy = rank_policy(rank, rank_ratio, energy, param_ratio)
-        if policy:  # validate now, not at the switch many epochs later
-            resolve_rank(out_features, in_features, balance=balance != "none", **policy)
-        _check_choice("balance", balance, BALANCE_MODES)
-        self.default_policy: dict[str, float | int] = policy
+        policy = as_policy(
+            policy,
+            rank=rank,
+            rank_ratio=rank_ratio,
+            energy=energy,
+            param_ratio=param_ratio,
+            required=False,
+        )
+        if policy is not None:  # fits this shape: checked now, not at the switch epochs later
+            policy.resolve(out_features, in_features, balance=balance != "none")
+        check_choice("balance", balance, BALANCE_MODES)
+        self.default_policy: RankPolicy | None = policy
         self.default_balance: str = balance
         self.dense_weight_reads = 0
         kw = {"device": device, "dtype": dtype}
@@ -225,6 +225,7 @@ class AdaptiveLowRankLinear(nn.Module):
     @torch.no_grad()
     def switch_to_lowrank(
         self,
+        policy: RankPolicy | None = None,
         *,
         rank: int | None = None,
         rank_ratio: float | None = None,
@@ -236,10 +237,13 @@ class AdaptiveLowRankLinear(nn.Module):
     ) -> SwitchResult:
         """Factorize the dense weight in place and free it.
 
-        ``W = diag(D)·W̃`` with ``D`` from the row balancing, ``W̃`` truncated by SVD
-        (``method="svd"``) or randomized SVD; ``U``, ``S``, ``V`` and ``D`` become new
-        parameters (same device, dtype and ``requires_grad`` as the weight), the weight is
-        deleted. Exactly one rank policy, or none to use the one given at construction.
+        Without balancing (``balance="none"``, the default) the weight is truncated by SVD
+        (``method="svd"``) or randomized SVD and there is no ``D``; with ``"rownorm"`` or
+        ``"rowsum"``, ``W = diag(D)·W̃`` with ``D`` from :func:`~lowrank_layers.balance_rows`
+        and ``W̃`` truncated. ``U``, ``S``, ``V`` (and ``D``) become new parameters (same
+        device, dtype and ``requires_grad`` as the weight), the weight is deleted. Exactly
+        one rank policy (a :class:`~lowrank_layers.RankPolicy` or its keyword form), or none
+        to use the one given at construction; ``balance=None`` uses the layer's.
 
         Returns:
             :class:`SwitchResult` with the rank and the relative weight error.
@@ -253,10 +257,18 @@ class AdaptiveLowRankLinear(nn.Module):
                 f"switch_to_lowrank: the layer is already low rank (rank {self.rank})"
             )
         balance = self.default_balance if balance is None else balance
-        policy = rank_policy(rank, rank_ratio, energy, param_ratio) or dict(self.default_policy)
+        policy = as_policy(
+            policy,
+            rank=rank,
+            rank_ratio=rank_ratio,
+            energy=energy,
+            param_ratio=param_ratio,
+            required=False,
+        )
+        policy = self.default_policy if policy is None else policy
         weight = self.weight
         factors = factorize(
-            weight.detach(), method=method, balance=balance, generator=generator, **policy
+            weight.detach(), policy, method=method, balance=balance, generator=generator
         )
         error = relative_error(weight, factors)
         grad = weight.requires_grad
@@ -287,6 +299,7 @@ class AdaptiveLowRankLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
+        policy: RankPolicy | None = None,
         *,
         rank: int | None = None,
         rank_ratio: float | None = None,
@@ -294,11 +307,24 @@ class AdaptiveLowRankLinear(nn.Module):
         param_ratio: float | None = None,
         balance: Balance = "none",
     ) -> AdaptiveLowRankLinear:
-        """A dense-phase layer holding a copy of ``linear``'s weight and bias."""
+        """A dense-phase layer holding a copy of ``linear``'s weight and bias.
+
+        Nothing is factorized now: the rank policy and ``balance`` are the defaults of a
+        later :meth:`switch_to_lowrank`.
+
+        Args:
+            linear: the source ``nn.Linear``; not modified. The new layer has its device
+                and dtype.
+            policy: optional default :class:`~lowrank_layers.RankPolicy` for the switch,
+            rank, rank_ratio, energy, param_ratio: or its keyword form (at most one).
+            balance: default balancing for the switch: ``"none"`` (default), ``"rownorm"``
+                or ``"rowsum"``.
+        """
         w = check_linear(linear).weight
         layer = cls(
             linear.in_features,
             linear.out_features,
+            policy,
             bias=linear.bias is not None,
             rank=rank,
             rank_ratio=rank_ratio,
@@ -332,8 +358,9 @@ class AdaptiveLowRankLinear(nn.Module):
         """An ``nn.Linear`` with the layer's current (dense or multiplied-out) weight."""
         return make_linear(self.dense_weight(), self.bias)
 
-    def _restructure(self, rank: int, *, balance: bool) -> None:
-        """Turn a dense-phase layer into an (uninitialised) low-rank one of this rank."""
+    def restructure(self, rank: int, *, balance: bool) -> None:
+        """Turn a dense-phase layer into an (uninitialised) low-rank one of this rank, for
+        loaders that fill the factors next (``load_state_dict``, ``load_lowrank``)."""
         ref = self.weight
         new = new_factor_params(
             self.out_features,
@@ -355,7 +382,7 @@ class AdaptiveLowRankLinear(nn.Module):
         kw = {"device": ref.device, "dtype": ref.dtype}
         grad = ref.requires_grad
         if has_factors and not has_weight and not self.is_lowrank:
-            self._restructure(state_dict[prefix + "S"].shape[0], balance=prefix + "D" in state_dict)
+            self.restructure(state_dict[prefix + "S"].shape[0], balance=prefix + "D" in state_dict)
         elif has_weight and not has_factors and self.is_lowrank:
             weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **kw), grad)
             replace_parameters(self, {"weight": weight})

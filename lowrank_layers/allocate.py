@@ -30,13 +30,9 @@ from torch import nn
 
 from .blocks import has_logits, main_output, run_uncached
 from .calibrate import linear_modules, padding_mask, token_rows
-from .factorize import (
-    _check_choice,
-    _check_fraction,
-    factor_parameters,
-    resolve_rank,
-    whitening_factor,
-)
+from .common import check_choice, check_fraction
+from .factorize import whitening_factor
+from .policy import factor_parameters, resolve_rank
 from .speed import SpeedRule
 
 __all__ = [
@@ -99,7 +95,7 @@ def collect_sensitivity(
     Raises:
         ValueError: an unknown objective, no modules, no batches, or no token at all.
     """
-    _check_choice("objective", objective, OBJECTIVES)
+    check_choice("objective", objective, OBJECTIVES)
     if modules is None:
         modules = linear_modules(model)
     if not modules:
@@ -308,7 +304,7 @@ def solve_budget(
     """
     import numpy as np
 
-    _check_fraction("budget", budget)
+    check_fraction("budget", budget)
     if not options:
         return {}
     names = sorted(options)
@@ -384,7 +380,7 @@ def loss_aware_ranks(
     Raises:
         ValueError: ``budget`` out of range, or too small for the smallest candidates.
     """
-    _check_fraction("budget", budget)
+    check_fraction("budget", budget)
     options = {
         n: rank_options(m.weight, sensitivity[n], grid=grid, speed=speed)
         for n, m in modules.items()

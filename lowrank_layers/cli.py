@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from .policy import RankPolicy, as_policy
 
 __all__ = ["main"]
 
@@ -239,16 +240,19 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
 
 
 def _run_convert(args: argparse.Namespace) -> None:
-    from .checkpoint import _pin_mmap_threshold, convert_checkpoint
+    from .offline import convert_checkpoint, pin_mmap_threshold
 
     _check_destination(args.dst, args.overwrite)
 
-    policy = {
+    # the one rank policy of the run (argparse checked each flag's range, RankPolicy the
+    # rest); None with --budget, which replaces it
+    given = {
         "rank": args.rank,
         "rank_ratio": args.rank_ratio,
         "energy": args.energy,
         "param_ratio": args.param_ratio,
     }
+    policy = as_policy(required=False, **given)
     staged = {
         "--allocation": args.allocation is not None,
         "--no-propagate": args.no_propagate,
@@ -259,14 +263,14 @@ def _run_convert(args: argparse.Namespace) -> None:
         flags = ", ".join(flag for flag, given in staged.items() if given)
         raise UsageError(f"{flags} need --budget (and --calibrate TEXT)")
     if args.calibrate is not None or args.budget is not None:
-        _run_convert_with_model(args, {k: v for k, v in policy.items() if v is not None})
+        _run_convert_with_model(args, policy)
         return
     if args.whole_process:  # the process only converts: freed temporaries go back to the OS
-        _pin_mmap_threshold()
+        pin_mmap_threshold()
     report = convert_checkpoint(
         args.src,
         args.dst,
-        **{k: v for k, v in policy.items() if v is not None},
+        policy,
         include=args.include,
         exclude=args.exclude,
         exclude_embeddings=not args.keep_embeddings,
@@ -285,7 +289,7 @@ def _run_convert(args: argparse.Namespace) -> None:
     print(f"wrote {args.dst}")
 
 
-def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
+def _run_convert_with_model(args: argparse.Namespace, policy: RankPolicy | None) -> None:
     from .hf import convert_pretrained, read_texts
 
     if not args.src.is_dir():
@@ -325,12 +329,14 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
             }
         }
     else:
-        if args.budget is not None:
-            policy = {"budget": args.budget, "allocation": allocation}
+        rule = (
+            {"policy": policy}
+            if args.budget is None
+            else {"budget": args.budget, "allocation": allocation}
+        )
         options = {
             "threshold": args.threshold, "method": args.method, "balance": args.balance,
-            "min_speedup": args.min_speedup, "speedup_tokens": args.speedup_tokens,
-            **policy,
+            "min_speedup": args.min_speedup, "speedup_tokens": args.speedup_tokens, **rule,
         }  # fmt: skip
     report = convert_pretrained(
         args.src,
@@ -348,7 +354,7 @@ def _run_convert_with_model(args: argparse.Namespace, policy: dict) -> None:
 
 
 def _run_inspect(args: argparse.Namespace) -> None:
-    from .checkpoint import weight_spectra
+    from .offline import weight_spectra
     from .speed import REPORT_TOKENS, expected_speedup
 
     if args.plot is not None:  # before any work: a bad path would fail after the table
@@ -484,12 +490,12 @@ def _one_line(exc: BaseException) -> str:
 
 def _os_error_line(exc: OSError) -> str:
     """``<path>: <reason>`` for an error of the OS, the path as the user knows it."""
-    from .checkpoint import _destination_of
+    from .safetensors_io import destination_of
 
     reason = exc.strerror or _one_line(exc)
     if exc.filename is None:
         return reason
-    return f"{_destination_of(os.fsdecode(exc.filename))}: {reason}"
+    return f"{destination_of(os.fsdecode(exc.filename))}: {reason}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

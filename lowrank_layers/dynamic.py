@@ -9,17 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .factorize import (
-    Balance,
-    Factors,
-    Method,
-    _check_fraction,
-    _promote,
-    as_integer,
-    factorize,
-    resolve_rank,
-    select_rank,
-)
+from .common import as_integer, check_fraction
+from .factorize import Balance, Factors, Method, factorize, promote
 from .linear import (
     check_features,
     check_linear,
@@ -30,6 +21,7 @@ from .linear import (
     make_linear,
     register_lowrank_params,
 )
+from .policy import RankPolicy, resolve_rank, select_rank
 from .readers import lazy_weight
 
 __all__ = ["DynamicLowRankLinear", "ParamSwap", "RankScheduler"]
@@ -79,6 +71,10 @@ class DynamicLowRankLinear(nn.Module):
         rank: components used at first (default ``max_rank``).
         bias, balance, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
 
+    Shape:
+        - Input: ``(*, in_features)``
+        - Output: ``(*, out_features)``, whatever the active rank
+
     ``weight`` is a read-only lazy tensor at the active rank, for code that reads
     ``layer.weight`` (see :class:`~lowrank_layers.readers.FactoredWeight`). Under
     ``torch.jit.script`` the active rank is fixed when the module is scripted.
@@ -127,7 +123,7 @@ class DynamicLowRankLinear(nn.Module):
         if max_rank is not None:
             max_rank = _check_rank("max_rank", max_rank, min(in_features, out_features))
         else:
-            _check_fraction("max_rank_ratio", max_rank_ratio)  # type: ignore[arg-type]
+            check_fraction("max_rank_ratio", max_rank_ratio)  # type: ignore[arg-type]
             max_rank = resolve_rank(out_features, in_features, rank_ratio=max_rank_ratio)
         assert max_rank is not None
         self._rank = max_rank if rank is None else _check_rank("rank", rank, max_rank)
@@ -197,10 +193,10 @@ class DynamicLowRankLinear(nn.Module):
         """
         r = self._rank
         dtype = self.U.dtype
-        U = _promote(self.U[:, :r])
-        S = _promote(self.S[:r])
-        V = _promote(self.V[:, :r])
-        D = None if self.D is None else _promote(self.D)
+        U = promote(self.U[:, :r])
+        S = promote(self.S[:r])
+        V = promote(self.V[:, :r])
+        D = None if self.D is None else promote(self.D)
         if D is not None:
             U = U * D[:, None]
         Qu, Ru = torch.linalg.qr(U)
@@ -278,6 +274,7 @@ class DynamicLowRankLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
+        policy: RankPolicy | None = None,
         *,
         rank: int | None = None,
         rank_ratio: float | None = None,
@@ -292,13 +289,24 @@ class DynamicLowRankLinear(nn.Module):
     ) -> DynamicLowRankLinear:
         """Factorize an ``nn.Linear``; the policy's rank becomes ``max_rank``.
 
-        ``active_rank`` (default: all) sets the rank in use; the components are sorted,
-        so the active ones are the leading singular directions.
+        The components are sorted by singular value, so the active ones are the leading
+        singular directions.
+
+        Args:
+            linear: the source ``nn.Linear``; not modified. The new layer has its device
+                and dtype and a copy of its bias.
+            policy: a :class:`~lowrank_layers.RankPolicy`, or its keyword form
+            rank, rank_ratio, energy, param_ratio: (exactly one, as
+                :func:`~lowrank_layers.factorize`); its rank is ``max_rank``.
+            active_rank: the rank in use at first, in ``[1, max_rank]`` (default: all).
+            method, balance, input_cov, cross_cov, generator: as
+                :meth:`LowRankLinear.from_linear <lowrank_layers.LowRankLinear.from_linear>`.
         """
         check_linear(linear)
         with torch.no_grad():
             f = factorize(
                 linear.weight.detach(),
+                policy,
                 rank=rank,
                 rank_ratio=rank_ratio,
                 energy=energy,
@@ -398,7 +406,7 @@ class RankScheduler:
         for epoch, ratio in schedule.items():
             if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
                 raise ValueError(f"schedule epochs must be ints >= 0, got {epoch!r}")
-            _check_fraction(f"schedule[{epoch}]", ratio)
+            check_fraction(f"schedule[{epoch}]", ratio)
         self.layers = [m for m in model.modules() if isinstance(m, DynamicLowRankLinear)]
         if not self.layers:
             raise ValueError("RankScheduler: the model holds no DynamicLowRankLinear layer")

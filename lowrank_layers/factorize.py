@@ -12,13 +12,21 @@ bfloat16 would lose the small singular values), and results are cast back.
 
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from .common import all_finite, check_choice
+from .policy import (
+    RankPolicy,
+    as_policy,
+    break_even_rank,
+    factor_parameters,
+    resolve_rank,
+    select_rank,
+)
 
 __all__ = [
     "BALANCE_MODES",
@@ -44,8 +52,9 @@ BALANCE_MODES: tuple[str, ...] = ("none", "rownorm", "rowsum")
 METHODS: tuple[str, ...] = ("svd", "randomized")
 SKETCHES: tuple[str, ...] = ("gaussian", "sparse")
 
-# Row-sum balancing keeps |D_i| >= ROWSUM_FLOOR * ||w_i||: a row whose entries
-# cancel would otherwise get 1/D_i -> inf and dominate the SVD (SEED_NOTES.md).
+# Row-sum balancing keeps |D_i| >= ROWSUM_FLOOR * ||w_i||: the original design took D_i as
+# the plain row sum, and a row whose entries cancel would get 1/D_i -> inf and dominate the
+# SVD (docs/design.md, "The original design").
 # Since |sum(w_i)| <= sqrt(in) * ||w_i||, the floor bounds how much any row can be
 # re-weighted relative to another to sqrt(in) / ROWSUM_FLOOR.
 ROWSUM_FLOOR = 0.1
@@ -111,191 +120,13 @@ def _check_weight(W: torch.Tensor, name: str = "W") -> None:
         )
     if W.numel() == 0:
         raise ValueError(f"{name} must not be empty, got shape {tuple(W.shape)}")
-    if W.device.type != "meta" and not _all_finite(W):
+    if W.device.type != "meta" and not all_finite(W):
         bad = int((~torch.isfinite(W)).sum())
         raise ValueError(f"{name} must be finite, got {bad} NaN or Inf entries")
 
 
 # why a weight that cannot be factorized is kept dense, in every conversion path
 NONFINITE_REASON = "weight has NaN or Inf entries"
-
-
-def as_integer(value: object) -> object:
-    """``value`` as an ``int`` when it is an integer of another type (``numpy.int64``, a
-    0-d integer tensor); anything else unchanged, for the caller to validate."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, torch.Tensor):
-        if value.dim() == 0 and not (value.is_floating_point() or value.is_complex()):
-            return value if value.dtype == torch.bool else int(value)
-        return value
-    return int(value) if isinstance(value, numbers.Integral) else value
-
-
-def _all_finite(W: torch.Tensor) -> bool:
-    """Whether every entry of ``W`` is finite, without a temporary of ``W``'s size.
-
-    ``torch.isfinite(W).all()`` builds ``W.abs()`` and two boolean masks: 1.75x ``W``'s
-    bytes for float32, more than the weight itself. The minimum and maximum propagate NaN
-    and are ±inf exactly when an entry is, so two scalars decide it (one pass, no copy).
-    """
-    if W.numel() == 0:
-        return True
-    lo, hi = torch.aminmax(W)
-    return bool(torch.isfinite(lo) & torch.isfinite(hi))
-
-
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
-
-
-def _check_fraction(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
-    if not (0.0 < value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
-    return float(value)
-
-
-def break_even_rank(out_features: int, in_features: int) -> float:
-    """The rank ``in·out / (in + out)`` at which ``U`` and ``V`` hold as many numbers as ``W``.
-
-    A factorization at or above this rank saves no parameters (and no FLOPs): the
-    converter and :func:`~lowrank_layers.make_efficient_linear` refuse it.
-
-    Example:
-        >>> break_even_rank(1024, 1024)
-        512.0
-    """
-    return out_features * in_features / (out_features + in_features)
-
-
-def factor_parameters(out_features: int, in_features: int, rank: int, *, balance: bool) -> int:
-    """Number of parameters in ``U``, ``S``, ``V`` (and ``D`` if ``balance``), bias excluded.
-
-    Example:
-        >>> factor_parameters(1024, 1024, 102, balance=False)
-        208998
-    """
-    return rank * (out_features + in_features + 1) + (out_features if balance else 0)
-
-
-def _rank_range_error(name: str, value: object, max_rank: int, shape: tuple[int, int]) -> str:
-    return (
-        f"{name} must be an int in [1, {max_rank}] for a {shape[0]}x{shape[1]} weight, got {value}"
-    )
-
-
-def resolve_rank(
-    out_features: int,
-    in_features: int,
-    *,
-    rank: int | None = None,
-    rank_ratio: float | None = None,
-    param_ratio: float | None = None,
-    balance: bool = False,
-    energy: float | None = None,
-) -> int | None:
-    """Turn exactly one rank policy into a rank.
-
-    ``rank`` is used as is (``1 <= rank <= min(out, in)``); ``rank_ratio`` gives
-    ``max(1, round(rank_ratio · min(out, in)))``; ``param_ratio`` gives the largest rank
-    whose factors (:func:`factor_parameters`) hold at most that fraction of ``out·in``.
-    ``energy`` depends on the spectrum, so it is validated here and ``None`` is
-    returned: :func:`factorize` then picks the rank with :func:`select_rank`.
-
-    Raises:
-        ValueError: zero or several policies, or a value out of range.
-    """
-    given = {
-        "rank": rank,
-        "rank_ratio": rank_ratio,
-        "energy": energy,
-        "param_ratio": param_ratio,
-    }
-    chosen = [k for k, v in given.items() if v is not None]
-    if len(chosen) != 1:
-        got = ", ".join(f"{k}={given[k]!r}" for k in chosen) if chosen else "none"
-        raise ValueError(
-            "exactly one rank policy must be given (rank, rank_ratio, energy or param_ratio), "
-            f"got {got}"
-        )
-    max_rank = min(out_features, in_features)
-    shape = (out_features, in_features)
-    rank = as_integer(rank)  # type: ignore[assignment]
-    if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int):
-            raise TypeError(_rank_range_error("rank", repr(rank), max_rank, shape))
-        if not 1 <= rank <= max_rank:
-            raise ValueError(_rank_range_error("rank", rank, max_rank, shape))
-        return int(rank)
-    if rank_ratio is not None:
-        ratio = _check_fraction("rank_ratio", rank_ratio)
-        return max(1, min(max_rank, math.floor(ratio * max_rank + 0.5)))
-    if param_ratio is not None:
-        ratio = _check_fraction("param_ratio", param_ratio)
-        budget = ratio * out_features * in_features - (out_features if balance else 0)
-        r = min(max_rank, math.floor(budget / (out_features + in_features + 1)))
-        if r < 1:
-            raise ValueError(
-                f"param_ratio={param_ratio} leaves no room for even a rank-1 factorization of a "
-                f"{out_features}x{in_features} weight (rank 1 needs "
-                f"{factor_parameters(out_features, in_features, 1, balance=balance)} of "
-                f"{out_features * in_features} parameters)"
-            )
-        return r
-    _check_fraction("energy", energy)  # type: ignore[arg-type]
-    return None
-
-
-def rank_policy(
-    rank: int | None = None,
-    rank_ratio: float | None = None,
-    energy: float | None = None,
-    param_ratio: float | None = None,
-) -> dict[str, int | float]:
-    """The given rank policy as keyword arguments (the ``None`` ones dropped), unvalidated."""
-    given = {
-        "rank": as_integer(rank),
-        "rank_ratio": rank_ratio,
-        "energy": energy,
-        "param_ratio": param_ratio,
-    }
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def select_rank(
-    S: torch.Tensor, energy: float, *, total: float | torch.Tensor | None = None
-) -> int:
-    """Smallest ``r`` whose leading singular values keep ``energy`` of ``Σσ²``.
-
-    Args:
-        S: singular values, descending.
-        energy: fraction in (0, 1] of the squared Frobenius norm to keep.
-        total: the full ``Σσ²`` (``‖A‖_F²``) when ``S`` holds only the leading values,
-            as after a randomized SVD. Defaults to ``(S**2).sum()``.
-
-    Returns:
-        The rank, at least 1 and at most ``len(S)``. When ``total`` exceeds what ``S``
-        holds and the target is not reached, ``len(S)`` is returned; callers that
-        need the target met check ``captured_energy``.
-
-    Example:
-        >>> select_rank(torch.tensor([3.0, 2.0, 1.0]), 0.9)
-        2
-    """
-    energy = _check_fraction("energy", energy)
-    if S.dim() != 1 or S.numel() == 0:
-        raise ValueError(f"S must be a non-empty 1-D tensor, got shape {tuple(S.shape)}")
-    sq = S.detach().to(torch.float64).square()
-    cum = torch.cumsum(sq, 0)
-    tot = cum[-1] if total is None else torch.as_tensor(total, dtype=torch.float64)
-    if float(tot) == 0.0:
-        return 1
-    # a relative slack of 1e-12 so that energy=1.0 is met despite rounding in the sums
-    r = int(torch.searchsorted(cum / tot, torch.tensor(energy - 1e-12, dtype=torch.float64))) + 1
-    return max(1, min(r, S.numel()))
 
 
 # --------------------------------------------------------------------------------------
@@ -314,10 +145,10 @@ def balance_rows(W: torch.Tensor, mode: Balance) -> torch.Tensor | None:
     All-zero rows get ``D_i = 1``. The result is finite and nonzero for every finite
     ``W``; it has ``W``'s dtype (the arithmetic runs in at least float32).
     """
-    _check_choice("balance", mode, BALANCE_MODES)
+    check_choice("balance", mode, BALANCE_MODES)
     if mode == "none":
         return None
-    W32 = _promote(W)
+    W32 = promote(W)
     norms = torch.linalg.vector_norm(W32, dim=1)
     if mode == "rownorm":
         D = norms
@@ -336,7 +167,7 @@ def balance_rows(W: torch.Tensor, mode: Balance) -> torch.Tensor | None:
 # --------------------------------------------------------------------------------------
 
 
-def _promote(A: torch.Tensor) -> torch.Tensor:
+def promote(A: torch.Tensor) -> torch.Tensor:
     """``A`` in float32, or float64 if it already is."""
     return A if A.dtype in (torch.float32, torch.float64) else A.to(torch.float32)
 
@@ -429,16 +260,16 @@ def randomized_svd(
         (torch.Size([300, 20]), torch.Size([20]), torch.Size([20, 200]))
     """
     _check_weight(A, "A")
-    _check_choice("sketch", sketch, SKETCHES)
+    check_choice("sketch", sketch, SKETCHES)
     m, n = A.shape
     max_rank = min(m, n)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ValueError(_rank_range_error("rank", rank, max_rank, (m, n)))
+        raise ValueError(f"rank must be an int in [1, {max_rank}] for a {m}x{n} weight, got {rank}")
     for name, value in (("oversample", oversample), ("power_iters", power_iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     dtype = A.dtype
-    A = _promote(A)
+    A = promote(A)
     ell = min(rank + oversample, max_rank)
     if ell == max_rank:
         # the sketch would hold the whole space: the exact SVD is cheaper and exact
@@ -475,6 +306,7 @@ def randomized_svd(
 
 def factorize(
     W: torch.Tensor,
+    policy: RankPolicy | None = None,
     *,
     rank: int | None = None,
     rank_ratio: float | None = None,
@@ -494,6 +326,7 @@ def factorize(
 
     Args:
         W: ``(out_features, in_features)`` real floating-point weight.
+        policy: a :class:`~lowrank_layers.RankPolicy`, or one of the four keywords below.
         rank: the rank, ``1 <= rank <= min(out, in)``.
         rank_ratio: ``rank = max(1, round(rank_ratio · min(out, in)))``, in (0, 1].
         energy: smallest rank keeping this fraction of ``Σσ²`` of the truncated matrix
@@ -536,22 +369,18 @@ def factorize(
         True
     """
     _check_weight(W)
-    _check_choice("method", method, METHODS)
-    _check_choice("balance", balance, BALANCE_MODES)
+    check_choice("method", method, METHODS)
+    check_choice("balance", balance, BALANCE_MODES)
     # a decomposition, not a differentiable map: factors of a Parameter carry no graph
     W = W.detach()
     input_cov = None if input_cov is None else input_cov.detach()
     cross_cov = None if cross_cov is None else cross_cov.detach()
     out_features, in_features = W.shape
-    r = resolve_rank(
-        out_features,
-        in_features,
-        rank=rank,
-        rank_ratio=rank_ratio,
-        energy=energy,
-        param_ratio=param_ratio,
-        balance=balance != "none",
+    policy = as_policy(
+        policy, rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio
     )
+    energy = policy.energy
+    r = policy.resolve(out_features, in_features, balance=balance != "none")
     dtype = W.dtype
     A, D, L = _prepare(W, balance, input_cov, cross_cov)
 
@@ -583,7 +412,7 @@ def _prepare(
     With ``cross_cov`` (``M = E[x x̂ᵀ]``), ``W`` is first replaced by the least-squares map
     ``W* = W·M·(L·Lᵀ)⁻¹``, so the truncated matrix is ``W·M·L⁻ᵀ`` (one triangular solve).
     """
-    A = _promote(W)
+    A = promote(W)
     D = balance_rows(A, balance)
     if D is not None:
         A = A / D[:, None]
@@ -632,7 +461,7 @@ def truncated_spectrum(
     or, with ``input_cov``, of the layer's output on those inputs.
     """
     _check_weight(W)
-    _check_choice("balance", balance, BALANCE_MODES)
+    check_choice("balance", balance, BALANCE_MODES)
     A, _, _ = _prepare(W, balance, input_cov, cross_cov)
     return torch.linalg.svdvals(A)
 
@@ -761,7 +590,7 @@ def relative_error(W: torch.Tensor, factors: Factors) -> float:
     if W.dtype == torch.float64:
         WV = W @ factors.V.to(torch.float64)
     else:
-        W32 = _promote(W)  # no copy for float32; a float32 copy of a half-precision W
+        W32 = promote(W)  # no copy for float32; a float32 copy of a half-precision W
         WV = (W32 @ factors.V.to(W32.dtype)).to(torch.float64)
         del W32
     AS = A * S

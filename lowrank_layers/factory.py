@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .factorize import factor_parameters, resolve_rank
 from .linear import LowRankLinear, check_features
+from .policy import RankPolicy
 
 __all__ = ["make_efficient_linear"]
 
@@ -46,13 +46,11 @@ def make_efficient_linear(
     check_features("out_features", out_features)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
-    rank = resolve_rank(out_features, in_features, rank_ratio=rank_ratio)
-    assert rank is not None  # rank_ratio always resolves to a rank
-    large = in_features * out_features > threshold**2
-    saves = factor_parameters(out_features, in_features, rank, balance=balance) < (
-        in_features * out_features
+    # the converter's rule: above the threshold, and factors that save parameters
+    rank, _ = RankPolicy(rank_ratio=rank_ratio).plan(
+        out_features, in_features, threshold=threshold, balance=balance
     )
-    if large and saves:
+    if rank is not None:
         return LowRankLinear(
             in_features, out_features, rank, bias=bias, balance=balance, device=device, dtype=dtype
         )

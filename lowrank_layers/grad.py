@@ -15,8 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import _check_patterns, layer_seed, name_matches
-from .factorize import METHODS, Method, _check_choice, factorize, rank_policy, resolve_rank
+from .common import check_choice
+from .factorize import METHODS, Method, factorize
+from .policy import RankPolicy, as_policy, layer_seed
+from .selection import check_patterns, name_matches
 
 __all__ = ["GradientProjector"]
 
@@ -43,8 +45,9 @@ class GradientProjector:
 
     Args:
         model: the model whose parameters are projected.
-        rank, rank_ratio, energy, param_ratio: exactly one rank policy, per matrix (see
-            :func:`~lowrank_layers.factorize`); ``energy`` picks the rank at each refresh.
+        policy: a :class:`~lowrank_layers.RankPolicy` per matrix, or its keyword form
+        rank, rank_ratio, energy, param_ratio: (see :func:`~lowrank_layers.factorize`);
+            ``energy`` picks the rank at each refresh.
         update_every: steps between refreshes of the subspace (GaLore uses 200).
         method: ``"randomized"`` (default) or ``"svd"`` for the refresh.
         include, exclude: parameter-name filters, as ``convert_model``'s (``"<module>.weight"``
@@ -63,6 +66,7 @@ class GradientProjector:
     def __init__(
         self,
         model: nn.Module,
+        policy: RankPolicy | None = None,
         *,
         rank: int | None = None,
         rank_ratio: float | None = None,
@@ -74,13 +78,14 @@ class GradientProjector:
         exclude: str | Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
-        self.policy = rank_policy(rank, rank_ratio, energy, param_ratio)
-        resolve_rank(1 << 20, 1 << 20, **self.policy)
+        self.policy = as_policy(
+            policy, rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio
+        )
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
-        _check_choice("method", method, METHODS)
-        _check_patterns("include", include)
-        _check_patterns("exclude", exclude)
+        check_choice("method", method, METHODS)
+        check_patterns("include", include)
+        check_patterns("exclude", exclude)
         self.update_every = update_every
         self.method = method
         self.states: dict[str, _State] = {}
@@ -124,14 +129,14 @@ class GradientProjector:
         return project
 
     def _refresh(self, state: _State, grad: torch.Tensor) -> None:
-        policy = dict(self.policy)
-        if "rank" in policy:
-            policy["rank"] = min(policy["rank"], min(grad.shape))
+        policy = self.policy
+        if policy.rank is not None and policy.rank > min(grad.shape):
+            policy = RankPolicy(rank=min(grad.shape))
         if not bool(torch.isfinite(grad).all()):
             return  # keep the previous basis (or none: the step is left unprojected)
         if float(grad.abs().max()) == 0.0:
             return
-        f = factorize(grad, method=self.method, generator=state.generator, **policy)
+        f = factorize(grad, policy, method=self.method, generator=state.generator)
         state.basis = (f.U if state.left else f.V).to(grad.dtype).contiguous()
         state.refreshes += 1
 

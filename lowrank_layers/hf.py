@@ -38,19 +38,18 @@ from .checkpoint import (
     FORMAT_NAME,
     FORMAT_VERSION,
     QUANT_METHOD,
-    SINGLE_FILE,
     CheckpointError,
-    _atomic_destination,
-    _restructure,
-    _write_config_entry,
     copy_model_folder,
     lowrank_layers_of,
     lowrank_quantization_config,
     read_metadata,
+    restructure,
     save_lowrank,
+    write_config_entry,
 )
 from .convert import ConversionReport, convert_model
 from .pipeline import CompressionReport, compress
+from .safetensors_io import SINGLE_FILE, atomic_destination
 
 __all__ = [
     "QUANT_METHOD",
@@ -154,10 +153,10 @@ def convert_pretrained(
         if batches is not None:
             convert_kwargs["calibration"] = batches
         report = convert_model(model, **convert_kwargs)
-    with _atomic_destination(dst, is_dir=True, overwrite=overwrite) as tmp:
+    with atomic_destination(dst, is_dir=True, overwrite=overwrite) as tmp:
         save_lowrank(model, tmp / SINGLE_FILE)
         copy_model_folder(src, tmp)
-        _write_config_entry(tmp / "config.json", lowrank_quantization_config(model))
+        write_config_entry(tmp / "config.json", lowrank_quantization_config(model))
     return report
 
 
@@ -293,7 +292,7 @@ def register_with_transformers() -> tuple[type, type]:
 
         def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
             layers = _layers_from_qconfig(self.quantization_config.to_dict(), "config.json")
-            _restructure(model, layers, "config.json")
+            restructure(model, layers, "config.json")
             # the dense-load guards (see mark_lowrank_config) and the active rank of dynamic
             # layers (set from the config) are not loaded
             guards = {rf"(^|\.){re.escape(name)}\.weight$" for name in layers}
@@ -362,7 +361,7 @@ def load_pretrained(path: str | os.PathLike, *, auto_class: Any = None, **kwargs
 
     ``path`` is a folder written by ``save_pretrained`` of a converted model, by
     :func:`convert_pretrained` (``lowrank-layers convert --calibrate/--budget``), or by
-    :func:`~lowrank_layers.checkpoint.convert_checkpoint` from a model folder: the low-rank
+    :func:`~lowrank_layers.offline.convert_checkpoint` from a model folder: the low-rank
     layers are read from ``config.json``'s ``quantization_config`` or, failing that, from
     the checkpoint's metadata, and built before transformers loads the weights.
 

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .factorize import Balance, Factors, Method, as_integer, factorize
+from .common import as_integer
+from .factorize import Balance, Factors, Method, factorize
+from .policy import RankPolicy
 from .readers import lazy_weight
 
 __all__ = [
@@ -373,6 +375,7 @@ class LowRankLinear(nn.Module):
     def from_linear(
         cls,
         linear: nn.Linear,
+        policy: RankPolicy | None = None,
         *,
         rank: int | None = None,
         rank_ratio: float | None = None,
@@ -390,6 +393,25 @@ class LowRankLinear(nn.Module):
         source is not modified. At full rank with ``method="svd"`` it reproduces the
         source to float32 rounding.
 
+        Args:
+            linear: the source ``nn.Linear`` (or a subclass that does not override
+                ``forward``); not modified.
+            policy: a :class:`~lowrank_layers.RankPolicy`, or its keyword form
+            rank, rank_ratio, energy, param_ratio: (exactly one, as
+                :func:`~lowrank_layers.factorize`).
+            method: ``"svd"`` (exact, default) or ``"randomized"``.
+            balance: ``"none"`` (default), ``"rownorm"`` or ``"rowsum"``; a balanced layer
+                holds ``D``.
+            input_cov: ``(in, in)`` second moment ``E[x xᵀ]`` of the layer's inputs: the
+                factorization then minimises the output error on such inputs (SVD-LLM).
+            cross_cov: with ``input_cov``, ``E[x x̂ᵀ]`` between the original and the
+                converted model's inputs (propagated conversion).
+            generator: random generator for ``method="randomized"``.
+
+        Raises:
+            TypeError, ValueError: as :func:`~lowrank_layers.factorize`, or ``linear`` is
+                not a linear layer.
+
         Example:
             >>> dense = nn.Linear(256, 128)
             >>> low = LowRankLinear.from_linear(dense, rank_ratio=0.25)
@@ -400,6 +422,7 @@ class LowRankLinear(nn.Module):
         with torch.no_grad():
             factors = factorize(
                 linear.weight.detach(),
+                policy,
                 rank=rank,
                 rank_ratio=rank_ratio,
                 energy=energy,

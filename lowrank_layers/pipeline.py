@@ -22,8 +22,8 @@ from typing import Any
 from torch import nn
 
 from .allocate import collect_sensitivity, loss_aware_ranks
+from .common import check_choice, check_fraction
 from .convert import ConversionReport, convert_model, convertible_layers
-from .factorize import _check_choice, _check_fraction
 from .heal import check_heal_options, heal
 from .speed import speed_rule
 
@@ -168,8 +168,8 @@ def compress(
         >>> report.conversion.params_after <= 0.6 * (32 * 64 * 2)
         True
     """
-    _check_fraction("budget", budget)
-    _check_choice("allocation", allocation, ALLOCATIONS)
+    check_fraction("budget", budget)
+    check_choice("allocation", allocation, ALLOCATIONS)
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
         raise ValueError(
             "compress: calibration must be a non-empty list of batches, got "

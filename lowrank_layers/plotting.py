@@ -6,13 +6,13 @@ inside :func:`plot_spectra`.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from .safetensors_io import atomic_destination
 
 __all__ = ["ENERGY_GUIDES", "plot_spectra"]
 
@@ -163,13 +163,5 @@ def plot_spectra(
         bar.set_label(f"layer order: {names[0]} ... {names[-1]}", fontsize=8)
     fig.suptitle(heading)
 
-    # not mkstemp: its files are 0600, and the rename would carry that mode to ``path``
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            fig.savefig(f, format="png", dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with atomic_destination(path) as tmp, open(tmp, "xb") as f:
+        fig.savefig(f, format="png", dpi=110)

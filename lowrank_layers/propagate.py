@@ -158,9 +158,9 @@ def convert_propagated(
     if chain is not None:
         iterator: Sequence[int] | Any = range(len(chain.blocks))
         if progress:
-            from .convert import _progress
+            from .common import progress_bar
 
-            iterator = _progress(list(iterator), desc="propagating blocks", unit="block")
+            iterator = progress_bar(list(iterator), desc="propagating blocks", unit="block")
         original = list(chain.hidden)
         current = [h.clone() for h in chain.hidden]
         for i in iterator:

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
-from .convert import LOWRANK_TYPES, _parents
+from .convert import LOWRANK_TYPES
 from .dynamic import DynamicLowRankLinear
 from .linears import is_linear_like
+from .selection import module_holders
 
 __all__ = ["LayerSummary", "LowRankSummary", "lowrank_summary", "merge_to_dense"]
 
@@ -195,7 +196,7 @@ def merge_to_dense(model: nn.Module) -> dict[str, int | None]:
             f"merge_to_dense: {type(model).__name__} holds no low-rank layer "
             "(LowRankLinear, AdaptiveLowRankLinear or DynamicLowRankLinear)"
         )
-    holders = _parents(model)
+    holders = module_holders(model)
     modules = dict(model.named_modules())
     for name in summary:
         layer = modules[name]

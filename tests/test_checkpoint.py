@@ -19,17 +19,17 @@ from lowrank_layers import (
     DynamicLowRankLinear,
     LowRankLinear,
     convert_model,
+    offline,
     switch_to_lowrank,
 )
-from lowrank_layers import checkpoint as ckpt_mod
+from lowrank_layers import safetensors_io as sio
 from lowrank_layers.checkpoint import (
     CheckpointError,
-    convert_checkpoint,
     load_lowrank,
     read_metadata,
     save_lowrank,
-    weight_spectra,
 )
+from lowrank_layers.offline import convert_checkpoint, weight_spectra
 
 
 class Tiny(nn.Module):
@@ -56,6 +56,83 @@ def _tensors(path) -> dict[str, torch.Tensor]:
         with safe_open(str(f), framework="pt") as h:
             out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118
     return out
+
+
+def _read_back(path: Path) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]]:
+    """Each safetensors file of a checkpoint (one file, or every shard of a folder) as the
+    safetensors library itself reads it: its tensors (``load_file``) and header metadata
+    (``safe_open``), by file name."""
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    assert files, path
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            metadata = h.metadata()
+        out[f.name] = (load_file(f), metadata)
+    return out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical: dtype, shape and bytes (NaN and float8 included)."""
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
+
+
+def _check_index(folder: Path, files: dict, layers: dict) -> dict:
+    """The index of a sharded folder: every key mapped to the file safetensors found it in,
+    and the layers of all shards in its metadata."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    where = {key: name for name, (tensors, _) in files.items() for key in tensors}
+    assert index["weight_map"] == dict(sorted(where.items()))
+    assert json.loads(index["metadata"]["layers"]) == layers
+    return index
+
+
+def _check_converted(dst: Path, src: Path) -> dict[str, torch.Tensor]:
+    """Read what ``convert_checkpoint`` wrote at ``dst`` back with the safetensors library.
+
+    Each file's metadata names the format and describes the layers whose factors it holds;
+    each such layer has ``U``, ``S``, ``V`` (``D`` with balance) of its rank and an empty
+    guard of the source weight's dtype; every other tensor of the source is there, bit for
+    bit; a folder of shards has an index mapping every key to its file. Returns the tensors.
+    """
+    source = {k: v for tensors, _ in _read_back(src).values() for k, v in tensors.items()}
+    files = _read_back(dst)
+    stored: dict[str, torch.Tensor] = {}
+    all_layers: dict[str, dict] = {}
+    factorized: set[str] = set()
+    for name, (tensors, meta) in files.items():
+        assert meta.keys() == {"format", "format_version", "layers", "aliases"}, name
+        assert (meta["format"], meta["format_version"], meta["aliases"]) == (
+            "lowrank-layers",
+            "1",
+            "{}",
+        )
+        layers = json.loads(meta["layers"])
+        for layer, entry in layers.items():
+            r, out_f, in_f = entry["rank"], entry["out_features"], entry["in_features"]
+            dtype = source[f"{layer}.weight"].dtype
+            assert (
+                tensors[f"{layer}.U"].shape == (out_f, r) and tensors[f"{layer}.U"].dtype == dtype
+            )
+            assert tensors[f"{layer}.S"].shape == (r,)
+            assert tensors[f"{layer}.V"].shape == (in_f, r)
+            assert (f"{layer}.D" in tensors) == entry["balance"]
+            assert _same(tensors[f"{layer}.weight"], torch.empty(0, dtype=dtype))  # the guard
+            factorized |= {f"{layer}.{n}" for n in ("U", "S", "V", "D", "weight")}
+        for key, tensor in tensors.items():
+            if key not in factorized:
+                assert _same(tensor, source[key]), key  # copied bit for bit
+        assert not stored.keys() & tensors.keys()
+        stored.update(tensors)
+        all_layers.update(layers)
+    assert set(stored) - factorized == set(source) - {f"{n}.weight" for n in all_layers}
+    if len(files) > 1:
+        _check_index(dst, files, all_layers)
+    return stored
 
 
 @pytest.fixture
@@ -119,6 +196,95 @@ def test_a_dense_loader_fails_on_the_guards_instead_of_keeping_random_weights(ti
     fresh = load_lowrank(Tiny(), path)  # the lowrank loader drops them
     assert "fc1.weight" not in fresh.state_dict()
     assert torch.equal(fresh.eval()(IDS), tiny(IDS))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("target", ["m.safetensors", "folder", "shards"])
+def test_saved_files_read_back_with_safetensors(tiny, tmp_path, target, dtype):
+    convert_model(tiny, rank=8, include=["fc1"], balance="rownorm")
+    tiny.fc2 = DynamicLowRankLinear(96, 32, max_rank=12, rank=5)
+    tiny.to(dtype)
+    path = tmp_path / ("m.safetensors" if target == "m.safetensors" else "out")
+    files = save_lowrank(tiny, path, max_shard_size="4KB" if target == "shards" else "5GB")
+    state = tiny.state_dict()
+    expected = {k: v for k, v in state.items() if k not in ("head.weight", "fc2._extra_state")}
+    for layer in ("fc1", "fc2"):  # the guards: empty, of the factors' dtype
+        expected[f"{layer}.weight"] = torch.empty(0, dtype=dtype)
+    layers = {
+        "fc1": {
+            "type": "LowRankLinear", "in_features": 32, "out_features": 96, "rank": 8,
+            "balance": True, "bias": True,
+        },
+        "fc2": {
+            "type": "DynamicLowRankLinear", "in_features": 96, "out_features": 32, "rank": 12,
+            "balance": False, "bias": True, "active_rank": 5,
+        },
+    }  # fmt: skip
+    read = _read_back(path)
+    assert sorted(read) == sorted(f.name for f in files if f.suffix == ".safetensors")
+    assert (len(read) > 2) == (target == "shards")
+    stored: dict[str, torch.Tensor] = {}
+    for tensors, meta in read.values():  # every shard carries the whole description
+        assert meta.keys() == {"format", "format_version", "layers", "aliases"}
+        assert (meta["format"], meta["format_version"]) == ("lowrank-layers", "1")
+        assert json.loads(meta["layers"]) == layers
+        assert json.loads(meta["aliases"]) == {"head.weight": "emb.weight"}
+        assert not stored.keys() & tensors.keys()
+        stored.update(tensors)
+    assert stored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert _same(stored[key], value), key
+    if target == "shards":
+        index = _check_index(path, read, layers)
+        assert index["metadata"]["total_size"] == sum(
+            t.numel() * t.element_size() for t in expected.values()
+        )
+        assert {k: v for k, v in index["metadata"].items() if k != "total_size"} == meta
+
+
+def _all_dtypes() -> dict[str, torch.Tensor]:
+    """One tensor of every dtype the writer handles, in several shapes and layouts."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t.{dtype}".replace("torch.", ""): (torch.randn(3, 5, generator=gen) * 50).to(dtype)
+        for dtype in (
+            torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64,
+            torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+        )
+    }  # fmt: skip
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        if hasattr(torch, name):
+            tensors[f"t.{name}"] = torch.randn(4, 2, generator=gen).to(getattr(torch, name))
+    tensors["scalar"] = torch.tensor(2.5)
+    tensors["empty"] = torch.empty(0, 7)
+    tensors["three.d"] = torch.randn(2, 3, 4, generator=gen)
+    tensors["transposed"] = torch.randn(4, 6, generator=gen).t()  # not contiguous
+    tensors["a name with spaces and ünïcode"] = torch.arange(5)
+    return tensors
+
+
+@pytest.mark.parametrize("reserve", [None, 0])
+def test_the_writer_s_files_read_back_with_safetensors(tmp_path, reserve):
+    tensors = _all_dtypes()
+    metadata = {"format": "test", "long": "x" * 5000, "quote": '"{}\\'}
+    path = tmp_path / "w.safetensors"
+    if reserve is None:  # the reserve from the bound: the header written in place
+        size = sio.write_file(path, list(tensors), iter(tensors.values()), metadata)
+    else:  # a reserve too small: the file is rewritten with a larger header
+        with sio.ShardWriter(path, reserve) as writer:
+            for name, tensor in tensors.items():
+                writer.add(name, tensor)
+            size = writer.finish(metadata)
+    assert size == path.stat().st_size
+    assert sorted(os.listdir(tmp_path)) == ["w.safetensors"]  # no .rewrite left
+    ((loaded, meta),) = _read_back(path).values()
+    assert meta == metadata
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert _same(loaded[name], tensor.contiguous()), name
+    with sio.TensorReader(path) as reader:  # and our own reader agrees
+        for name, tensor in tensors.items():
+            assert _same(reader.get(name), tensor.contiguous()), name
 
 
 def test_load_into_a_model_on_meta(tmp_path):
@@ -232,7 +398,7 @@ def test_convert_checkpoint_equals_convert_model(tiny, tmp_path, method):
     fresh = Tiny()
     load_lowrank(fresh, tmp_path / "lr.safetensors")
     assert torch.equal(fresh.eval()(IDS), tiny(IDS))
-    stored = _tensors(tmp_path / "lr.safetensors")
+    stored = _check_converted(tmp_path / "lr.safetensors", src)
     assert torch.equal(stored["norm.weight"], tiny.norm.weight)  # copied bit for bit
     assert torch.equal(stored["emb.weight"], tiny.emb.weight)
 
@@ -262,7 +428,8 @@ def test_sharded_source_equals_single_file(tiny, tmp_path):
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
     ]
-    a, b = _tensors(tmp_path / "a.safetensors"), _tensors(tmp_path / "b")
+    a = _check_converted(tmp_path / "a.safetensors", tmp_path / "single.safetensors")
+    b = _check_converted(tmp_path / "b", shard_dir)
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -274,7 +441,8 @@ def test_workers_share_the_work(tiny, tmp_path):
     report = convert_checkpoint(src, tmp_path / "two", rank=8, workers=2)
     assert len(report.converted) == 2
     assert len(list((tmp_path / "two").glob("model-*.safetensors"))) == 2
-    a, b = _tensors(tmp_path / "one.safetensors"), _tensors(tmp_path / "two")
+    a = _check_converted(tmp_path / "one.safetensors", src)
+    b = _check_converted(tmp_path / "two", src)  # two shards and an index
     assert a.keys() == b.keys()
     # one thread per process instead of two: the same maths in another floating-point order,
     # so singular vectors may differ by rounding (or sign); the products and copies agree
@@ -297,8 +465,8 @@ def test_failure_mid_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
             raise RuntimeError("injected failure")
         return real(*args, **kwargs)
 
-    real = ckpt_mod._factorize_tensor
-    monkeypatch.setattr(ckpt_mod, "_factorize_tensor", failing)
+    real = offline._factorize_tensor
+    monkeypatch.setattr(offline, "_factorize_tensor", failing)
     for dst in (tmp_path / "out.safetensors", tmp_path / "outdir", tmp_path / "new" / "o"):
         calls.clear()
         with pytest.raises(RuntimeError, match="injected failure"):
@@ -343,7 +511,7 @@ def test_skips_are_reported_and_weights_copied(tiny, tmp_path):
         "fc1": "96x32 is not above threshold 60²",
         "fc2": "32x96 is not above threshold 60²",
     }
-    stored = _tensors(tmp_path / "p.safetensors")
+    stored = _check_converted(tmp_path / "p.safetensors", src)
     assert torch.equal(stored["fc1.weight"], tiny.fc1.weight)  # skipped: copied unchanged
     report = convert_checkpoint(
         src, tmp_path / "q.safetensors", rank=4, include=["emb"], exclude_embeddings=False
@@ -360,7 +528,7 @@ def test_non_finite_weights_are_skipped_and_copied_bit_for_bit(tiny, tmp_path):
     report = convert_checkpoint(src, tmp_path / "o.safetensors", rank=4)
     reasons = {r.name: r.reason for r in report.skipped}
     assert reasons == dict.fromkeys(["fc1", "fc2"], "weight has NaN or Inf entries")
-    stored = _tensors(tmp_path / "o.safetensors")
+    stored = _check_converted(tmp_path / "o.safetensors", src)
     for key in ("fc1.weight", "fc2.weight"):
         assert torch.equal(stored[key].view(torch.int32), state[key].view(torch.int32))
 
@@ -479,6 +647,7 @@ def test_torch_distributed_ranks_share_the_conversion(tiny, tmp_path):
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
     ]
+    _check_converted(dst, src)
     fresh = Tiny()
     load_lowrank(fresh, dst)
     reference = convert_model(tiny, rank=8, method="randomized", seed=1, include=["fc1", "fc2"])
@@ -594,6 +763,7 @@ def test_convert_checkpoint_replaces_an_existing_folder_whole(tiny, tmp_path):
     _model_folder(dst)
     convert_checkpoint(src, dst, rank=4, overwrite=True)
     assert _listing(dst) == ["model.safetensors"]  # as documented: the folder is replaced
+    _check_converted(dst, src)
 
 
 def test_workers_write_one_file_for_a_safetensors_dst(tiny, tmp_path):
@@ -608,7 +778,8 @@ def test_workers_write_one_file_for_a_safetensors_dst(tiny, tmp_path):
         "one.safetensors",
         "two.safetensors",
     ]
-    a, b = _tensors(tmp_path / "one.safetensors"), _tensors(tmp_path / "two.safetensors")
+    a = _tensors(tmp_path / "one.safetensors")
+    b = _check_converted(tmp_path / "two.safetensors", src)  # the workers' parts, merged
     assert a.keys() == b.keys()
     for m in ("fc1", "fc2"):  # other thread counts: equal up to rounding
         wa = (a[f"{m}.U"] * a[f"{m}.S"]) @ a[f"{m}.V"].mT
@@ -633,7 +804,7 @@ def _dead_pid() -> int:
 def test_leftovers_of_dead_writers_are_removed_by_the_next_write(tiny, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
-    dead, host = _dead_pid(), ckpt_mod._HOST
+    dead, host = _dead_pid(), sio._HOST
     dead_file = folder / f".model.safetensors.tmp-{host}-{dead}-0123abcd"
     dead_shard = folder / f".model-00002-of-00003.safetensors.tmp-{host}-{dead}-4567cdef"
     live = folder / f".model.safetensors.tmp-{host}-{os.getpid()}-89abcdef"  # in progress
@@ -663,9 +834,44 @@ def test_leftovers_of_dead_writers_are_removed_by_the_next_write(tiny, tmp_path)
 
 
 def test_temporary_names_map_back_to_their_destination():
-    tmp = ckpt_mod._temp_path(Path("/data/out.safetensors"))
+    tmp = sio.temp_path(Path("/data/out.safetensors"))
     assert tmp.parent == Path("/data") and tmp.name.startswith(".out.safetensors.tmp-")
-    assert ckpt_mod._destination_of(tmp) == Path("/data/out.safetensors")
-    inner = ckpt_mod._temp_path(Path("/data/out")) / "model-00001-of-00002.safetensors"
-    assert ckpt_mod._destination_of(inner) == Path("/data/out/model-00001-of-00002.safetensors")
-    assert ckpt_mod._destination_of("/data/.hidden") == Path("/data/.hidden")
+    assert sio.destination_of(tmp) == Path("/data/out.safetensors")
+    inner = sio.temp_path(Path("/data/out")) / "model-00001-of-00002.safetensors"
+    assert sio.destination_of(inner) == Path("/data/out/model-00001-of-00002.safetensors")
+    assert sio.destination_of("/data/.hidden") == Path("/data/.hidden")
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes")
+def test_atomic_destination_replaces_a_file_whole_with_the_usual_mode(tmp_path):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    dst = tmp_path / "report.md"
+    with sio.atomic_destination(dst) as tmp:
+        assert tmp.parent == tmp_path and not dst.exists()
+        tmp.write_text("first")
+    assert dst.read_text() == "first"
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
+    with pytest.raises(RuntimeError, match="midway"), sio.atomic_destination(dst) as tmp:
+        tmp.write_text("second")
+        raise RuntimeError("midway")
+    assert dst.read_text() == "first" and os.listdir(tmp_path) == ["report.md"]
+
+
+def test_the_checkpoint_modules_import_one_way():
+    """safetensors_io <- checkpoint <- offline: none imports a module above it."""
+    import ast
+
+    root = Path(lowrank_layers.__file__).parent
+
+    def imported(module: str) -> set[str]:
+        tree = ast.parse((root / f"{module}.py").read_text(encoding="utf-8"))
+        return {
+            node.module or ""
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 1
+        }
+
+    assert imported("safetensors_io") == set()
+    assert "offline" not in imported("checkpoint")
+    assert {"checkpoint", "safetensors_io"} <= imported("offline")

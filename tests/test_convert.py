@@ -11,6 +11,7 @@ from lowrank_layers import (
     AdaptiveLowRankLinear,
     DynamicLowRankLinear,
     LowRankLinear,
+    RankPolicy,
     convert_model,
     register_weight_reader,
 )
@@ -209,7 +210,7 @@ def test_layer_kinds_and_frozen_weights(gen):
     convert_model(model, rank=8, layer="adaptive", include=r"blocks\.0\..*")
     assert isinstance(model.blocks[0].q_proj, AdaptiveLowRankLinear)
     assert not model.blocks[0].q_proj.is_lowrank
-    assert model.blocks[0].q_proj.default_policy == {"rank": 8}
+    assert model.blocks[0].q_proj.default_policy == RankPolicy(rank=8)
     assert not model.blocks[0].q_proj.weight.requires_grad and not model.blocks[0].q_proj.training
     report = convert_model(model, rank_ratio=0.5, layer="dynamic", include=r"blocks\.1\..*")
     assert isinstance(model.blocks[1].mlp[0], DynamicLowRankLinear)

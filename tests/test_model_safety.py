@@ -386,7 +386,7 @@ def test_ranks_may_be_numpy_or_tensor_integers(gen):
         dynamic.set_rank(rank - 1)
         assert dynamic.rank == 3 and type(dynamic.rank) is int
     for bad in (torch.tensor(4.0), torch.tensor([4]), np.float64(4.0), True):
-        with pytest.raises(TypeError, match=r"rank must be an int in \[1, 12\] for a 16x12"):
+        with pytest.raises(TypeError, match=r"rank must be an int >= 1, got"):
             resolve_rank(16, 12, rank=bad)
 
 

@@ -1,0 +1,628 @@
+"""Streaming safetensors files and atomic writes: the file layer under ``checkpoint.py``.
+
+Nothing here knows the lowrank-layers format. It holds:
+
+- reading: :func:`read_header`, :class:`TensorReader` (one tensor at a time, into fresh
+  memory), and :func:`locate_files` (the files of a single file, a sharded checkpoint's
+  ``.index.json`` or a model folder);
+- writing: :class:`ShardWriter` and :func:`write_file` (tensors streamed into a file whose
+  header is written last), :func:`shard_names` and :func:`write_index` (transformers'
+  naming of shards and their index);
+- atomic writes: :func:`atomic_destination` (a temporary sibling renamed over a file or
+  folder at the end; also what ``plot_spectra`` and the demo write through),
+  :func:`files_into_folder` (some files of a folder replaced, the others kept), and the
+  removal of temporaries left by writers that died.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import struct
+import uuid
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import torch
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "CheckpointError",
+    "CheckpointFiles",
+    "ShardWriter",
+    "TensorReader",
+    "atomic_destination",
+    "clean_leftovers",
+    "commit",
+    "destination_of",
+    "file_metadata",
+    "files_into_folder",
+    "header_reserve",
+    "locate_files",
+    "named_path",
+    "read_header",
+    "remove",
+    "shard_names",
+    "temp_path",
+    "tensor_names",
+    "write_file",
+    "write_index",
+]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_ST_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+    if hasattr(torch, _name):
+        _ST_DTYPES[getattr(torch, _name)] = _code
+_DTYPES_FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
+
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+"""The safetensors dtype codes of the floating-point tensors that can be factorized."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match the model, or is not one this library reads."""
+
+
+# ------------------------------------------------------------------------------------------
+# writing
+# ------------------------------------------------------------------------------------------
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().contiguous().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def _align8(n: int) -> int:
+    return (n + 7) // 8 * 8
+
+
+class _OpenFile:
+    """Holds an open ``self.file``, closed by :meth:`close` or on leaving a ``with`` block."""
+
+    file: BinaryIO
+
+    def close(self) -> None:
+        """Close the file (closing twice is harmless)."""
+        self.file.close()
+
+    def __enter__(self: _Handle) -> _Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_Handle = TypeVar("_Handle", bound=_OpenFile)
+
+
+class ShardWriter(_OpenFile):
+    """Streams tensors into one safetensors file, one at a time.
+
+    The header is written last, into space reserved at the start of the file and padded
+    with spaces (the format allows trailing whitespace in the header); tensors are written
+    as they come, so memory stays at one tensor whatever the file size. Use it as a
+    context manager: the file is closed on leaving the block, whether :meth:`finish` ran
+    or an exception ended the writing (the caller removes the partial file).
+    """
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self.reserve = _align8(max(reserve, 64))
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.offset = 0
+        self.file = open(path, "wb")  # noqa: SIM115 - closed in finish() / __exit__
+        self.file.write(b"\0" * (8 + self.reserve))
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Append ``tensor``'s bytes to the file under ``name``."""
+        if name in self.entries:
+            raise ValueError(f"duplicate tensor name {name!r} in {self.path.name}")
+        if tensor.dtype not in _ST_DTYPES:
+            raise TypeError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold"
+            )
+        data = _tensor_bytes(tensor)
+        self.file.write(data)
+        self.entries[name] = {
+            "dtype": _ST_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [self.offset, self.offset + data.nbytes],
+        }
+        self.offset += data.nbytes
+
+    def finish(self, metadata: Mapping[str, str]) -> int:
+        """Write the header (tensors sorted by name, and ``metadata``); the file's size."""
+        header = {"__metadata__": dict(metadata), **dict(sorted(self.entries.items()))}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) <= self.reserve:
+            self.file.seek(0)
+            self.file.write(
+                struct.pack("<Q", self.reserve) + raw + b" " * (self.reserve - len(raw))
+            )
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        else:  # the reserve was too small: rewrite with a larger header (copying the data)
+            self.file.close()
+            _rewrite_with_header(self.path, raw, 8 + self.reserve, self.offset)
+        return 8 + max(self.reserve, _align8(len(raw))) + self.offset
+
+
+def _rewrite_with_header(path: Path, raw: bytes, data_start: int, data_len: int) -> None:
+    size = _align8(len(raw))
+    tmp = path.with_name(path.name + ".rewrite")
+    with open(path, "rb") as src, open(tmp, "wb") as dst:
+        dst.write(struct.pack("<Q", size) + raw + b" " * (size - len(raw)))
+        src.seek(data_start)
+        shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+        dst.flush()
+        os.fsync(dst.fileno())
+    os.replace(tmp, path)
+
+
+def header_reserve(names: Iterable[str], metadata_bytes: int) -> int:
+    """An upper bound of the header of a file holding ``names`` (see :class:`ShardWriter`)."""
+    # per entry: the quoted name plus dtype, a shape of up to 4 dims and two offsets
+    return sum(len(json.dumps(n)) + 120 for n in names) + metadata_bytes + 1024
+
+
+def write_file(
+    path: Path,
+    names: Sequence[str],
+    tensors: Iterable[torch.Tensor],
+    metadata: Mapping[str, str],
+) -> int:
+    """Stream ``tensors``, one per name of ``names`` in order, into one safetensors file.
+
+    ``tensors`` may be a generator: each tensor is written and released before the next
+    is produced. Returns the file's size.
+    """
+    with ShardWriter(path, header_reserve(names, len(json.dumps(metadata)))) as writer:
+        for name, tensor in zip(names, tensors, strict=True):
+            writer.add(name, tensor)
+            del tensor  # not bound while the generator produces the next one
+        return writer.finish(metadata)
+
+
+def shard_names(n: int) -> list[str]:
+    """The file names of ``n`` shards, as transformers names them (one: ``SINGLE_FILE``)."""
+    if n == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def write_index(
+    path: Path, weight_map: Mapping[str, str], metadata: Mapping[str, str], total: int
+) -> None:
+    """Write a sharded checkpoint's index: ``metadata`` with ``total_size``, the weight map."""
+    index = {
+        "metadata": {"total_size": total, **metadata},
+        "weight_map": dict(sorted(weight_map.items())),
+    }
+    path.write_text(json.dumps(index, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset of its data."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) != 8:
+                raise CheckpointError(f"{path} is not a safetensors file (too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > 100 * 1024**2 or n > path.stat().st_size - 8:
+                raise CheckpointError(f"{path} is not a safetensors file (bad header size)")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not a safetensors file ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file (header is not an object)")
+    return header, 8 + n
+
+
+def tensor_names(header: Mapping[str, Any]) -> list[str]:
+    """The tensor names of a header, in its order (``__metadata__`` left out)."""
+    return [k for k in header if k != "__metadata__"]
+
+
+class TensorReader(_OpenFile):
+    """Reads tensors of one safetensors file, one at a time, into fresh memory.
+
+    Plain ``seek`` + ``readinto`` rather than a memory map: pages of a mapped file count
+    as the process's resident memory for as long as the map lives, so reading a whole
+    checkpoint through one map would hold all of it; here each tensor's memory is freed
+    when the tensor is.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header, self.data_start = read_header(path)
+        self.file = open(path, "rb")  # noqa: SIM115 - closed in close() / __exit__
+
+    def keys(self) -> list[str]:
+        """The names of the file's tensors."""
+        return tensor_names(self.header)
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, read into memory of its own."""
+        info = self.header.get(key)
+        if info is None:
+            raise CheckpointError(f"{self.path} holds no tensor {key!r}")
+        dtype = _DTYPES_FROM_ST.get(info["dtype"])
+        if dtype is None:
+            raise CheckpointError(
+                f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}"
+            )
+        start, end = info["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        self.file.seek(self.data_start + start)
+        if end > start and self.file.readinto(memoryview(buf.numpy())) != end - start:
+            raise CheckpointError(f"{self.path} is truncated (tensor {key!r})")
+        return buf.view(dtype).reshape(info["shape"])
+
+
+@dataclass
+class CheckpointFiles:
+    """The safetensors files of a checkpoint, where each tensor is, and their metadata."""
+
+    files: list[Path]
+    weight_map: dict[str, Path]
+    metadata: dict[str, str]  # a single file's header metadata, or the index's strings
+    total_size: int = 0
+    extra_files: list[Path] = field(default_factory=list)
+    folder: Path | None = None  # the model folder, for a folder or index source
+    index: Path | None = None  # the index the files were found through
+
+    def read_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one at a time, file by file."""
+        by_file: dict[Path, list[str]] = {}
+        for key, f in self.weight_map.items():
+            by_file.setdefault(f, []).append(key)
+        for f, keys in by_file.items():
+            with TensorReader(f) as reader:
+                for key in keys:
+                    yield key, reader.get(key)
+
+
+def locate_files(path: Path) -> CheckpointFiles:
+    """The files of a checkpoint: a ``.safetensors`` file, an ``.index.json``, or a folder
+    holding ``model.safetensors``, an index, or one ``.safetensors`` file."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        index = path / INDEX_FILE
+        if index.exists():
+            return _open_index(index)
+        single = path / SINGLE_FILE
+        shards = [single] if single.exists() else sorted(path.glob("*.safetensors"))
+        if len(shards) != 1:
+            raise CheckpointError(
+                f"{path} holds no {SINGLE_FILE} or {INDEX_FILE}"
+                + (f" but {len(shards)} .safetensors files" if shards else "")
+            )
+        ckpt = _open_file(shards[0])
+        ckpt.extra_files = [p for p in sorted(path.iterdir()) if p.is_file() and p != shards[0]]
+        ckpt.folder = path
+        return ckpt
+    if path.name.endswith(".index.json"):
+        return _open_index(path)
+    return _open_file(path)
+
+
+def file_metadata(path: Path) -> dict[str, str]:
+    """The header metadata of one safetensors file (empty when it has none)."""
+    return dict(read_header(path)[0].get("__metadata__") or {})
+
+
+def _open_file(path: Path) -> CheckpointFiles:
+    header, _ = read_header(path)
+    metadata = header.get("__metadata__") or {}
+    keys = tensor_names(header)
+    size = sum(header[k]["data_offsets"][1] - header[k]["data_offsets"][0] for k in keys)
+    return CheckpointFiles([path], dict.fromkeys(keys, path), dict(metadata), size)
+
+
+def _open_index(index: Path) -> CheckpointFiles:
+    try:
+        data = json.loads(index.read_text())
+        weight_map = data["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index} is not a safetensors index ({exc})") from exc
+    folder = index.parent
+    files = sorted({folder / f for f in weight_map.values()})
+    for f in files:
+        if not f.exists():
+            raise CheckpointError(f"{index} names {f.name}, which does not exist")
+    metadata = {k: v for k, v in (data.get("metadata") or {}).items() if isinstance(v, str)}
+    shard_set = set(files) | {index}
+    extra = [p for p in sorted(folder.iterdir()) if p.is_file() and p not in shard_set]
+    total = int((data.get("metadata") or {}).get("total_size", 0))
+    return CheckpointFiles(
+        files,
+        {k: folder / v for k, v in weight_map.items()},
+        metadata,
+        total,
+        extra,
+        folder,
+        index,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# atomic writes
+# ------------------------------------------------------------------------------------------
+
+# Temporary names: ``.<name>.tmp-<host>-<pid>-<hex8>`` beside the file or folder ``<name>``
+# they become (``.old-`` for a replaced folder on its way out). The host and pid name the
+# writer, so that the next write to the same destination can remove what a writer killed
+# outright (SIGKILL, power loss) left behind: on this host, a pid that no longer runs.
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "localhost"
+# our own file names in a folder files_into_folder writes into (transformers' naming)
+_OWN_FILES = r"model(?:-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+
+
+def temp_path(dst: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``dst`` naming this host and process (see ``_HOST``).
+
+    Not ``tempfile.mkstemp``: its files are 0600, and the rename would carry that mode to
+    ``dst``; a file created at this name gets the usual mode.
+    """
+    return dst.with_name(f".{dst.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _temp_pattern(names: str) -> re.Pattern[str]:
+    """Temporary names of writes to ``names`` (a regex); groups: name, host, pid."""
+    return re.compile(
+        rf"\.(?P<name>{names})\.(?:tmp|old)-(?:(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-)?"
+        r"[0-9a-f]{8}(?:\.rewrite)?"
+    )
+
+
+def destination_of(path: str | os.PathLike) -> Path:
+    """``path`` with every temporary component replaced by the name it is written for."""
+    pattern = _temp_pattern(".+")
+    parts = [m.group("name") if (m := pattern.fullmatch(p)) else p for p in Path(path).parts]
+    return Path(*parts) if parts else Path(path)
+
+
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (True when that cannot be told)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process, alive
+        return True
+    return True
+
+
+def clean_leftovers(folder: Path, names: str) -> None:
+    """Remove the temporaries of writes to ``folder/<names>`` whose writer died; warn naming them.
+
+    A temporary of this host whose pid no longer runs is removed; one of another host or a
+    live process is left alone (a write in progress); one without a pid (written before
+    pids were part of the name) is named in a warning and left for the user to remove.
+    The warnings point at the caller of the public function that began the write, four
+    frames above this one (that function, a ``with`` statement's ``__enter__``, the
+    context manager calling this).
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:  # no folder yet: nothing left over
+        return
+    pattern = _temp_pattern(names)
+    removed: list[str] = []
+    unknown: list[str] = []
+    for entry in entries:
+        m = pattern.fullmatch(entry.name)
+        if m is None:
+            continue
+        if m.group("pid") is None:
+            unknown.append(entry.path)
+        elif (
+            m.group("host") == _HOST
+            and not _writer_alive(int(m.group("pid")))
+            and remove(Path(entry.path))
+        ):
+            removed.append(entry.path)
+    if removed:
+        warnings.warn(
+            f"removed {len(removed)} temporary file(s) left by interrupted writes whose process "
+            f"no longer runs: {', '.join(removed)}",
+            stacklevel=5,  # the caller of save_lowrank, convert_checkpoint, plot_spectra...
+        )
+    if unknown:
+        warnings.warn(
+            f"{', '.join(unknown)}: temporary file(s) of an interrupted write (or of one still "
+            "running) by an earlier version of lowrank-layers; remove them if no write is "
+            "in progress",
+            stacklevel=5,  # the caller of save_lowrank, convert_checkpoint, plot_spectra...
+        )
+
+
+def named_path(path: Path) -> Path:
+    """``path``, resolved when it has no name of its own (``.``, ``..``, ``a/..``)."""
+    return path.resolve() if path.name in ("", "..") else path
+
+
+def _make_folder(folder: Path, target: Path | None = None) -> Path | None:
+    """Create ``folder`` (for ``target``) and its missing parents; the topmost created, or None."""
+    missing: list[Path] = []
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        missing.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"cannot write {target or folder}: {existing} is a file, not a folder"
+        )
+    if missing:
+        folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def _remove_created(folder: Path, top: Path | None) -> None:
+    """Remove the empty folders ``_make_folder`` created, ``folder`` up to ``top``."""
+    if top is None:
+        return
+    for path in (folder, *folder.parents):
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == top:
+            return
+
+
+@contextmanager
+def atomic_destination(
+    dst: Path, *, is_dir: bool = False, overwrite: bool = True
+) -> Iterator[Path]:
+    """A temporary sibling of ``dst`` that replaces ``dst`` whole only if the block succeeds.
+
+    The one atomic write of the library: checkpoints, converted folders, the figures of
+    ``plot_spectra`` and the demo's report are all written through it. The block writes a
+    file at the path it is given (or files into it, with ``is_dir``: it is then an empty
+    folder); on success it is renamed over ``dst`` (an existing ``dst`` folder is replaced
+    with all of its files), on any exception it is removed, with the folders above ``dst``
+    this call created. :func:`files_into_folder` writes some files into a folder and keeps
+    the others. Temporaries of earlier writes to ``dst`` whose process died are removed
+    first.
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``overwrite`` is False.
+        IsADirectoryError: ``dst`` is a folder and ``is_dir`` is False.
+        NotADirectoryError: a folder above ``dst`` is a file.
+        ValueError: ``dst`` is a folder that holds the current folder.
+    """
+    dst = named_path(Path(dst))
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
+    if dst.is_dir() and not is_dir:
+        raise IsADirectoryError(f"{dst} is a folder; a file cannot replace it")
+    if dst.is_dir() and Path.cwd().resolve().is_relative_to(dst.resolve()):
+        raise ValueError(
+            f"{dst} is the current folder or holds it, and would be replaced whole: "
+            "write into a new folder"
+        )
+    created = _make_folder(dst.parent, dst)
+    clean_leftovers(dst.parent, re.escape(dst.name))
+    tmp = temp_path(dst)
+    if is_dir:
+        tmp.mkdir()
+    try:
+        yield tmp
+        commit(tmp, dst)
+    except BaseException:
+        _remove_temporary(tmp)
+        _remove_created(dst.parent, created)
+        raise
+
+
+@contextmanager
+def files_into_folder(
+    folder: Path, names: Sequence[str], *, overwrite: bool
+) -> Iterator[dict[str, Path]]:
+    """Temporary paths in ``folder`` for ``names``, each renamed over its name at the end.
+
+    The folder's other files stay, except our own checkpoint files (``_OWN_FILES``) that
+    ``names`` leave out — the shards, single file or index of an earlier save — which are
+    removed once the new files are in place (a stale index first: it would be read instead
+    of a new ``model.safetensors``). Each file is replaced atomically; the renames at the
+    end take milliseconds. With ``overwrite=False`` any own file present is an error.
+    """
+    folder = named_path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"cannot write into {folder}: it is a file, not a folder")
+    own = re.compile(_OWN_FILES)
+    present = sorted(  # files only: a folder of such a name is not ours to remove
+        p.name
+        for p in (folder.iterdir() if folder.is_dir() else ())
+        if own.fullmatch(p.name) and not p.is_dir()
+    )
+    for name in names:
+        if (folder / name).is_dir():
+            raise IsADirectoryError(f"{folder / name} is a folder; a file cannot replace it")
+    if present and not overwrite:
+        raise FileExistsError(
+            f"{folder / present[0]} already exists (pass overwrite=True to replace it)"
+        )
+    stale = [n for n in present if n not in names]
+    created = _make_folder(folder)
+    clean_leftovers(folder, _OWN_FILES)
+    temps = {name: temp_path(folder / name) for name in names}
+    try:
+        yield temps
+        if INDEX_FILE in stale:  # first, or fail: left behind, it would be read instead
+            (folder / INDEX_FILE).unlink(missing_ok=True)
+        for name in sorted(names, key=lambda n: n == INDEX_FILE):  # the index last
+            os.replace(temps[name], folder / name)
+        for name in stale:  # unreferenced now: one left behind would not be read
+            remove(folder / name)
+    except BaseException:
+        for tmp in temps.values():
+            _remove_temporary(tmp)
+        _remove_created(folder, created)
+        raise
+
+
+def commit(tmp: Path, dst: Path) -> None:
+    """Rename ``tmp`` to ``dst``: a file in one atomic step, a folder over an old one in two."""
+    if dst.exists() and (dst.is_dir() or tmp.is_dir()):  # a link to a folder: the link goes
+        trash = temp_path(dst, "old")
+        os.replace(dst, trash)
+        os.replace(tmp, dst)
+        remove(trash)
+    else:
+        os.replace(tmp, dst)
+
+
+def remove(path: Path) -> bool:
+    """Remove a file or folder if it is there; never raises (a cleanup). Whether it is gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
+
+
+def _remove_temporary(tmp: Path) -> None:
+    """Remove a temporary and the copy ``_rewrite_with_header`` may have begun beside it."""
+    remove(tmp)
+    remove(tmp.with_name(tmp.name + ".rewrite"))
