@@ -62,7 +62,7 @@ def convert(model, method: str, budget: float, calib, stats, exclude) -> tuple[o
         convert_model(converted, param_ratio=budget, balance=balance, exclude=exclude)
     elif method in ("aware+budget", "aware+greedy"):
         allocation = "greedy" if method == "aware+greedy" else "minimax"
-        convert_model(converted, budget=budget, calibration=stats, allocation=allocation,
+        convert_model(converted, budget=budget, input_stats=stats, allocation=allocation,
                       exclude=exclude)  # fmt: skip
     else:
         compress(

@@ -140,7 +140,7 @@ class AdaptiveLowRankLinear(nn.Module):
             required=False,
         )
         if policy is not None:  # fits this shape: checked now, not at the switch epochs later
-            policy.resolve(out_features, in_features, balance=balance != "none")
+            policy.resolve(out_features, in_features, row_scales=balance != "none")
         check_choice("balance", balance, BALANCE_MODES)
         self.default_policy: RankPolicy | None = policy
         self.default_balance: str = balance
@@ -286,7 +286,7 @@ class AdaptiveLowRankLinear(nn.Module):
             relative_error=error,
             params_before=self.in_features * self.out_features,
             params_after=factor_parameters(
-                self.out_features, self.in_features, factors.rank, balance=factors.D is not None
+                self.out_features, self.in_features, factors.rank, row_scales=factors.D is not None
             ),
             balance=balance,
         )
@@ -358,7 +358,7 @@ class AdaptiveLowRankLinear(nn.Module):
         """An ``nn.Linear`` with the layer's current (dense or multiplied-out) weight."""
         return make_linear(self.dense_weight(), self.bias)
 
-    def restructure(self, rank: int, *, balance: bool) -> None:
+    def restructure(self, rank: int, *, row_scales: bool) -> None:
         """Turn a dense-phase layer into an (uninitialised) low-rank one of this rank, for
         loaders that fill the factors next (``load_state_dict``, ``load_lowrank``)."""
         ref = self.weight
@@ -366,7 +366,7 @@ class AdaptiveLowRankLinear(nn.Module):
             self.out_features,
             self.in_features,
             rank,
-            balance=balance,
+            row_scales=row_scales,
             requires_grad=ref.requires_grad,
             device=ref.device,
             dtype=ref.dtype,
@@ -382,7 +382,9 @@ class AdaptiveLowRankLinear(nn.Module):
         kw = {"device": ref.device, "dtype": ref.dtype}
         grad = ref.requires_grad
         if has_factors and not has_weight and not self.is_lowrank:
-            self.restructure(state_dict[prefix + "S"].shape[0], balance=prefix + "D" in state_dict)
+            self.restructure(
+                state_dict[prefix + "S"].shape[0], row_scales=prefix + "D" in state_dict
+            )
         elif has_weight and not has_factors and self.is_lowrank:
             weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **kw), grad)
             replace_parameters(self, {"weight": weight})
@@ -392,7 +394,7 @@ class AdaptiveLowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         phase = f"rank={self.rank}" if self.is_lowrank else "dense"
-        balance = f", balance={self.D is not None}" if self.is_lowrank else ""
+        balance = f", row_scales={self.D is not None}" if self.is_lowrank else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {phase}, "
             f"bias={self.bias is not None}{balance}"

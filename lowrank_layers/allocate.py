@@ -233,7 +233,7 @@ def _saving_rank(out_f: int, in_f: int, ratio: float) -> int | None:
         r = resolve_rank(out_f, in_f, param_ratio=ratio)
     except ValueError:  # not even rank 1 fits within the ratio
         return None
-    return r if factor_parameters(out_f, in_f, r, balance=False) < out_f * in_f else None
+    return r if factor_parameters(out_f, in_f, r, row_scales=False) < out_f * in_f else None
 
 
 def rank_options(
@@ -274,7 +274,7 @@ def rank_options(
     options = LayerOptions(out_f, in_f, [], [], [])
     for r in ranks:
         options.ranks.append(r)
-        options.params.append(factor_parameters(out_f, in_f, r, balance=False))
+        options.params.append(factor_parameters(out_f, in_f, r, row_scales=False))
         options.loss.append(0.5 * float(tail[r].clamp_min(0.0)))
     options.ranks.append(None)
     options.params.append(out_f * in_f)
@@ -352,7 +352,7 @@ def solve_budget(
 def _pays(speed: SpeedRule | None, out_f: int, in_f: int, rank: int, dtype: torch.dtype) -> bool:
     return (
         speed is None
-        or speed.reason(out_f, in_f, rank, balance=False, bias=True, dtype=dtype) is None
+        or speed.reason(out_f, in_f, rank, row_scales=False, bias=True, dtype=dtype) is None
     )
 
 
@@ -395,7 +395,7 @@ def loss_aware_ranks(
         r = _saving_rank(out_f, in_f, budget)
         if r is not None and _pays(speed, out_f, in_f, r, m.weight.dtype):
             plan[n] = r
-            fixed_cost += factor_parameters(out_f, in_f, r, balance=False)
+            fixed_cost += factor_parameters(out_f, in_f, r, row_scales=False)
         else:  # too small to save anything at this budget: dense, at full cost
             plan[n] = None
             fixed_cost += out_f * in_f

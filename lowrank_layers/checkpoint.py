@@ -432,7 +432,7 @@ def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) 
         ):
             if module.is_lowrank:
                 module.load_state_dict(make_linear(module.dense_weight(), module.bias).state_dict())
-            module.restructure(rank, balance=entry["balance"])
+            module.restructure(rank, row_scales=entry["balance"])
         return module
     ref = next(iter(module.parameters()), None)
     if ref is not None and is_conv1d(module):  # GPT-2's Conv1D: weight stored (in, out)
@@ -452,18 +452,18 @@ def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) 
     kw = {"bias": entry["bias"], "device": ref.device, "dtype": ref.dtype}
     if cls is LowRankLinear:
         return LowRankLinear(
-            entry["in_features"], entry["out_features"], rank, balance=entry["balance"], **kw
+            entry["in_features"], entry["out_features"], rank, row_scales=entry["balance"], **kw
         )
     if cls is DynamicLowRankLinear:
         return DynamicLowRankLinear(
             entry["in_features"],
             entry["out_features"],
             max_rank=rank,
-            balance=entry["balance"],
+            row_scales=entry["balance"],
             **kw,
         )
     layer = AdaptiveLowRankLinear(entry["in_features"], entry["out_features"], **kw)
-    layer.restructure(rank, balance=entry["balance"])
+    layer.restructure(rank, row_scales=entry["balance"])
     return layer
 
 

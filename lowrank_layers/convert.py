@@ -292,6 +292,7 @@ def convert_model(
     balance: Balance = "none",
     seed: int = 0,
     calibration: Iterable[Any] | None = None,
+    input_stats: Mapping[str, InputStats | torch.Tensor] | None = None,
     budget: float | None = None,
     allocation: str = "minimax",
     ranks: Mapping[str, int | None] | None = None,
@@ -339,11 +340,12 @@ def convert_model(
             ``model(*b)`` for a tuple, ``model(b)`` otherwise) to collect each layer's input
             second moment (:mod:`~lowrank_layers.calibrate`); each layer is then factorized
             activation-aware (``factorize(..., input_cov=...)``), minimising its output
-            error on such inputs, and the report gives that output error. Statistics
-            collected beforehand (``{name: InputStats or (in, in) tensor}`` from
-            :func:`~lowrank_layers.calibrate.collect_input_stats`) are accepted too, to
-            convert copies of a model at several budgets from one calibration run. Not with
+            error on such inputs, and the report gives that output error. Not with
             ``layer="adaptive"``.
+        input_stats: instead of ``calibration``, statistics collected beforehand
+            (``{name: InputStats or (in, in) tensor}`` from
+            :func:`~lowrank_layers.calibrate.collect_input_stats`), to convert copies of a
+            model at several budgets from one calibration run.
         budget: instead of a rank policy, keep at most this fraction (0, 1] of the converted
             layers' weight parameters over the whole model, choosing each layer's rank from
             its spectrum (whitened when calibrated) with :func:`allocate_ranks`.
@@ -424,12 +426,23 @@ def convert_model(
             raise TypeError(f"ranks must be a mapping {{name: rank or None}}, got {ranks!r}")
     elif policy is None:
         as_policy()  # the error of a call that gave no rule at all
-    if layer == "adaptive" and (
-        calibration is not None or budget is not None or propagate or ranks is not None
-    ):
+    if isinstance(calibration, Mapping):
+        raise TypeError(
+            f"calibration takes an iterable of batches, got a mapping with keys "
+            f"{list(calibration)[:4]}: one batch goes in a list, calibration=[batch]; "
+            "statistics from collect_input_stats go to input_stats="
+        )
+    if calibration is not None and input_stats is not None:
         raise ValueError(
-            "calibration, budget, ranks and propagate apply to layer='lowrank' or 'dynamic'; "
-            "an adaptive layer is factorized later, by switch_to_lowrank"
+            "give calibration (batches) or input_stats (statistics collected beforehand), not both"
+        )
+    if input_stats is not None:
+        _check_statistics(input_stats)
+    calibrated = calibration is not None or input_stats is not None
+    if layer == "adaptive" and (calibrated or budget is not None or propagate or ranks is not None):
+        raise ValueError(
+            "calibration, input_stats, budget, ranks and propagate apply to layer='lowrank' "
+            "or 'dynamic'; an adaptive layer is factorized later, by switch_to_lowrank"
         )
     if layer == "adaptive" and (method != "svd" or seed != 0):
         raise ValueError(
@@ -442,14 +455,12 @@ def convert_model(
             "min_speedup applies to layer='lowrank' or 'dynamic'; an adaptive layer stays "
             "dense until switch_to_lowrank"
         )
-    if propagate and (calibration is None or isinstance(calibration, Mapping)):
+    if propagate and calibration is None:
         raise ValueError(
             "propagate=True needs calibration batches (a list the model takes), not "
-            f"{'nothing' if calibration is None else 'precomputed statistics'}"
+            f"{'nothing' if input_stats is None else 'precomputed statistics'}"
         )
 
-    if isinstance(calibration, Mapping):
-        _check_statistics(calibration)
     candidates, holders, owners, eligible = _select(model, include, exclude, filter_fn)
     views = {fqn: as_linear(m) for fqn, m in eligible.items()}  # Conv1D read as nn.Linear
     report = ConversionReport(model_params_before=_count(model))
@@ -465,16 +476,16 @@ def convert_model(
         held_out = collect_input_stats(model, eval_batches, eligible)
         eval_covs = {name: s.covariance for name, s in held_out.items() if s.tokens}
     covariances: dict[str, torch.Tensor] = {}
-    if isinstance(calibration, Mapping):  # statistics collected beforehand
+    if input_stats is not None:  # statistics collected beforehand
         covariances = {
             name: s.covariance if isinstance(s, InputStats) else s
-            for name, s in calibration.items()
+            for name, s in input_stats.items()
             if name in eligible and (not isinstance(s, InputStats) or s.tokens)
         }
     elif calibration is not None and eligible and not propagate:
         stats = collect_input_stats(model, calibration, eligible)
         covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
-    if calibration is not None and eligible and not propagate:
+    if calibrated and eligible and not propagate:
         _check_reached(eligible, covariances)
     layer_policy: dict[str, RankPolicy] = {}
     # one rule with convert_checkpoint: a weight that cannot be factorized stays dense, with
@@ -498,7 +509,7 @@ def convert_model(
                     views[f].out_features,
                     views[f].in_features,
                     len(sv),
-                    balance=balance != "none",
+                    row_scales=balance != "none",
                     bias=views[f].bias is not None,
                     dtype=views[f].weight.dtype,
                 )
@@ -512,7 +523,7 @@ def convert_model(
                     m.out_features,
                     m.in_features,
                     1,
-                    balance=balance != "none",
+                    row_scales=balance != "none",
                     bias=m.bias is not None,
                     dtype=m.weight.dtype,
                 )  # type: ignore[assignment]
@@ -520,8 +531,8 @@ def convert_model(
         allocated = allocate_ranks(
             {f: (s, views[f].out_features, views[f].in_features) for f, s in spectra.items()},
             fraction,
-            balance=balance != "none",
-            strategy=allocation,
+            row_scales=balance != "none",
+            allocation=allocation,
             max_ranks=caps,
         )
         layer_policy = {f: RankPolicy(rank=r) for f, r in allocated.items()}
@@ -607,18 +618,22 @@ def convert_model(
     return report
 
 
-def _check_statistics(calibration: Mapping[Any, Any]) -> None:
-    """A mapping given as ``calibration`` must be statistics ``{layer name: InputStats or a
-    square (in, in) tensor}``; a single batch (a tokenizer's output) is refused clearly."""
-    for key, value in calibration.items():
+def _check_statistics(input_stats: Mapping[Any, Any]) -> None:
+    """``input_stats`` must be ``{layer name: InputStats or a square (in, in) tensor}``; a
+    single batch (a tokenizer's output) is refused clearly."""
+    if not isinstance(input_stats, Mapping):
+        raise TypeError(
+            "input_stats must be a mapping {layer name: InputStats} from "
+            f"collect_input_stats, got {type(input_stats).__name__}"
+        )
+    for key, value in input_stats.items():
         square = isinstance(value, torch.Tensor) and value.dim() == 2
         if not (isinstance(value, InputStats) or (square and value.shape[0] == value.shape[1])):
-            keys = list(calibration)[:4]
+            keys = list(input_stats)[:4]
             raise TypeError(
-                f"calibration is a mapping, read as precomputed statistics {{layer name: "
-                f"InputStats}}, but its entry {key!r} is "
-                f"{_describe(value)}; keys {keys} look like one batch: pass a list of "
-                "batches, calibration=[batch]"
+                f"input_stats holds statistics {{layer name: InputStats}}, but its entry "
+                f"{key!r} is {_describe(value)}; keys {keys} look like one batch: pass "
+                "batches as calibration=[batch]"
             )
 
 
@@ -828,13 +843,13 @@ def _convert_one(
     keep_d = balance != "none"
     if policy is None:  # a budget allocates ranks only to the layers above the threshold
         return _skip(fqn, module, f"{out_f}x{in_f} is not above threshold {threshold}²")
-    planned, reason = policy.plan(out_f, in_f, threshold=threshold, balance=keep_d)
+    planned, reason = policy.plan(out_f, in_f, threshold=threshold, row_scales=keep_d)
     if reason is None and planned is not None and speed is not None:
         reason = speed.reason(
             out_f,
             in_f,
             planned,
-            balance=keep_d,
+            row_scales=keep_d,
             bias=source.bias is not None,
             dtype=source.weight.dtype,
         )
@@ -846,7 +861,7 @@ def _convert_one(
         new: nn.Module = AdaptiveLowRankLinear.from_linear(source, policy, balance=balance)
         rank, error = planned, None
         after = (
-            factor_parameters(out_f, in_f, planned, balance=keep_d)
+            factor_parameters(out_f, in_f, planned, row_scales=keep_d)
             if planned is not None
             else in_f * out_f
         )
@@ -864,21 +879,21 @@ def _convert_one(
         )
         factors = new.factors()
         rank = factors.rank
-        if not saves_parameters(out_f, in_f, rank, balance=factors.D is not None):
+        if not saves_parameters(out_f, in_f, rank, row_scales=factors.D is not None):
             return _skip(fqn, module, break_even_reason(rank))
         if speed is not None and planned is None:  # energy: the rank is known only now
             reason = speed.reason(
                 out_f,
                 in_f,
                 rank,
-                balance=factors.D is not None,
+                row_scales=factors.D is not None,
                 bias=source.bias is not None,
                 dtype=source.weight.dtype,
             )
             if reason is not None:
                 return _skip(fqn, module, reason)
         error = relative_error(source.weight, factors)
-        after = factor_parameters(out_f, in_f, rank, balance=factors.D is not None)
+        after = factor_parameters(out_f, in_f, rank, row_scales=factors.D is not None)
         if eval_cov is not None:
             out_error, error_data = output_error(source.weight, factors, eval_cov), "held-out"
         elif input_cov is not None:
@@ -899,7 +914,7 @@ def _convert_one(
             in_f,
             out_f,
             rank,
-            balance=new.D is not None,
+            row_scales=new.D is not None,
             bias=source.bias is not None,
             dtype=source.weight.dtype,
         )
@@ -926,7 +941,7 @@ def _budget_without(
     eligible: Mapping[str, nn.Module],
     dense: list[str],
     budget: float,
-    balance: bool,
+    row_scales: bool,
 ) -> float:
     """The budget fraction left for the other layers once the ``dense`` ones are kept whole."""
     if not dense:
@@ -936,7 +951,9 @@ def _budget_without(
     kept = sum(size[f] for f in dense)
     others = [f for f in spectra if f not in dense]
     least = sum(
-        factor_parameters(eligible[f].out_features, eligible[f].in_features, 1, balance=balance)
+        factor_parameters(
+            eligible[f].out_features, eligible[f].in_features, 1, row_scales=row_scales
+        )
         for f in others
     )
     left = budget * total - kept
@@ -987,6 +1004,7 @@ def apply_param_swaps(optimizer: torch.optim.Optimizer, swaps: Iterable[ParamSwa
 def switch_to_lowrank(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
+    policy: RankPolicy | None = None,
     *,
     rank: int | None = None,
     rank_ratio: float | None = None,
@@ -994,7 +1012,7 @@ def switch_to_lowrank(
     param_ratio: float | None = None,
     method: Method = "svd",
     balance: Balance | None = None,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
 ) -> dict[str, SwitchResult]:
     """Switch every dense-phase :class:`~lowrank_layers.AdaptiveLowRankLinear` in ``model``.
 
@@ -1004,7 +1022,13 @@ def switch_to_lowrank(
     scheduler and the training loop continue unchanged. Works with SGD (momentum), Adam
     and AdamW, foreach or fused.
 
-    With no rank policy, each layer uses the one it was built with.
+    With no rank policy (``policy``, a :class:`~lowrank_layers.RankPolicy`, or its keyword
+    form), each layer uses the one it was built with. With ``method="randomized"``, each
+    layer's sketch is seeded by :func:`~lowrank_layers.policy.layer_seed` ``(seed, name)``,
+    as in :func:`convert_model`: the result does not depend on the order of the layers.
+    (The layer method :meth:`AdaptiveLowRankLinear.switch_to_lowrank
+    <lowrank_layers.AdaptiveLowRankLinear.switch_to_lowrank>` takes a ``generator``: one
+    matrix, one generator; model-level functions take a ``seed``.)
 
     Returns:
         ``{module name: SwitchResult}``.
@@ -1048,17 +1072,22 @@ def switch_to_lowrank(
                 "Pass the optimizer that trains this model, or optimizer=None and add the "
                 "new factors yourself"
             )
+    policy = as_policy(
+        policy,
+        rank=rank,
+        rank_ratio=rank_ratio,
+        energy=energy,
+        param_ratio=param_ratio,
+        required=False,
+    )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
     results: dict[str, SwitchResult] = {}
     for name, layer in layers:
         old = layer.weight
+        generator = torch.Generator(old.device).manual_seed(layer_seed(seed, name))
         results[name] = layer.switch_to_lowrank(
-            rank=rank,
-            rank_ratio=rank_ratio,
-            energy=energy,
-            param_ratio=param_ratio,
-            method=method,
-            balance=balance,
-            generator=generator,
+            policy, method=method, balance=balance, generator=generator
         )
         if optimizer is not None:
             new = tuple(p for n, p in layer.named_parameters() if n in ("U", "S", "V", "D"))

@@ -21,7 +21,7 @@ from .linear import (
     make_linear,
     register_lowrank_params,
 )
-from .policy import RankPolicy, resolve_rank, select_rank
+from .policy import RankPolicy, ratio_rank, select_rank
 from .readers import lazy_weight
 
 __all__ = ["DynamicLowRankLinear", "ParamSwap", "RankScheduler"]
@@ -68,8 +68,8 @@ class DynamicLowRankLinear(nn.Module):
         max_rank: components held, in ``[1, min(in, out)]``; or
         max_rank_ratio: ``max_rank = round(ratio · min(in, out))`` (default 0.2, the
             original design's).
-        rank: components used at first (default ``max_rank``).
-        bias, balance, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
+        active_rank: components used at first (default ``max_rank``).
+        bias, row_scales, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
 
     Shape:
         - Input: ``(*, in_features)``
@@ -104,9 +104,9 @@ class DynamicLowRankLinear(nn.Module):
         *,
         max_rank: int | None = None,
         max_rank_ratio: float | None = None,
-        rank: int | None = None,
+        active_rank: int | None = None,
         bias: bool = True,
-        balance: bool = False,
+        row_scales: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -123,17 +123,18 @@ class DynamicLowRankLinear(nn.Module):
         if max_rank is not None:
             max_rank = _check_rank("max_rank", max_rank, min(in_features, out_features))
         else:
-            check_fraction("max_rank_ratio", max_rank_ratio)  # type: ignore[arg-type]
-            max_rank = resolve_rank(out_features, in_features, rank_ratio=max_rank_ratio)
-        assert max_rank is not None
-        self._rank = max_rank if rank is None else _check_rank("rank", rank, max_rank)
+            ratio = check_fraction("max_rank_ratio", max_rank_ratio)
+            max_rank = ratio_rank(out_features, in_features, ratio)
+        self._rank = (
+            max_rank if active_rank is None else _check_rank("active_rank", active_rank, max_rank)
+        )
         self.dense_weight_reads = 0
         register_lowrank_params(
             self,
             out_features,
             in_features,
             max_rank,
-            balance=balance,
+            row_scales=row_scales,
             bias=bias,
             device=device,
             dtype=dtype,
@@ -231,8 +232,9 @@ class DynamicLowRankLinear(nn.Module):
                 f"rank_ratio={rank_ratio!r}, energy={energy!r}"
             )
         if rank_ratio is not None:
-            rank = resolve_rank(self.out_features, self.in_features, rank_ratio=rank_ratio)
-            assert rank is not None
+            rank = ratio_rank(
+                self.out_features, self.in_features, check_fraction("rank_ratio", rank_ratio)
+            )
             if rank > self.max_rank:
                 raise ValueError(
                     f"rank_ratio={rank_ratio} gives rank {rank}, above max_rank={self.max_rank} "
@@ -261,7 +263,8 @@ class DynamicLowRankLinear(nn.Module):
 
     def _swap(self, name: str, index: tuple[slice, ...]) -> ParamSwap:
         old = self._parameters[name]
-        assert old is not None
+        if old is None:  # U, S and V always exist; D is never swapped
+            raise RuntimeError(f"{name} is not a parameter of this layer")
         new = nn.Parameter(old.detach()[index].clone(), requires_grad=old.requires_grad)
         self._parameters[name] = new
         return ParamSwap(old, (new,), index)
@@ -322,9 +325,9 @@ class DynamicLowRankLinear(nn.Module):
                 f.in_features,
                 f.out_features,
                 max_rank=f.rank,
-                rank=active_rank,
+                active_rank=active_rank,
                 bias=linear.bias is not None,
-                balance=f.D is not None,
+                row_scales=f.D is not None,
                 device="meta",
                 dtype=w.dtype,
             ).to_empty(device=w.device)
@@ -368,7 +371,7 @@ class DynamicLowRankLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"rank={self.rank}, max_rank={self.max_rank}, bias={self.bias is not None}, "
-            f"balance={self.D is not None}"
+            f"row_scales={self.D is not None}"
         )
 
 
@@ -430,8 +433,7 @@ class RankScheduler:
             return
         for layer in self.layers:
             before = layer.rank
-            rank = resolve_rank(layer.out_features, layer.in_features, rank_ratio=ratio)
-            assert rank is not None
+            rank = ratio_rank(layer.out_features, layer.in_features, ratio)
             layer.set_rank(min(rank, layer.max_rank))
             if self.optimizer is not None and layer.rank < before:
                 for p in (layer.U, layer.S, layer.V):

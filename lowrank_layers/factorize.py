@@ -380,7 +380,7 @@ def factorize(
         policy, rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio
     )
     energy = policy.energy
-    r = policy.resolve(out_features, in_features, balance=balance != "none")
+    r = policy.resolve(out_features, in_features, row_scales=balance != "none")
     dtype = W.dtype
     A, D, L = _prepare(W, balance, input_cov, cross_cov)
 

@@ -18,7 +18,7 @@ def make_efficient_linear(
     rank_ratio: float = 0.1,
     threshold: int = 512,
     bias: bool = True,
-    balance: bool = False,
+    row_scales: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> nn.Module:
@@ -34,11 +34,11 @@ def make_efficient_linear(
         in_features, out_features: the layer's sizes.
         rank_ratio: fraction of ``min(in, out)`` kept, in (0, 1].
         threshold: size threshold; ``0`` makes every layer that saves parameters low rank.
-        bias, balance, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
+        bias, row_scales, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
 
     Example:
         >>> make_efficient_linear(1024, 4096)
-        LowRankLinear(in_features=1024, out_features=4096, rank=102, bias=True, balance=False)
+        LowRankLinear(in_features=1024, out_features=4096, rank=102, bias=True, row_scales=False)
         >>> make_efficient_linear(256, 256)
         Linear(in_features=256, out_features=256, bias=True)
     """
@@ -48,10 +48,16 @@ def make_efficient_linear(
         raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
     # the converter's rule: above the threshold, and factors that save parameters
     rank, _ = RankPolicy(rank_ratio=rank_ratio).plan(
-        out_features, in_features, threshold=threshold, balance=balance
+        out_features, in_features, threshold=threshold, row_scales=row_scales
     )
     if rank is not None:
         return LowRankLinear(
-            in_features, out_features, rank, bias=bias, balance=balance, device=device, dtype=dtype
+            in_features,
+            out_features,
+            rank,
+            bias=bias,
+            row_scales=row_scales,
+            device=device,
+            dtype=dtype,
         )
     return nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)

@@ -139,7 +139,7 @@ def new_factor_params(
     in_features: int,
     rank: int,
     *,
-    balance: bool,
+    row_scales: bool,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     requires_grad: bool = True,
@@ -147,7 +147,7 @@ def new_factor_params(
     """Uninitialised parameters ``U (out, r)``, ``S (r,)``, ``V (in, r)``, ``D (out,)`` or None."""
     kw = {"device": device, "dtype": dtype}
     shapes = {"U": (out_features, rank), "S": (rank,), "V": (in_features, rank)}
-    if balance:
+    if row_scales:
         shapes["D"] = (out_features,)
     params: dict[str, nn.Parameter | None] = {
         name: nn.Parameter(torch.empty(shape, **kw), requires_grad=requires_grad)
@@ -163,14 +163,14 @@ def register_lowrank_params(
     in_features: int,
     rank: int,
     *,
-    balance: bool,
+    row_scales: bool,
     bias: bool,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> None:
     """Register ``U``, ``S``, ``V``, ``D`` (or None) and ``bias`` (or None) on ``module``."""
     for name, param in new_factor_params(
-        out_features, in_features, rank, balance=balance, device=device, dtype=dtype
+        out_features, in_features, rank, row_scales=row_scales, device=device, dtype=dtype
     ).items():
         module.register_parameter(name, param)
     b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
@@ -264,7 +264,7 @@ class LowRankLinear(nn.Module):
             Ranks at or above :func:`~lowrank_layers.break_even_rank` are allowed but
             save nothing.
         bias: if ``False``, the layer has no additive bias.
-        balance: if ``True``, the layer holds a trainable row scale ``D`` (the original
+        row_scales: if ``True``, the layer holds a trainable row scale ``D`` (the original
             design's DBC vector), initialised to ones.
         device, dtype: as for ``nn.Linear``.
 
@@ -309,7 +309,7 @@ class LowRankLinear(nn.Module):
         rank: int,
         *,
         bias: bool = True,
-        balance: bool = False,
+        row_scales: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -330,7 +330,7 @@ class LowRankLinear(nn.Module):
             out_features,
             in_features,
             rank,
-            balance=balance,
+            row_scales=row_scales,
             bias=bias,
             device=device,
             dtype=dtype,
@@ -444,7 +444,7 @@ class LowRankLinear(nn.Module):
             factors.out_features,
             factors.rank,
             bias=bias is not None,
-            balance=factors.D is not None,
+            row_scales=factors.D is not None,
             device="meta",
             dtype=ref.dtype,
         ).to_empty(device=ref.device)
@@ -471,5 +471,5 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"rank={self.rank}, bias={self.bias is not None}, balance={self.D is not None}"
+            f"rank={self.rank}, bias={self.bias is not None}, row_scales={self.D is not None}"
         )

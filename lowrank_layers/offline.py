@@ -604,9 +604,9 @@ def _factorize_tensor(
         return LayerReport(module, kind, in_f, out_f, None, W.numel(), W.numel(), None, 0.0, reason)
 
     keep_d = job.balance != "none"
-    planned, reason = policy.plan(out_f, in_f, threshold=job.threshold, balance=keep_d)
+    planned, reason = policy.plan(out_f, in_f, threshold=job.threshold, row_scales=keep_d)
     if reason is None and planned is not None and job.speed is not None:
-        reason = job.speed.reason(out_f, in_f, planned, balance=keep_d, bias=bias, dtype=W.dtype)
+        reason = job.speed.reason(out_f, in_f, planned, row_scales=keep_d, bias=bias, dtype=W.dtype)
     if reason is not None:
         return skipped(reason)
     if not all_finite(W):  # two scalars; torch.isfinite(W) built 1.75·W of temporaries
@@ -620,11 +620,11 @@ def _factorize_tensor(
     # back before relative_error allocates its own (float64 (·, rank) matrices and blocks
     # of rows: ≤ 45 MiB for 4096x8192 at rank 410, ≤ 60 MiB when the error is below 10%)
     _release_free_heap()
-    if not saves_parameters(out_f, in_f, factors.rank, balance=keep_d):
+    if not saves_parameters(out_f, in_f, factors.rank, row_scales=keep_d):
         return skipped(break_even_reason(factors.rank))
     if job.speed is not None and planned is None:  # energy: the rank is known only now
         reason = job.speed.reason(
-            out_f, in_f, factors.rank, balance=keep_d, bias=bias, dtype=W.dtype
+            out_f, in_f, factors.rank, row_scales=keep_d, bias=bias, dtype=W.dtype
         )
         if reason is not None:
             return skipped(reason)
@@ -635,13 +635,13 @@ def _factorize_tensor(
     }
     if factors.D is not None:
         tensors["D"] = factors.D.contiguous()
-    after = factor_parameters(out_f, in_f, factors.rank, balance=keep_d)
+    after = factor_parameters(out_f, in_f, factors.rank, row_scales=keep_d)
     report = LayerReport(
         module, "LowRankLinear", in_f, out_f, factors.rank, W.numel(), after,
         relative_error(W, factors), 0.0,
     )  # fmt: skip
     report.speedup_few, report.speedup_many = report_speedups(
-        in_f, out_f, factors.rank, balance=keep_d, bias=bias, dtype=W.dtype
+        in_f, out_f, factors.rank, row_scales=keep_d, bias=bias, dtype=W.dtype
     )
     entry = {
         "type": "LowRankLinear",
@@ -739,7 +739,7 @@ class WeightSpectrum:
         return select_rank(self.singular_values, energy)
 
     def params_at(self, rank: int) -> int:
-        return factor_parameters(self.out_features, self.in_features, rank, balance=False)
+        return factor_parameters(self.out_features, self.in_features, rank, row_scales=False)
 
 
 def weight_spectra(

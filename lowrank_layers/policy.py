@@ -30,6 +30,7 @@ __all__ = [
     "break_even_reason",
     "factor_parameters",
     "layer_seed",
+    "ratio_rank",
     "resolve_rank",
     "saves_parameters",
     "select_rank",
@@ -92,9 +93,11 @@ class RankPolicy:
     def __str__(self) -> str:
         return f"{self.kind}={self.value}"
 
-    def resolve(self, out_features: int, in_features: int, *, balance: bool = False) -> int | None:
+    def resolve(
+        self, out_features: int, in_features: int, *, row_scales: bool = False
+    ) -> int | None:
         """The rank for one ``out x in`` weight; ``None`` for ``energy`` (see
-        :func:`select_rank`). ``balance`` counts the row scales ``D`` in ``param_ratio``.
+        :func:`select_rank`). ``row_scales`` counts the row scales ``D`` in ``param_ratio``.
 
         Raises:
             ValueError: ``rank`` above ``min(out, in)``; ``param_ratio`` below rank 1.
@@ -108,24 +111,24 @@ class RankPolicy:
                 )
             return self.rank
         if self.rank_ratio is not None:
-            return max(1, min(max_rank, math.floor(self.rank_ratio * max_rank + 0.5)))
+            return ratio_rank(out_features, in_features, self.rank_ratio)
         if self.param_ratio is not None:
             budget = self.param_ratio * out_features * in_features - (
-                out_features if balance else 0
+                out_features if row_scales else 0
             )
             r = min(max_rank, math.floor(budget / (out_features + in_features + 1)))
             if r < 1:
                 raise ValueError(
                     f"param_ratio={self.param_ratio} leaves no room for even a rank-1 "
                     f"factorization of a {out_features}x{in_features} weight (rank 1 needs "
-                    f"{factor_parameters(out_features, in_features, 1, balance=balance)} of "
+                    f"{factor_parameters(out_features, in_features, 1, row_scales=row_scales)} of "
                     f"{out_features * in_features} parameters)"
                 )
             return r
         return None
 
     def plan(
-        self, out_features: int, in_features: int, *, threshold: int = 0, balance: bool = False
+        self, out_features: int, in_features: int, *, threshold: int = 0, row_scales: bool = False
     ) -> tuple[int | None, str | None]:
         """The rank for one weight before factorizing it, or why it is not converted.
 
@@ -141,14 +144,16 @@ class RankPolicy:
         if self.rank is not None and self.rank > min(out_f, in_f):
             policy = RankPolicy(rank=min(out_f, in_f))
         if self.param_ratio is not None:
-            least = factor_parameters(out_f, in_f, 1, balance=balance)
+            least = factor_parameters(out_f, in_f, 1, row_scales=row_scales)
             if least > self.param_ratio * out_f * in_f:
                 return None, (
                     f"param_ratio={self.param_ratio} is below rank 1 of a {out_f}x{in_f} "
                     f"weight ({least} of {out_f * in_f} parameters)"
                 )
-        planned = policy.resolve(out_f, in_f, balance=balance)
-        if planned is not None and not saves_parameters(out_f, in_f, planned, balance=balance):
+        planned = policy.resolve(out_f, in_f, row_scales=row_scales)
+        if planned is not None and not saves_parameters(
+            out_f, in_f, planned, row_scales=row_scales
+        ):
             return None, break_even_reason(planned)
         return planned, None
 
@@ -193,17 +198,29 @@ def resolve_rank(
     rank: int | None = None,
     rank_ratio: float | None = None,
     param_ratio: float | None = None,
-    balance: bool = False,
+    row_scales: bool = False,
     energy: float | None = None,
 ) -> int | None:
-    """The keyword form of ``RankPolicy(...).resolve(out, in, balance=...)``.
+    """The keyword form of ``RankPolicy(...).resolve(out, in, row_scales=...)``.
 
     Example:
         >>> resolve_rank(1024, 1024, rank_ratio=0.1)
         102
     """
     policy = RankPolicy(rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio)
-    return policy.resolve(out_features, in_features, balance=balance)
+    return policy.resolve(out_features, in_features, row_scales=row_scales)
+
+
+def ratio_rank(out_features: int, in_features: int, rank_ratio: float) -> int:
+    """``max(1, round(rank_ratio · min(out, in)))``: the rank a ``rank_ratio`` gives (the
+    ratio is checked by :class:`RankPolicy`; here it is taken as it is).
+
+    Example:
+        >>> ratio_rank(512, 512, 0.2)
+        102
+    """
+    max_rank = min(out_features, in_features)
+    return max(1, min(max_rank, math.floor(rank_ratio * max_rank + 0.5)))
 
 
 def break_even_rank(out_features: int, in_features: int) -> float:
@@ -219,14 +236,14 @@ def break_even_rank(out_features: int, in_features: int) -> float:
     return out_features * in_features / (out_features + in_features)
 
 
-def factor_parameters(out_features: int, in_features: int, rank: int, *, balance: bool) -> int:
-    """Number of parameters in ``U``, ``S``, ``V`` (and ``D`` if ``balance``), bias excluded.
+def factor_parameters(out_features: int, in_features: int, rank: int, *, row_scales: bool) -> int:
+    """Number of parameters in ``U``, ``S``, ``V`` (and ``D`` if ``row_scales``), bias excluded.
 
     Example:
-        >>> factor_parameters(1024, 1024, 102, balance=False)
+        >>> factor_parameters(1024, 1024, 102, row_scales=False)
         208998
     """
-    return rank * (out_features + in_features + 1) + (out_features if balance else 0)
+    return rank * (out_features + in_features + 1) + (out_features if row_scales else 0)
 
 
 def select_rank(
@@ -267,9 +284,9 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (1 << 63)
 
 
-def saves_parameters(out_f: int, in_f: int, rank: int, *, balance: bool) -> bool:
+def saves_parameters(out_f: int, in_f: int, rank: int, *, row_scales: bool) -> bool:
     """Whether factors of this rank hold fewer numbers than the ``out x in`` weight."""
-    return factor_parameters(out_f, in_f, rank, balance=balance) < out_f * in_f
+    return factor_parameters(out_f, in_f, rank, row_scales=row_scales) < out_f * in_f
 
 
 def break_even_reason(rank: int) -> str:
@@ -283,8 +300,8 @@ def allocate_ranks(
     spectra: Mapping[str, tuple[torch.Tensor, int, int] | torch.Tensor],
     budget: float,
     *,
-    balance: bool = False,
-    strategy: str = "minimax",
+    row_scales: bool = False,
+    allocation: str = "minimax",
     max_ranks: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Per-layer ranks keeping at most ``budget`` of the layers' weight parameters.
@@ -308,17 +325,19 @@ def allocate_ranks(
     the two on real models.
 
     Raises:
-        ValueError: ``budget`` outside (0, 1], an unknown ``strategy``, or a budget too small
+        ValueError: ``budget`` outside (0, 1], an unknown ``allocation``, or a budget too small
             for rank 1 everywhere.
     """
     check_fraction("budget", budget)
-    check_choice("strategy", strategy, ALLOCATIONS)
+    check_choice("allocation", allocation, ALLOCATIONS)
     spectra = {name: _spectrum_entry(name, value) for name, value in spectra.items()}
     total = sum(out * inp for _, out, inp in spectra.values())
     allowed = budget * total
     names = sorted(spectra)
     ranks = dict.fromkeys(names, 1)
-    used = sum(factor_parameters(spectra[n][1], spectra[n][2], 1, balance=balance) for n in names)
+    used = sum(
+        factor_parameters(spectra[n][1], spectra[n][2], 1, row_scales=row_scales) for n in names
+    )
     if used > allowed:
         raise ValueError(
             f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but rank 1 in "
@@ -329,8 +348,8 @@ def allocate_ranks(
         sq = spectra[n][0].detach().to(torch.float64).square()
         energy[n] = (sq / sq.sum().clamp_min(1e-300)).tolist()
     limit = {n: (max_ranks or {}).get(n, len(energy[n])) for n in names}
-    if strategy == "minimax":
-        ranks, used = _minimax_ranks(spectra, energy, allowed, balance, limit)
+    if allocation == "minimax":
+        ranks, used = _minimax_ranks(spectra, energy, allowed, row_scales, limit)
     heap: list[tuple[float, int, str]] = []
     for i, n in enumerate(names):
         out, inp = spectra[n][1], spectra[n][2]
@@ -344,7 +363,7 @@ def allocate_ranks(
         if (
             used + step > allowed
             or r + 1 > limit[n]
-            or not saves_parameters(out, inp, r + 1, balance=balance)
+            or not saves_parameters(out, inp, r + 1, row_scales=row_scales)
         ):
             continue
         ranks[n] = r + 1
@@ -382,7 +401,7 @@ def _minimax_ranks(
     spectra: dict[str, tuple[torch.Tensor, int, int]],
     energy: dict[str, list[float]],
     allowed: float,
-    balance: bool,
+    row_scales: bool,
     limit: Mapping[str, int],
 ) -> tuple[dict[str, int], int]:
     """Ranks reaching the smallest common residual-energy fraction within ``allowed``."""
@@ -395,7 +414,7 @@ def _minimax_ranks(
         kept = list(itertools.accumulate(energy[n]))
         residual[n] = [max(0.0, 1.0 - k) for k in kept]
         cap = max(1, min(len(kept), limit[n]))
-        while cap > 1 and not saves_parameters(out, inp, cap, balance=balance):
+        while cap > 1 and not saves_parameters(out, inp, cap, row_scales=row_scales):
             cap -= 1
         caps[n] = cap
 
@@ -408,7 +427,7 @@ def _minimax_ranks(
         return out
 
     def cost(ranks: dict[str, int]) -> int:
-        return sum(factor_parameters(spectra[n][1], spectra[n][2], r, balance=balance)
+        return sum(factor_parameters(spectra[n][1], spectra[n][2], r, row_scales=row_scales)
                    for n, r in ranks.items())  # fmt: skip
 
     lo, hi = 0.0, 1.0  # cost(ranks_at(1.0)) is rank 1 everywhere, checked by the caller

@@ -97,7 +97,7 @@ def lowrank_seconds(
     rank: int,
     tokens: int,
     *,
-    balance: bool,
+    row_scales: bool,
     bias: bool,
     element: int,
     model: SpeedModel,
@@ -106,7 +106,7 @@ def lowrank_seconds(
     if tokens >= FOLD_MIN_TOKENS:
         padded = math.ceil(rank / RANK_ALIGNMENT) * RANK_ALIGNMENT
         t = model.elementwise(out_features * rank, element)  # U * S
-        t += model.elementwise(out_features * rank, element) if balance else 0.0
+        t += model.elementwise(out_features * rank, element) if row_scales else 0.0
         if padded != rank:  # zero-padding copies of V and of the folded weight
             t += 2 * model.seconds(element * 2 * (in_features + out_features) * rank, 0.0)
         return (
@@ -117,7 +117,7 @@ def lowrank_seconds(
     t = model.matmul(tokens, in_features, rank, element)
     t += model.elementwise(tokens * rank, element)  # · S
     t += model.matmul(tokens, rank, out_features, element)
-    if balance:  # · D, then + bias, as separate operations
+    if row_scales:  # · D, then + bias, as separate operations
         t += model.elementwise(tokens * out_features, element)
         t += model.elementwise(tokens * out_features, element) if bias else 0.0
     return t
@@ -129,7 +129,7 @@ def expected_speedup(
     rank: int,
     tokens: int = 1,
     *,
-    balance: bool = False,
+    row_scales: bool = False,
     bias: bool = True,
     dtype: torch.dtype = torch.float32,
     model: SpeedModel | None = None,
@@ -139,7 +139,7 @@ def expected_speedup(
     Args:
         in_features, out_features, rank: the layer.
         tokens: rows per call (batch × sequence length): 1 when decoding one sequence.
-        balance, bias: whether the layer has a row scale ``D`` and a bias.
+        row_scales, bias: whether the layer has a row scale ``D`` and a bias.
         dtype: the weights' dtype (its size sets the bytes read).
         model: the machine's costs (default: the constants of :class:`SpeedModel`).
 
@@ -169,7 +169,7 @@ def expected_speedup(
         out_features,
         rank,
         tokens,
-        balance=balance,
+        row_scales=row_scales,
         bias=bias,
         element=element,
         model=costs,
@@ -196,24 +196,24 @@ class SpeedRule:
         _check_positive_int("speedup_tokens", self.tokens)
 
     def speedup(
-        self, out_f: int, in_f: int, rank: int, *, balance: bool, bias: bool, dtype: torch.dtype
+        self, out_f: int, in_f: int, rank: int, *, row_scales: bool, bias: bool, dtype: torch.dtype
     ) -> float:
         return expected_speedup(
             in_f,
             out_f,
             rank,
             self.tokens,
-            balance=balance,
+            row_scales=row_scales,
             bias=bias,
             dtype=dtype,
             model=self.model,
         )
 
     def reason(
-        self, out_f: int, in_f: int, rank: int, *, balance: bool, bias: bool, dtype: torch.dtype
+        self, out_f: int, in_f: int, rank: int, *, row_scales: bool, bias: bool, dtype: torch.dtype
     ) -> str | None:
         """Why a layer of this rank stays dense, or None when it pays."""
-        x = self.speedup(out_f, in_f, rank, balance=balance, bias=bias, dtype=dtype)
+        x = self.speedup(out_f, in_f, rank, row_scales=row_scales, bias=bias, dtype=dtype)
         if x >= self.min_speedup:
             return None
         token_s = "token" if self.tokens == 1 else "tokens"
@@ -223,13 +223,15 @@ class SpeedRule:
         )
 
     def max_rank(
-        self, out_f: int, in_f: int, upper: int, *, balance: bool, bias: bool, dtype: torch.dtype
+        self, out_f: int, in_f: int, upper: int, *, row_scales: bool, bias: bool, dtype: torch.dtype
     ) -> int:
         """The largest rank in ``[1, upper]`` that pays (found by bisection; the speed-up
         falls as the rank grows), or 0 when even rank 1 does not."""
 
         def pays(r: int) -> bool:
-            return self.reason(out_f, in_f, r, balance=balance, bias=bias, dtype=dtype) is None
+            return (
+                self.reason(out_f, in_f, r, row_scales=row_scales, bias=bias, dtype=dtype) is None
+            )
 
         if upper < 1 or not pays(1):
             return 0
@@ -254,14 +256,14 @@ def report_speedups(
     out_features: int,
     rank: int,
     *,
-    balance: bool,
+    row_scales: bool,
     bias: bool,
     dtype: torch.dtype,
 ) -> tuple[float, float]:
     """:func:`expected_speedup` at each of ``REPORT_TOKENS``, as conversion reports show it."""
     few, many = (
         expected_speedup(
-            in_features, out_features, rank, t, balance=balance, bias=bias, dtype=dtype
+            in_features, out_features, rank, t, row_scales=row_scales, bias=bias, dtype=dtype
         )
         for t in REPORT_TOKENS
     )

@@ -257,16 +257,16 @@ def test_convert_model_budget_is_allocate_ranks_on_the_whitened_spectra(gen):
     assert len(set(expected.values())) > 1  # ranks differ by layer: chosen from spectra
 
 
-@pytest.mark.parametrize("strategy", ["minimax", "greedy"])
-def test_allocate_ranks(strategy):
+@pytest.mark.parametrize("allocation", ["minimax", "greedy"])
+def test_allocate_ranks(allocation):
     flat = torch.ones(20)
     steep = torch.logspace(0, -3, 20)
     spectra = {"a": (flat, 20, 20), "b": (steep, 20, 20)}
-    ranks = allocate_ranks(spectra, budget=0.5, strategy=strategy)
+    ranks = allocate_ranks(spectra, budget=0.5, allocation=allocation)
     assert ranks["a"] > ranks["b"]  # the flat spectrum needs more components
     used = sum(r * 41 for r in ranks.values())
     assert used <= 0.5 * 800 and used + 41 > 0.5 * 800  # budget filled as far as it goes
-    assert allocate_ranks(spectra, budget=0.5, strategy=strategy) == ranks  # deterministic
+    assert allocate_ranks(spectra, budget=0.5, allocation=allocation) == ranks  # deterministic
 
 
 def test_minimax_equalises_relative_error():
@@ -279,7 +279,7 @@ def test_minimax_equalises_relative_error():
         return float(s[r:].square().sum() / s.square().sum())
 
     res = {n: residual(spectra[n][0], r) for n, r in ranks.items()}
-    greedy = allocate_ranks(spectra, budget=0.3, strategy="greedy")
+    greedy = allocate_ranks(spectra, budget=0.3, allocation="greedy")
     res_greedy = {n: residual(spectra[n][0], r) for n, r in greedy.items()}
     assert max(res.values()) <= max(res_greedy.values())
 
@@ -291,5 +291,5 @@ def test_allocate_ranks_errors():
         allocate_ranks({"a": (flat, 20, 20), "b": (steep, 20, 20)}, budget=0.01)
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1\.5"):
         allocate_ranks({"a": (flat, 20, 20)}, budget=1.5)
-    with pytest.raises(ValueError, match=r"strategy must be one of 'minimax', 'greedy'"):
-        allocate_ranks({"a": (flat, 20, 20)}, budget=0.5, strategy="even")
+    with pytest.raises(ValueError, match=r"allocation must be one of 'minimax', 'greedy'"):
+        allocate_ranks({"a": (flat, 20, 20)}, budget=0.5, allocation="even")

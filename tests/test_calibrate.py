@@ -181,7 +181,7 @@ def test_budget_and_calibration_errors():
     ):
         convert_model(Net(), rank=4, budget=0.5)
     with pytest.raises(
-        ValueError, match=r"calibration, budget, ranks and propagate apply to layer='lowrank'"
+        ValueError, match=r"calibration, input_stats, budget, ranks and propagate apply to layer='lowrank'"
     ):
         convert_model(Net(), rank=4, layer="adaptive", calibration=[torch.zeros(1, 48)])
 
@@ -189,20 +189,28 @@ def test_budget_and_calibration_errors():
 def test_calibration_that_misses_layers_is_reported():
     model = Net()
     with pytest.raises(ValueError, match=r"the calibration reached none of the layers"):
-        convert_model(model, rank=8, calibration={"elsewhere": torch.eye(48)})
-    # one tokenizer batch (a mapping) is not mistaken for statistics
-    with pytest.raises(
-        TypeError,
-        match=r"entry 'input_ids' is a tensor of shape \(2, 3\); keys "
-        r"\['input_ids', 'attention_mask'\] look like one batch: .*\[batch\]",
-    ):
-        ids = torch.zeros(2, 3, dtype=torch.long)
-        batch = {"input_ids": ids, "attention_mask": torch.ones(2, 3)}
+        convert_model(model, rank=8, input_stats={"elsewhere": torch.eye(48)})
+    # one tokenizer batch (a mapping) is neither batches nor statistics
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    batch = {"input_ids": ids, "attention_mask": torch.ones(2, 3)}
+    expected = (
+        r"calibration takes an iterable of batches, got a mapping with keys \['input_ids', "
+        r"'attention_mask'\]: one batch goes in a list, calibration=\[batch\]; statistics "
+        r".* input_stats="
+    )
+    with pytest.raises(TypeError, match=expected):
         convert_model(model, rank=8, calibration=batch)
+    with pytest.raises(TypeError, match=r"entry 'input_ids' is a tensor of shape \(2, 3\); keys "
+                       r"\['input_ids', 'attention_mask'\] look like one batch"):  # fmt: skip
+        convert_model(model, rank=8, input_stats=batch)
+    with pytest.raises(ValueError, match=r"give calibration \(batches\) or input_stats"):
+        convert_model(model, rank=8, calibration=[torch.zeros(1, 48)], input_stats={})
+    with pytest.raises(TypeError, match=r"input_stats must be a mapping .* got list"):
+        convert_model(model, rank=8, input_stats=[torch.eye(48)])
     with pytest.warns(UserWarning, match=r"q saw 4 tokens, fewer than its 48 inputs"):
         stats = collect_input_stats(model, [torch.randn(4, 48)], {"q": model.q})
     with pytest.warns(UserWarning, match=r"no calibration input reached 3 layers \(k, up, down\)"):
-        report = convert_model(model, rank=8, calibration=stats)
+        report = convert_model(model, rank=8, input_stats=stats)
     assert {r.name: r.output_error is not None for r in report.converted} == {
         "q": True, "k": False, "up": False, "down": False,
     }  # fmt: skip

@@ -202,7 +202,7 @@ def test_a_dense_loader_fails_on_the_guards_instead_of_keeping_random_weights(ti
 @pytest.mark.parametrize("target", ["m.safetensors", "folder", "shards"])
 def test_saved_files_read_back_with_safetensors(tiny, tmp_path, target, dtype):
     convert_model(tiny, rank=8, include=["fc1"], balance="rownorm")
-    tiny.fc2 = DynamicLowRankLinear(96, 32, max_rank=12, rank=5)
+    tiny.fc2 = DynamicLowRankLinear(96, 32, max_rank=12, active_rank=5)
     tiny.to(dtype)
     path = tmp_path / ("m.safetensors" if target == "m.safetensors" else "out")
     files = save_lowrank(tiny, path, max_shard_size="4KB" if target == "shards" else "5GB")
@@ -302,7 +302,7 @@ def test_load_into_a_model_on_meta(tmp_path):
 def test_training_layers_round_trip(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(
-        AdaptiveLowRankLinear(32, 32), DynamicLowRankLinear(32, 32, max_rank=12, rank=5)
+        AdaptiveLowRankLinear(32, 32), DynamicLowRankLinear(32, 32, max_rank=12, active_rank=5)
     )
     switch_to_lowrank(model, rank=6)
     save_lowrank(model, tmp_path / "m.safetensors")

@@ -19,10 +19,10 @@ def kinds() -> dict[str, nn.Module]:
     switched = AdaptiveLowRankLinear(64, 48, rank=8)
     switched.switch_to_lowrank()
     return {
-        "lowrank": LowRankLinear(64, 48, 10, balance=True),
+        "lowrank": LowRankLinear(64, 48, 10, row_scales=True),
         "adaptive-dense": AdaptiveLowRankLinear(64, 48, rank=8),
         "adaptive-switched": switched,
-        "dynamic": DynamicLowRankLinear(64, 48, max_rank=16, rank=10),
+        "dynamic": DynamicLowRankLinear(64, 48, max_rank=16, active_rank=10),
     }
 
 

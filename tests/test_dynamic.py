@@ -11,7 +11,7 @@ from .helpers import rel_err
 
 def _perturbed_layer(gen: torch.Generator, balance: bool) -> DynamicLowRankLinear:
     """A layer whose factors training has moved: not orthonormal, not sorted."""
-    layer = DynamicLowRankLinear(60, 50, max_rank=20, balance=balance)
+    layer = DynamicLowRankLinear(60, 50, max_rank=20, row_scales=balance)
     with torch.no_grad():
         layer.U.add_(0.5 * torch.randn(layer.U.shape, generator=gen))
         layer.V.add_(0.5 * torch.randn(layer.V.shape, generator=gen))
@@ -54,7 +54,7 @@ def test_grow_after_shrink_restores_the_weight(gen):
 
 
 def test_inactive_components_get_zero_gradient(gen):
-    layer = DynamicLowRankLinear(30, 20, max_rank=10, rank=4)
+    layer = DynamicLowRankLinear(30, 20, max_rank=10, active_rank=4)
     layer(torch.randn(5, 30, generator=gen)).sum().backward()
     assert float(layer.U.grad[:, 4:].abs().sum()) == 0.0
     assert float(layer.U.grad[:, :4].abs().sum()) > 0.0
@@ -101,13 +101,13 @@ def test_prune_drops_unused_components_and_keeps_output(gen):
 def test_state_dict_round_trip_keeps_rank_and_loads_pruned(gen):
     layer = _perturbed_layer(gen, balance=True)
     layer.set_rank(9)
-    fresh = DynamicLowRankLinear(60, 50, max_rank=20, balance=True)
+    fresh = DynamicLowRankLinear(60, 50, max_rank=20, row_scales=True)
     fresh.load_state_dict(layer.state_dict())
     assert fresh.rank == 9
     x = torch.randn(2, 60, generator=gen)
     assert torch.equal(fresh(x), layer(x))
     layer.prune()
-    fresh2 = DynamicLowRankLinear(60, 50, max_rank=20, balance=True)
+    fresh2 = DynamicLowRankLinear(60, 50, max_rank=20, row_scales=True)
     fresh2.load_state_dict(layer.state_dict())
     assert fresh2.max_rank == 9 and torch.equal(fresh2(x), layer(x))
 
@@ -122,8 +122,8 @@ def test_constructor_errors_and_defaults():
     with pytest.raises(ValueError, match=r"max_rank_ratio must be in \(0, 1\], got 0"):
         DynamicLowRankLinear(10, 10, max_rank_ratio=0)
     with pytest.raises(ValueError, match=r"rank must be an int in \[1, 4\], got 5"):
-        DynamicLowRankLinear(10, 10, max_rank=4, rank=5)
-    assert "rank=3, max_rank=4" in repr(DynamicLowRankLinear(10, 10, max_rank=4, rank=3))
+        DynamicLowRankLinear(10, 10, max_rank=4, active_rank=5)
+    assert "rank=3, max_rank=4" in repr(DynamicLowRankLinear(10, 10, max_rank=4, active_rank=3))
 
 
 def test_rank_scheduler_follows_the_original_schedule():

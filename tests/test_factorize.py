@@ -183,22 +183,22 @@ def test_rank_ratio_rounds_to_nearest_and_stays_at_least_one():
 def test_param_ratio_gives_largest_rank_within_budget(out, inp, ratio, balance):
     budget = ratio * out * inp
     try:
-        r = resolve_rank(out, inp, param_ratio=ratio, balance=balance)
+        r = resolve_rank(out, inp, param_ratio=ratio, row_scales=balance)
     except ValueError as exc:
         assert "leaves no room" in str(exc)
-        assert factor_parameters(out, inp, 1, balance=balance) > budget
+        assert factor_parameters(out, inp, 1, row_scales=balance) > budget
         return
     assert 1 <= r <= min(out, inp)
-    assert factor_parameters(out, inp, r, balance=balance) <= budget
+    assert factor_parameters(out, inp, r, row_scales=balance) <= budget
     if r < min(out, inp):
-        assert factor_parameters(out, inp, r + 1, balance=balance) > budget
+        assert factor_parameters(out, inp, r + 1, row_scales=balance) > budget
 
 
 def test_param_ratio_example():
     # 1024x1024 at half the parameters: r*(2049) <= 524288 -> r = 255
     assert resolve_rank(1024, 1024, param_ratio=0.5) == 255
     f = factorize(torch.randn(64, 64), param_ratio=0.5)
-    assert factor_parameters(64, 64, f.rank, balance=False) <= 0.5 * 64 * 64
+    assert factor_parameters(64, 64, f.rank, row_scales=False) <= 0.5 * 64 * 64
 
 
 def test_select_rank_smallest_rank_meeting_energy():
@@ -249,7 +249,7 @@ def test_break_even_rank():
     assert break_even_rank(1024, 1024) == 512.0
     assert break_even_rank(768, 3072) == pytest.approx(614.4)
     r = math.floor(break_even_rank(300, 200))
-    assert factor_parameters(300, 200, r - 1, balance=False) < 300 * 200
+    assert factor_parameters(300, 200, r - 1, row_scales=False) < 300 * 200
 
 
 # ----------------------------------------------------------------------------------------

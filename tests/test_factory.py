@@ -30,7 +30,7 @@ def test_low_rank_only_when_large_and_saving(in_f, out_f, kwargs, expected_rank)
 
 
 def test_options_are_passed_through():
-    layer = make_efficient_linear(1024, 1024, bias=False, balance=True)
+    layer = make_efficient_linear(1024, 1024, bias=False, row_scales=True)
     assert layer.bias is None and layer.D is not None
     dense = make_efficient_linear(8, 8, bias=False)
     assert dense.bias is None

@@ -33,9 +33,11 @@ TOKENS = [1, 7, FOLD_MIN_TOKENS - 1, FOLD_MIN_TOKENS]
 def make(kind: str, *, balance: bool = True, bias: bool = True) -> nn.Module:
     torch.manual_seed(0)
     if kind == "lowrank":
-        layer = LowRankLinear(40, 24, 9, balance=balance, bias=bias)
+        layer = LowRankLinear(40, 24, 9, row_scales=balance, bias=bias)
     elif kind == "dynamic":
-        layer = DynamicLowRankLinear(40, 24, max_rank=16, rank=11, balance=balance, bias=bias)
+        layer = DynamicLowRankLinear(
+            40, 24, max_rank=16, active_rank=11, row_scales=balance, bias=bias
+        )
     else:
         layer = AdaptiveLowRankLinear(40, 24, rank=9, bias=bias)
         layer.switch_to_lowrank(balance="rownorm" if balance else "none")

@@ -95,14 +95,14 @@ def test_fresh_layer_output_scale_matches_nn_linear(in_f, out_f, rank, gen):
 
 
 def test_fresh_factors_are_orthonormal():
-    layer = LowRankLinear(200, 100, 20, balance=True)
+    layer = LowRankLinear(200, 100, 20, row_scales=True)
     assert torch.allclose(layer.U.mT @ layer.U, torch.eye(20), atol=1e-5)
     assert torch.allclose(layer.V.mT @ layer.V, torch.eye(20), atol=1e-5)
     assert torch.equal(layer.D, torch.ones(100))
 
 
 def test_parameters_and_state_dict_names():
-    layer = LowRankLinear(16, 8, 4, balance=True)
+    layer = LowRankLinear(16, 8, 4, row_scales=True)
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
     assert shapes == {"U": (8, 4), "S": (4,), "V": (16, 4), "D": (8,), "bias": (8,)}
     plain = LowRankLinear(16, 8, 4, bias=False)
@@ -111,7 +111,7 @@ def test_parameters_and_state_dict_names():
 
 
 def test_gradients_reach_every_factor(gen):
-    layer = LowRankLinear(16, 8, 4, balance=True)
+    layer = LowRankLinear(16, 8, 4, row_scales=True)
     layer(torch.randn(5, 16, generator=gen)).square().sum().backward()
     for name, p in layer.named_parameters():
         assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
@@ -128,7 +128,7 @@ def test_meta_device_and_to_empty():
 
 def test_extra_repr():
     assert repr(LowRankLinear(64, 32, 8)) == (
-        "LowRankLinear(in_features=64, out_features=32, rank=8, bias=True, balance=False)"
+        "LowRankLinear(in_features=64, out_features=32, rank=8, bias=True, row_scales=False)"
     )
 
 

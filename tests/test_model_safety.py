@@ -304,7 +304,7 @@ def mixed_model() -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), AdaptiveLowRankLinear(32, 32),
-        DynamicLowRankLinear(32, 32, rank=8, max_rank=16), nn.Linear(32, 4),
+        DynamicLowRankLinear(32, 32, active_rank=8, max_rank=16), nn.Linear(32, 4),
     )  # fmt: skip
     convert_model(model, rank=8, include=["0", "2"])
     return model
@@ -381,7 +381,7 @@ def test_ranks_may_be_numpy_or_tensor_integers(gen):
         report = convert_model(nn.Sequential(nn.Linear(12, 16)), rank=rank)
         assert report.converted[0].rank == 4
         assert LowRankLinear(12, 16, rank).rank == 4
-        dynamic = DynamicLowRankLinear(12, 16, rank=rank, max_rank=np.int64(8))
+        dynamic = DynamicLowRankLinear(12, 16, active_rank=rank, max_rank=np.int64(8))
         assert (dynamic.rank, dynamic.max_rank) == (4, 8)
         dynamic.set_rank(rank - 1)
         assert dynamic.rank == 3 and type(dynamic.rank) is int
@@ -409,8 +409,8 @@ def test_allocate_ranks_takes_weights_and_names_a_bad_entry(gen):
         allocate_ranks({"a": torch.ones(4)}, 0.5)
     with pytest.raises(TypeError, match=r"spectra\['b'\] must be .* got \(1, 2\)"):
         allocate_ranks({"b": (1, 2)}, 0.5)
-    with pytest.raises(ValueError, match=r"strategy must be one of 'minimax', 'greedy', got 'x'"):
-        allocate_ranks({"a": W}, 0.5, strategy="x")
+    with pytest.raises(ValueError, match=r"allocation must be one of 'minimax', 'greedy', got 'x'"):
+        allocate_ranks({"a": W}, 0.5, allocation="x")
     with pytest.raises(ValueError, match=r"allocation must be one of 'minimax', 'greedy', "
                        r"got 'x'"):  # fmt: skip
         convert_model(nn.Sequential(nn.Linear(8, 8)), budget=0.5, allocation="x")

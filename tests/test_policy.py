@@ -45,8 +45,8 @@ def test_resolve_gives_each_rule_its_rank():
     assert RankPolicy(rank=8).resolve(64, 32) == 8
     assert RankPolicy(rank_ratio=0.1).resolve(1024, 1024) == 102
     r = RankPolicy(param_ratio=0.5).resolve(1024, 512)
-    assert factor_parameters(1024, 512, r, balance=False) <= 0.5 * 1024 * 512
-    assert factor_parameters(1024, 512, r + 1, balance=False) > 0.5 * 1024 * 512
+    assert factor_parameters(1024, 512, r, row_scales=False) <= 0.5 * 1024 * 512
+    assert factor_parameters(1024, 512, r + 1, row_scales=False) > 0.5 * 1024 * 512
     assert RankPolicy(energy=0.9).resolve(64, 64) is None
     with pytest.raises(ValueError, match=r"rank must be an int in \[1, 32\] for a 64x32 weight"):
         RankPolicy(rank=40).resolve(64, 32)

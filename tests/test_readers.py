@@ -52,9 +52,9 @@ def make(kind: str, *, seed: int = 0) -> nn.Module:
     """A truncated layer (24x40, rank 9; dynamic active rank 7 of 12) with nonzero D and bias."""
     torch.manual_seed(seed)
     if kind == "lowrank":
-        layer: nn.Module = LowRankLinear(40, 24, 9, balance=True)
+        layer: nn.Module = LowRankLinear(40, 24, 9, row_scales=True)
     elif kind == "dynamic":
-        layer = DynamicLowRankLinear(40, 24, max_rank=12, rank=7, balance=True)
+        layer = DynamicLowRankLinear(40, 24, max_rank=12, active_rank=7, row_scales=True)
     else:
         layer = AdaptiveLowRankLinear(40, 24, rank=9)
         layer.switch_to_lowrank(balance="rownorm")
@@ -184,7 +184,7 @@ def test_dynamic_weight_follows_the_active_rank(gen):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 def test_dense_product_matches_dense_weight(dtype, gen):
-    layer = LowRankLinear(40, 24, 9, balance=True, dtype=dtype)
+    layer = LowRankLinear(40, 24, 9, row_scales=True, dtype=dtype)
     with torch.no_grad():
         layer.D.uniform_(0.5, 1.5, generator=gen)
     dense = dense_product(*layer.weight_factors())

@@ -39,7 +39,7 @@ def test_speedup_falls_with_rank_and_costs_of_the_few_token_regime():
     xs = [expected_speedup(1024, 1024, r, 1) for r in (64, 128, 256, 400)]
     assert xs == sorted(xs, reverse=True)
     plain = expected_speedup(1024, 1024, 100, 1)
-    assert expected_speedup(1024, 1024, 100, 1, balance=True) < plain  # two more operations
+    assert expected_speedup(1024, 1024, 100, 1, row_scales=True) < plain  # two more operations
     # the fold regime pays for padding an unaligned rank
     aligned = expected_speedup(1024, 1024, 96, FOLD_MIN_TOKENS)
     padded = expected_speedup(1024, 1024, 97, FOLD_MIN_TOKENS)
@@ -87,7 +87,7 @@ def test_speed_rule_rejects_bad_options(args, match):
 @pytest.mark.parametrize(("out_f", "in_f", "tokens"), [(576, 576, 1), (192, 576, 1), (64, 64, 1)])
 def test_max_rank_is_the_largest_paying_rank(out_f, in_f, tokens):
     rule = SpeedRule(1.0, tokens)
-    kw = {"balance": False, "bias": True, "dtype": torch.float32}
+    kw = {"row_scales": False, "bias": True, "dtype": torch.float32}
     upper = min(out_f, in_f)
     brute = max((r for r in range(1, upper + 1) if rule.reason(out_f, in_f, r, **kw) is None),
                 default=0)  # fmt: skip
