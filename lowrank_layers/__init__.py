@@ -6,6 +6,7 @@ The public API; see ``docs/`` for the guide, the design notes and the benchmarks
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
 from .calibrate import InputStats, collect_input_stats
 from .checkpoint import load_lowrank, save_lowrank
+from .common import InputError, InputTypeError
 from .convert import (
     ConversionReport,
     LayerReport,
@@ -47,7 +48,9 @@ __all__ = [
     "Factors",
     "GradientProjector",
     "HealReport",
+    "InputError",
     "InputStats",
+    "InputTypeError",
     "LayerReport",
     "LowRankLinear",
     "LowRankSummary",

@@ -30,7 +30,7 @@ from torch import nn
 
 from .blocks import has_logits, main_output, run_uncached
 from .calibrate import linear_modules, padding_mask, token_rows
-from .common import check_choice, check_fraction
+from .common import InputError, check_choice, check_fraction
 from .factorize import whitening_factor
 from .policy import factor_parameters, resolve_rank
 from .speed import SpeedRule
@@ -99,9 +99,9 @@ def collect_sensitivity(
     if modules is None:
         modules = linear_modules(model)
     if not modules:
-        raise ValueError("collect_sensitivity: no module to observe (modules is empty)")
+        raise InputError("collect_sensitivity: no module to observe (modules is empty)")
     if len(batches) == 0:
-        raise ValueError("collect_sensitivity: batches is empty")
+        raise InputError("collect_sensitivity: batches is empty")
     gen = torch.Generator().manual_seed(seed)
     acc_c: dict[str, torch.Tensor] = {}
     acc_g: dict[str, torch.Tensor] = {}
@@ -183,7 +183,7 @@ def collect_sensitivity(
         if counts.get(n) and n in acc_g
     }
     if not result:
-        raise ValueError(
+        raise InputError(
             "collect_sensitivity: no token reached the layers with a gradient (all tokens "
             "masked, or the output does not depend on them)"
         )
@@ -312,7 +312,7 @@ def solve_budget(
     allowed = budget * total
     cheapest = sum(min(options[n].params) for n in names)
     if cheapest > allowed:
-        raise ValueError(
+        raise InputError(
             f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but the "
             f"smallest candidate ranks of the {len(names)} layers already need {cheapest:,}"
         )
@@ -339,7 +339,7 @@ def solve_budget(
         choices[li] = pick
     c = int(np.argmin(best))  # least loss; argmin returns the smallest such capacity
     if not math.isfinite(best[c]):  # pragma: no cover - excluded by the cheapest check
-        raise ValueError(f"budget={budget} cannot be met")
+        raise InputError(f"budget={budget} cannot be met")
     plan: dict[str, int | None] = {}
     for li in range(len(names) - 1, -1, -1):
         n = names[li]
@@ -404,7 +404,7 @@ def loss_aware_ranks(
         ranked = sum(o.out_features * o.in_features for o in options.values())
         share = (budget * total - fixed_cost) / ranked
         if share <= 0:
-            raise ValueError(
+            raise InputError(
                 f"budget={budget} is used up by the {len(plan)} layers without sensitivity"
             )
         plan.update(solve_budget(options, min(share, 1.0)))

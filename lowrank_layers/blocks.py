@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .calibrate import padding_mask, run_batch
+from .common import InputError, InputTypeError
 
 __all__ = [
     "BlockChain",
@@ -72,7 +73,7 @@ def main_output(outputs: Any) -> torch.Tensor:
     else:
         first = None
     if first is None:
-        raise TypeError(
+        raise InputTypeError(
             f"cannot find the output tensor in a {type(outputs).__name__}: return a tensor, a "
             "tuple starting with one, or an object with .logits or .last_hidden_state"
         )
@@ -131,7 +132,7 @@ def _first_tensor(value: Any) -> torch.Tensor:
         return value
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
         return value[0]
-    raise TypeError(f"a block returned a {type(value).__name__}, not a tensor or a tuple")
+    raise InputTypeError(f"a block returned a {type(value).__name__}, not a tensor or a tuple")
 
 
 def _drop_caches(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -206,7 +207,7 @@ def capture_chain(
                 with contextlib.suppress(StopForward):
                     run_uncached(model, batch)
                 if len(captured) != n + 1:
-                    raise ValueError(
+                    raise InputError(
                         f"the first block ({container}.0) ran {len(captured) - n} times for one "
                         "batch; block-by-block processing needs exactly one call per batch"
                     )

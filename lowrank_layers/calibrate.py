@@ -17,6 +17,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from .common import InputError, InputTypeError
 from .linears import is_linear_like
 
 __all__ = [
@@ -46,7 +47,7 @@ class InputStats:
     def covariance(self) -> torch.Tensor:
         """``E[x xᵀ]``, float64 (the second moment, not centred: a Linear sees the mean too)."""
         if self.tokens == 0:
-            raise ValueError("no calibration input reached this layer")
+            raise InputError("no calibration input reached this layer")
         return self.gram / self.tokens
 
 
@@ -145,17 +146,17 @@ def collect_input_stats(
     if modules is None:
         modules = linear_modules(model)
         if not modules:
-            raise ValueError(
+            raise InputError(
                 "collect_input_stats: modules is empty (modules=None selects every "
                 f"nn.Linear below the root of the model, and {type(model).__name__} has none)"
             )
     elif not isinstance(modules, Mapping):
-        raise TypeError(
+        raise InputTypeError(
             "collect_input_stats: modules must be a mapping {name: module} or None, got "
             f"{type(modules).__name__}"
         )
     elif not modules:
-        raise ValueError("collect_input_stats: modules is empty")
+        raise InputError("collect_input_stats: modules is empty")
     stats: dict[str, InputStats] = {}
     unmatched: dict[str, None] = {}  # layers whose inputs could not be masked, in order
     batch_mask: list[torch.Tensor | None] = [None]  # the current batch's attention_mask
@@ -202,7 +203,7 @@ def collect_input_stats(
                 cache.clear()
                 seen += 1
         if seen == 0:
-            raise ValueError("collect_input_stats: batches is empty")
+            raise InputError("collect_input_stats: batches is empty")
         if all(s.tokens == 0 for s in stats.values()) and (stats or masked == seen):
             runs = _count(seen, "batch", "batches")
             if masked == seen:
@@ -212,7 +213,7 @@ def collect_input_stats(
                     f"{runs} ran ({masked} with an all-zero attention_mask), but the observed "
                     "layers' inputs held no token"
                 )
-            raise ValueError(
+            raise InputError(
                 f"collect_input_stats: the calibration batches yielded no tokens: {why}; "
                 "calibrate on batches with unmasked tokens"
             )

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
+from .common import InputError, InputTypeError
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear, make_linear
 from .linears import is_conv1d
@@ -149,7 +150,7 @@ def _parse_size(value: int | str) -> int:
             size = int(float(m.group(1)) * scale)
             if size > 0:
                 return size
-    raise ValueError(f"max_shard_size must be a positive int or a size like '2GB', got {value!r}")
+    raise InputError(f"max_shard_size must be a positive int or a size like '2GB', got {value!r}")
 
 
 def save_lowrank(
@@ -200,9 +201,9 @@ def save_lowrank(
             owner = key[: -len("._extra_state")] if "." in key else ""
             if owner in layers and layers[owner]["type"] == "DynamicLowRankLinear":
                 continue  # the active rank is in the layer description
-            raise TypeError(f"{key}: extra module state cannot be stored in safetensors")
+            raise InputTypeError(f"{key}: extra module state cannot be stored in safetensors")
         if not isinstance(value, torch.Tensor):
-            raise TypeError(
+            raise InputTypeError(
                 f"{key}: state dict value of type {type(value).__name__} is not a tensor"
             )
         ident = _storage_identity(value)
@@ -546,7 +547,7 @@ def lowrank_quantization_config(
     elif isinstance(model_or_layers, Mapping):
         layers = {str(k): dict(v) for k, v in model_or_layers.items()}
     else:
-        raise TypeError(
+        raise InputTypeError(
             "model_or_layers must be an nn.Module or a mapping of layer descriptions, got "
             f"{type(model_or_layers).__name__}"
         )

@@ -9,21 +9,38 @@ from typing import Any
 
 import torch
 
-__all__ = ["all_finite", "as_integer", "check_choice", "check_fraction", "progress_bar"]
+__all__ = [
+    "InputError",
+    "InputTypeError",
+    "all_finite",
+    "as_integer",
+    "check_choice",
+    "check_fraction",
+    "progress_bar",
+]
+
+
+class InputError(ValueError):
+    """A value passed to lowrank-layers is not allowed; the message names the argument,
+    the value and what is allowed. A ``ValueError``: ``except ValueError`` catches it."""
+
+
+class InputTypeError(TypeError):
+    """An argument passed to lowrank-layers has the wrong type (a ``TypeError``)."""
 
 
 def check_choice(name: str, value: object, allowed: Sequence[str]) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        raise InputError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def check_fraction(name: str, value: object) -> float:
     """``value`` as a float in (0, 1]; a ``TypeError``/``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
+        raise InputTypeError(f"{name} must be a float in (0, 1], got {type(value).__name__}")
     if not (0.0 < value <= 1.0):  # also rejects NaN
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
+        raise InputError(f"{name} must be in (0, 1], got {value}")
     return float(value)
 
 

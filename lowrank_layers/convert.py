@@ -14,7 +14,14 @@ from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
 from .calibrate import InputStats, collect_input_stats
-from .common import all_finite, check_choice, check_fraction, progress_bar
+from .common import (
+    InputError,
+    InputTypeError,
+    all_finite,
+    check_choice,
+    check_fraction,
+    progress_bar,
+)
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import (
     BALANCE_MODES,
@@ -400,9 +407,9 @@ def convert_model(
     check_patterns("include", include)
     check_patterns("exclude", exclude)
     if filter_fn is not None and not callable(filter_fn):
-        raise TypeError(f"filter_fn must be callable, got {filter_fn!r}")
+        raise InputTypeError(f"filter_fn must be callable, got {filter_fn!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-        raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+        raise InputError(f"threshold must be an int >= 0, got {threshold!r}")
     policy = as_policy(
         policy,
         rank=rank,
@@ -416,47 +423,47 @@ def convert_model(
     if len(given) == 2 or (given and policy is not None):
         values = {"budget": budget, "ranks": "{...}"}
         got = " and ".join([f"{k}={values[k]}" for k in given] + ([str(policy)] if policy else []))
-        raise ValueError(
+        raise InputError(
             f"budget and ranks replace the rank policy: give one of the three, got {got}"
         )
     if budget is not None:
         check_fraction("budget", budget)
     elif ranks is not None:
         if not isinstance(ranks, Mapping):
-            raise TypeError(f"ranks must be a mapping {{name: rank or None}}, got {ranks!r}")
+            raise InputTypeError(f"ranks must be a mapping {{name: rank or None}}, got {ranks!r}")
     elif policy is None:
         as_policy()  # the error of a call that gave no rule at all
     if isinstance(calibration, Mapping):
-        raise TypeError(
+        raise InputTypeError(
             f"calibration takes an iterable of batches, got a mapping with keys "
             f"{list(calibration)[:4]}: one batch goes in a list, calibration=[batch]; "
             "statistics from collect_input_stats go to input_stats="
         )
     if calibration is not None and input_stats is not None:
-        raise ValueError(
+        raise InputError(
             "give calibration (batches) or input_stats (statistics collected beforehand), not both"
         )
     if input_stats is not None:
         _check_statistics(input_stats)
     calibrated = calibration is not None or input_stats is not None
     if layer == "adaptive" and (calibrated or budget is not None or propagate or ranks is not None):
-        raise ValueError(
+        raise InputError(
             "calibration, input_stats, budget, ranks and propagate apply to layer='lowrank' "
             "or 'dynamic'; an adaptive layer is factorized later, by switch_to_lowrank"
         )
     if layer == "adaptive" and (method != "svd" or seed != 0):
-        raise ValueError(
+        raise InputError(
             f"method={method!r} and seed={seed} choose how a layer is factorized now; an "
             "adaptive layer is factorized later: pass them to switch_to_lowrank"
         )
     speed = speed_rule(min_speedup, speedup_tokens)
     if speed is not None and layer == "adaptive":
-        raise ValueError(
+        raise InputError(
             "min_speedup applies to layer='lowrank' or 'dynamic'; an adaptive layer stays "
             "dense until switch_to_lowrank"
         )
     if propagate and calibration is None:
-        raise ValueError(
+        raise InputError(
             "propagate=True needs calibration batches (a list the model takes), not "
             f"{'nothing' if input_stats is None else 'precomputed statistics'}"
         )
@@ -467,7 +474,7 @@ def convert_model(
     if ranks is not None:
         unknown = sorted(set(ranks) - {fqn for fqn, _ in candidates})
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"ranks names {len(unknown)} modules that are not matched layers: "
                 f"{', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}"
             )
@@ -622,7 +629,7 @@ def _check_statistics(input_stats: Mapping[Any, Any]) -> None:
     """``input_stats`` must be ``{layer name: InputStats or a square (in, in) tensor}``; a
     single batch (a tokenizer's output) is refused clearly."""
     if not isinstance(input_stats, Mapping):
-        raise TypeError(
+        raise InputTypeError(
             "input_stats must be a mapping {layer name: InputStats} from "
             f"collect_input_stats, got {type(input_stats).__name__}"
         )
@@ -630,7 +637,7 @@ def _check_statistics(input_stats: Mapping[Any, Any]) -> None:
         square = isinstance(value, torch.Tensor) and value.dim() == 2
         if not (isinstance(value, InputStats) or (square and value.shape[0] == value.shape[1])):
             keys = list(input_stats)[:4]
-            raise TypeError(
+            raise InputTypeError(
                 f"input_stats holds statistics {{layer name: InputStats}}, but its entry "
                 f"{key!r} is {_describe(value)}; keys {keys} look like one batch: pass "
                 "batches as calibration=[batch]"
@@ -647,7 +654,7 @@ def _check_reached(eligible: Mapping[str, nn.Module], reached: Mapping[str, Any]
     """Raise when the calibration reached no layer, warn when it missed some."""
     missing = [name for name in eligible if name not in reached]
     if eligible and len(missing) == len(eligible):
-        raise ValueError(
+        raise InputError(
             "convert_model: the calibration reached none of the layers to convert (a "
             "batch the model does not use, or statistics keyed by other names)"
         )
@@ -764,14 +771,14 @@ def _candidates(
 
     candidates = [(fqn, m) for fqn, m in model.named_modules() if fqn and selected(fqn, m)]
     if not candidates and (is_linear_like(model) or isinstance(model, LOWRANK_TYPES)):
-        raise ValueError(
+        raise InputError(
             f"convert_model replaces the layers inside model, and model is itself a "
             f"{type(model).__name__}: the root module cannot be replaced in place. Convert "
             "one layer with LowRankLinear.from_linear(layer, ...), or wrap it: "
             "convert_model(nn.Sequential(layer), ...)"
         )
     if not candidates:
-        raise ValueError(
+        raise InputError(
             f"convert_model: no module of {type(model).__name__} matched (include={include!r}, "
             f"exclude={exclude!r}, filter_fn={getattr(filter_fn, '__name__', filter_fn)!r})"
         )
@@ -958,7 +965,7 @@ def _budget_without(
     )
     left = budget * total - kept
     if left < least:
-        raise ValueError(
+        raise InputError(
             f"budget={budget} keeps {int(budget * total):,} parameters, but the {len(dense)} "
             f"layers no rank speeds up (min_speedup) already hold {kept:,}, which leaves "
             f"{max(0, int(left)):,} for the other {len(others)} layers (rank 1 in each needs "
@@ -1050,12 +1057,12 @@ def switch_to_lowrank(
         if isinstance(m, AdaptiveLowRankLinear) and not m.is_lowrank
     ]
     if not layers:
-        raise ValueError(
+        raise InputError(
             "switch_to_lowrank: the model holds no AdaptiveLowRankLinear in its dense phase"
         )
     if optimizer is not None:
         if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
+            raise InputTypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
             )
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -1065,7 +1072,7 @@ def switch_to_lowrank(
             if layer.weight.requires_grad and id(layer.weight) not in held
         ]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"switch_to_lowrank: the optimizer holds no weight of {len(missing)} of the "
                 f"{len(layers)} layers to switch ({', '.join(missing[:3])}"
                 f"{', ...' if len(missing) > 3 else ''}): their factors would never train. "
@@ -1081,7 +1088,7 @@ def switch_to_lowrank(
         required=False,
     )
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+        raise InputTypeError(f"seed must be an int, got {seed!r}")
     results: dict[str, SwitchResult] = {}
     for name, layer in layers:
         old = layer.weight
@@ -1110,7 +1117,7 @@ def prune_dynamic(
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicLowRankLinear)]
     if not layers:
-        raise ValueError("prune_dynamic: the model holds no DynamicLowRankLinear")
+        raise InputError("prune_dynamic: the model holds no DynamicLowRankLinear")
     out = {}
     for name, layer in layers:
         swaps = layer.prune()
@@ -1166,9 +1173,9 @@ def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
         ((1, 64), (1, 32), torch.Size([32, 8]))
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        raise InputTypeError(f"enabled must be a bool, got {enabled!r}")
     moved = 0
     for module in model.modules():
         if not isinstance(module, LOWRANK_TYPES) or module._parameters.get("U") is None:

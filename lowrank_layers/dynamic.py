@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .common import as_integer, check_fraction
+from .common import InputError, as_integer, check_fraction
 from .factorize import Balance, Factors, Method, factorize, promote
 from .linear import (
     check_features,
@@ -43,7 +43,7 @@ class ParamSwap:
 def _check_rank(name: str, value: object, max_rank: int) -> int:
     value = as_integer(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= max_rank:
-        raise ValueError(f"{name} must be an int in [1, {max_rank}], got {value!r}")
+        raise InputError(f"{name} must be an int in [1, {max_rank}], got {value!r}")
     return value
 
 
@@ -114,7 +114,7 @@ class DynamicLowRankLinear(nn.Module):
         self.in_features = check_features("in_features", in_features)
         self.out_features = check_features("out_features", out_features)
         if max_rank is not None and max_rank_ratio is not None:
-            raise ValueError(
+            raise InputError(
                 f"give max_rank or max_rank_ratio, not both; got max_rank={max_rank}, "
                 f"max_rank_ratio={max_rank_ratio}"
             )
@@ -227,7 +227,7 @@ class DynamicLowRankLinear(nn.Module):
         the rank); ``rank_ratio`` may also grow it, up to ``max_rank``.
         """
         if (rank_ratio is None) == (energy is None):
-            raise ValueError(
+            raise InputError(
                 "adjust_rank takes exactly one of rank_ratio or energy, got "
                 f"rank_ratio={rank_ratio!r}, energy={energy!r}"
             )
@@ -236,7 +236,7 @@ class DynamicLowRankLinear(nn.Module):
                 self.out_features, self.in_features, check_fraction("rank_ratio", rank_ratio)
             )
             if rank > self.max_rank:
-                raise ValueError(
+                raise InputError(
                     f"rank_ratio={rank_ratio} gives rank {rank}, above max_rank={self.max_rank} "
                     f"of this {self.out_features}x{self.in_features} layer"
                 )
@@ -405,14 +405,14 @@ class RankScheduler:
         optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if not schedule:
-            raise ValueError("schedule must map at least one epoch to a rank ratio, got {}")
+            raise InputError("schedule must map at least one epoch to a rank ratio, got {}")
         for epoch, ratio in schedule.items():
             if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-                raise ValueError(f"schedule epochs must be ints >= 0, got {epoch!r}")
+                raise InputError(f"schedule epochs must be ints >= 0, got {epoch!r}")
             check_fraction(f"schedule[{epoch}]", ratio)
         self.layers = [m for m in model.modules() if isinstance(m, DynamicLowRankLinear)]
         if not self.layers:
-            raise ValueError("RankScheduler: the model holds no DynamicLowRankLinear layer")
+            raise InputError("RankScheduler: the model holds no DynamicLowRankLinear layer")
         self.schedule = dict(sorted(schedule.items()))
         self.optimizer = optimizer
         self.last_epoch = -1

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from .common import all_finite, check_choice
+from .common import InputError, InputTypeError, all_finite, check_choice
 from .policy import (
     RankPolicy,
     as_policy,
@@ -110,19 +110,19 @@ class Factors:
 
 def _check_weight(W: torch.Tensor, name: str = "W") -> None:
     if not isinstance(W, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(W).__name__}")
     if not W.is_floating_point():
-        raise TypeError(f"{name} must be a real floating-point tensor, got dtype {W.dtype}")
+        raise InputTypeError(f"{name} must be a real floating-point tensor, got dtype {W.dtype}")
     if W.dim() != 2:
-        raise ValueError(
+        raise InputError(
             f"{name} must be a 2-D weight of shape (out_features, in_features), "
             f"got shape {tuple(W.shape)}"
         )
     if W.numel() == 0:
-        raise ValueError(f"{name} must not be empty, got shape {tuple(W.shape)}")
+        raise InputError(f"{name} must not be empty, got shape {tuple(W.shape)}")
     if W.device.type != "meta" and not all_finite(W):
         bad = int((~torch.isfinite(W)).sum())
-        raise ValueError(f"{name} must be finite, got {bad} NaN or Inf entries")
+        raise InputError(f"{name} must be finite, got {bad} NaN or Inf entries")
 
 
 # why a weight that cannot be factorized is kept dense, in every conversion path
@@ -264,10 +264,10 @@ def randomized_svd(
     m, n = A.shape
     max_rank = min(m, n)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-        raise ValueError(f"rank must be an int in [1, {max_rank}] for a {m}x{n} weight, got {rank}")
+        raise InputError(f"rank must be an int in [1, {max_rank}] for a {m}x{n} weight, got {rank}")
     for name, value in (("oversample", oversample), ("power_iters", power_iters)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            raise InputError(f"{name} must be an int >= 0, got {value!r}")
     dtype = A.dtype
     A = promote(A)
     ell = min(rank + oversample, max_rank)
@@ -418,7 +418,7 @@ def _prepare(
         A = A / D[:, None]
     L = None
     if cross_cov is not None and input_cov is None:
-        raise ValueError("cross_cov needs input_cov (the second moment of the new inputs)")
+        raise InputError("cross_cov needs input_cov (the second moment of the new inputs)")
     if input_cov is not None:
         L, eps = _whitening(input_cov, W.shape[1])  # float64
         if cross_cov is None:
@@ -438,13 +438,13 @@ def _check_square(name: str, C: torch.Tensor, in_features: int) -> torch.Tensor:
     """``C`` as a finite float64 ``(in, in)`` matrix, or a ValueError naming ``name``."""
     if not isinstance(C, torch.Tensor) or C.shape != (in_features, in_features):
         shape = tuple(C.shape) if isinstance(C, torch.Tensor) else type(C).__name__
-        raise ValueError(
+        raise InputError(
             f"{name} must be a ({in_features}, {in_features}) tensor for a weight with "
             f"{in_features} inputs, got {shape}"
         )
     C64 = C.detach().to(torch.float64)
     if not bool(torch.isfinite(C64).all()):
-        raise ValueError(f"{name} must be finite, got NaN or Inf entries")
+        raise InputError(f"{name} must be finite, got NaN or Inf entries")
     return C64
 
 
@@ -487,7 +487,7 @@ def output_error(
     C = input_cov.detach().to(torch.float64)
     if cross_cov is not None:
         if target_energy is None:
-            raise ValueError("output_error: cross_cov needs target_energy (E‖W·x‖²)")
+            raise InputError("output_error: cross_cov needs target_energy (E‖W·x‖²)")
         What = factors.to(torch.float64).dense()
         M = cross_cov.detach().to(torch.float64)
         denom = float(target_energy)
@@ -522,7 +522,7 @@ def _whitening(C: torch.Tensor, in_features: int) -> tuple[torch.Tensor, float]:
     asym = float((C64 - C64.mT).abs().max())
     scale = float(C64.abs().max())
     if asym > 1e-6 * max(scale, 1e-300):
-        raise ValueError(f"input_cov must be symmetric, got max |C - Cᵀ| = {asym:.3g}")
+        raise InputError(f"input_cov must be symmetric, got max |C - Cᵀ| = {asym:.3g}")
     C64 = (C64 + C64.mT) / 2
     trace = float(C64.diagonal().sum())
     eps = 1e-6 * trace / in_features if trace > 0 else 1e-12
@@ -532,7 +532,7 @@ def _whitening(C: torch.Tensor, in_features: int) -> tuple[torch.Tensor, float]:
         if int(info) == 0:
             return L, eps
         eps *= 10
-    raise ValueError("input_cov could not be regularised to positive definite")  # unreachable
+    raise InputError("input_cov could not be regularised to positive definite")  # unreachable
 
 
 def _randomized_by_energy(

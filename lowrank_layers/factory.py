@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .common import InputError
 from .linear import LowRankLinear, check_features
 from .policy import RankPolicy
 
@@ -45,7 +46,7 @@ def make_efficient_linear(
     check_features("in_features", in_features)
     check_features("out_features", out_features)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-        raise ValueError(f"threshold must be an int >= 0, got {threshold!r}")
+        raise InputError(f"threshold must be an int >= 0, got {threshold!r}")
     # the converter's rule: above the threshold, and factors that save parameters
     rank, _ = RankPolicy(rank_ratio=rank_ratio).plan(
         out_features, in_features, threshold=threshold, row_scales=row_scales

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import check_choice
+from .common import InputError, check_choice
 from .factorize import METHODS, Method, factorize
 from .policy import RankPolicy, as_policy, layer_seed
 from .selection import check_patterns, name_matches
@@ -82,7 +82,7 @@ class GradientProjector:
             policy, rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio
         )
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(f"update_every must be an int >= 1, got {update_every!r}")
+            raise InputError(f"update_every must be an int >= 1, got {update_every!r}")
         check_choice("method", method, METHODS)
         check_patterns("include", include)
         check_patterns("exclude", exclude)
@@ -102,7 +102,7 @@ class GradientProjector:
             self.states[name] = state
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook(name)))
         if not self.states:
-            raise ValueError(
+            raise InputError(
                 f"GradientProjector: no 2-D trainable parameter of {type(model).__name__} "
                 f"matched (include={include!r}, exclude={exclude!r})"
             )

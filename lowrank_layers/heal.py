@@ -38,6 +38,7 @@ from .blocks import (
     run_uncached,
 )
 from .calibrate import padding_mask
+from .common import InputError
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear
 
@@ -146,9 +147,9 @@ def distillation_loss(
         ValueError: ``objective`` is unknown, or the shapes differ.
     """
     if objective not in OBJECTIVES[1:]:
-        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES[1:])}, got {objective!r}")
+        raise InputError(f"objective must be one of {', '.join(OBJECTIVES[1:])}, got {objective!r}")
     if student.shape != teacher.shape:
-        raise ValueError(
+        raise InputError(
             f"the student's output has shape {tuple(student.shape)} and the teacher's "
             f"{tuple(teacher.shape)}; they must be equal"
         )
@@ -184,7 +185,7 @@ def _check_train(train: Sequence[str]) -> tuple[str, ...]:
     groups = (train,) if isinstance(train, str) else tuple(train)
     for group in groups:
         if group not in TRAIN_GROUPS:
-            raise ValueError(
+            raise InputError(
                 f"heal: train entries must be among {', '.join(map(repr, TRAIN_GROUPS))}, "
                 f"got {group!r}"
             )
@@ -331,7 +332,7 @@ def _blocks_of(
     layers = [name for name, m in student.named_modules() if _is_lowrank(m)]
     found = find_blocks(student, layers)
     if found is None:
-        raise ValueError(
+        raise InputError(
             f"heal: mode='blockwise' found no repeated blocks in the {type(student).__name__} "
             "(an nn.ModuleList or nn.Sequential of at least two modules of one type holding "
             "its low-rank layers), so it cannot be processed block by block; use "
@@ -343,12 +344,12 @@ def _blocks_of(
     except AttributeError:
         theirs = None
     if not isinstance(theirs, (nn.ModuleList, nn.Sequential)) or len(theirs) != len(blocks):
-        raise ValueError(
+        raise InputError(
             f"heal: mode='blockwise' needs the teacher to hold {len(blocks)} blocks at "
             f"{container or 'its root'!r}, as the student does; it does not"
         )
     if not any(id(p) in chosen for block in blocks for p in block.parameters()):
-        raise ValueError(
+        raise InputError(
             f"heal: mode='blockwise' trains the parameters inside the blocks of {container!r}, "
             "and none of the selected parameters is there; use mode='end_to_end'"
         )
@@ -360,7 +361,7 @@ def _chain(
 ) -> BlockChain:
     chain = capture_chain(model, container, blocks, batches)
     if chain is None:
-        raise ValueError(
+        raise InputError(
             f"heal: the {who} cannot be processed block by block: its first block, run on "
             f"its captured input, does not reproduce the input of the second "
             f"({_block_name(container, 1)}; a block passing more than hidden states on, or "
@@ -432,23 +433,23 @@ def check_heal_options(
     """
     for name, value, allowed in (("objective", objective, OBJECTIVES), ("mode", mode, MODES)):
         if value not in allowed:
-            raise ValueError(f"heal: {name} must be one of {', '.join(allowed)}, got {value!r}")
+            raise InputError(f"heal: {name} must be one of {', '.join(allowed)}, got {value!r}")
     _check_budget(steps, seconds)
     _check_positive("lr", lr)
 
 
 def _check_budget(steps: int | None, seconds: float | None) -> None:
     if steps is None and seconds is None:
-        raise ValueError("heal: give steps, seconds or both; both are None")
+        raise InputError("heal: give steps, seconds or both; both are None")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"heal: steps must be a positive int or None, got {steps!r}")
+        raise InputError(f"heal: steps must be a positive int or None, got {steps!r}")
     if seconds is not None and (
         isinstance(seconds, bool)
         or not isinstance(seconds, (int, float))
         or not math.isfinite(seconds)
         or seconds <= 0
     ):
-        raise ValueError(f"heal: seconds must be a positive number or None, got {seconds!r}")
+        raise InputError(f"heal: seconds must be a positive number or None, got {seconds!r}")
 
 
 def _check_positive(name: str, value: object, *, optional: bool = False) -> None:
@@ -461,7 +462,7 @@ def _check_positive(name: str, value: object, *, optional: bool = False) -> None
         or value <= 0
     ):
         allowed = "a positive number or None" if optional else "a positive number"
-        raise ValueError(f"heal: {name} must be {allowed}, got {value!r}")
+        raise InputError(f"heal: {name} must be {allowed}, got {value!r}")
 
 
 def _progress_bar(total: int | None) -> Any:
@@ -578,16 +579,16 @@ def heal(
     check_heal_options(objective=objective, mode=mode, steps=steps, seconds=seconds, lr=lr)
     _check_positive("max_grad_norm", max_grad_norm, optional=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"heal: seed must be an int, got {seed!r}")
+        raise InputError(f"heal: seed must be an int, got {seed!r}")
     if len(batches) == 0:
-        raise ValueError("heal: batches is empty")
+        raise InputError("heal: batches is empty")
     if eval_batches is not None and len(eval_batches) == 0:
-        raise ValueError("heal: eval_batches is empty (pass None to skip the evaluation)")
+        raise InputError("heal: eval_batches is empty (pass None to skip the evaluation)")
     if student is teacher:
-        raise ValueError("heal: student and teacher are the same module; deep-copy the model")
+        raise InputError("heal: student and teacher are the same module; deep-copy the model")
     params = trainable_parameters(student, train)
     if not params:
-        raise ValueError(
+        raise InputError(
             f"heal: nothing to train: train={tuple(_check_train(train))} selects no parameter "
             f"of the {type(student).__name__} (factors and biases are those of lowrank_layers "
             "layers, norms those of normalisation modules)"
@@ -595,7 +596,7 @@ def heal(
     teacher_ids = {id(p) for p in teacher.parameters()}
     shared = [name for name, p in params.items() if id(p) in teacher_ids]
     if shared:
-        raise ValueError(
+        raise InputError(
             f"heal: {len(shared)} trainable parameters ({', '.join(shared[:3])}"
             f"{', ...' if len(shared) > 3 else ''}) are shared with the teacher, which must "
             "stay unchanged; deep-copy the model before converting it"
@@ -611,7 +612,7 @@ def heal(
             s_raw, t_raw = run_uncached(student, batches[0]), run_uncached(teacher, batches[0])
             s_shape, t_shape = main_output(s_raw).shape, main_output(t_raw).shape
         if s_shape != t_shape:
-            raise ValueError(
+            raise InputError(
                 f"heal: the teacher's output on the first batch has shape {tuple(t_shape)}, "
                 f"which does not match the student's {tuple(s_shape)}; the teacher must be "
                 "the model the student was converted from"

@@ -47,6 +47,7 @@ from .checkpoint import (
     save_lowrank,
     write_config_entry,
 )
+from .common import InputError, InputTypeError
 from .convert import ConversionReport, convert_model
 from .pipeline import CompressionReport, compress
 from .safetensors_io import SINGLE_FILE, atomic_destination
@@ -79,7 +80,7 @@ def read_texts(path: str | os.PathLike, *, limit: int | None = None) -> list[str
         docs = [d.strip() for d in text.split("\n\n")]
     docs = [d for d in docs if d]
     if not docs:
-        raise ValueError(f"calibration text {path} holds no non-empty document")
+        raise InputError(f"calibration text {path} holds no non-empty document")
     return docs[:limit] if limit is not None else docs
 
 
@@ -131,7 +132,7 @@ def convert_pretrained(
                           "'lowrank-layers[hf]'") from exc  # fmt: skip
     src, dst = Path(src), Path(dst)
     if not (src / "config.json").exists():
-        raise ValueError(
+        raise InputError(
             f"{src} is not a transformers model folder (no config.json); calibration and "
             "budget need the model's code to run"
         )
@@ -147,7 +148,7 @@ def convert_pretrained(
     report: ConversionReport | CompressionReport
     if compress_options is not None:
         if batches is None:
-            raise ValueError("compress_options need calibration_texts")
+            raise InputError("compress_options need calibration_texts")
         report = compress(model, batches, **compress_options, **convert_kwargs)
     else:
         if batches is not None:
@@ -191,7 +192,7 @@ def mark_lowrank_config(model: nn.Module) -> bool:
     if not layers:
         return False
     if existing is not None and _quant_method(existing) != QUANT_METHOD:
-        raise ValueError(
+        raise InputError(
             f"model.config.quantization_config has quant_method {_quant_method(existing)!r}; "
             f"a low-rank model can only be saved with quant_method {QUANT_METHOD!r}"
         )
@@ -312,7 +313,7 @@ def register_with_transformers() -> tuple[type, type]:
             layers = lowrank_layers_of(model)
             dynamic = [n for n, e in layers.items() if e["type"] == "DynamicLowRankLinear"]
             if dynamic:
-                raise ValueError(
+                raise InputError(
                     f"save_pretrained cannot save DynamicLowRankLinear layers ({dynamic[0]!r}"
                     f"{' and others' if len(dynamic) > 1 else ''}): transformers cannot load "
                     "their active rank; save with lowrank_layers.save_lowrank, or set each "
@@ -348,7 +349,7 @@ def register_with_transformers() -> tuple[type, type]:
         elif present.__module__ == __name__ and present.__name__ == cls.__name__:
             mapping[QUANT_METHOD] = cls  # this module reloaded: replace our own registration
         else:
-            raise ValueError(
+            raise InputError(
                 f"quant_method {QUANT_METHOD!r} is already registered with transformers by "
                 f"{present.__module__}.{present.__qualname__}"
             )
@@ -389,7 +390,7 @@ def load_pretrained(path: str | os.PathLike, *, auto_class: Any = None, **kwargs
             f"path must be a transformers model folder, {path} has no config.json"
         )
     if auto_class is not None and not callable(getattr(auto_class, "from_pretrained", None)):
-        raise TypeError(
+        raise InputTypeError(
             f"auto_class must be a transformers class with from_pretrained (e.g. "
             f"transformers.AutoModel), got {auto_class!r}"
         )

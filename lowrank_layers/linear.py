@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import as_integer
+from .common import InputError, InputTypeError, as_integer
 from .factorize import Balance, Factors, Method, factorize
 from .policy import RankPolicy
 from .readers import lazy_weight
@@ -123,14 +123,14 @@ def lowrank_linear(
 def check_features(name: str, value: object) -> int:
     """Validate a layer size: a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise InputError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
 def check_linear(linear: object) -> nn.Linear:
     """Validate the source of a ``from_linear`` conversion."""
     if not isinstance(linear, nn.Linear):
-        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        raise InputTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
     return linear
 
 
@@ -319,7 +319,7 @@ class LowRankLinear(nn.Module):
         max_rank = min(in_features, out_features)
         rank = as_integer(rank)  # type: ignore[assignment]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
-            raise ValueError(
+            raise InputError(
                 f"rank must be an int in [1, {max_rank}] for a {out_features}x{in_features} "
                 f"weight, got {rank!r}"
             )

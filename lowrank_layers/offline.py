@@ -36,7 +36,7 @@ from .checkpoint import (
     open_checkpoint,
     write_config_entry,
 )
-from .common import all_finite, check_choice, progress_bar
+from .common import InputError, all_finite, check_choice, progress_bar
 from .convert import ConversionReport, LayerReport
 from .factorize import (
     BALANCE_MODES,
@@ -179,7 +179,7 @@ def _conv1d_keys(
         else:
             like = sorted(k for k in selected if re.fullmatch(CONV1D_NAMES, k[: -len(".weight")]))
             if like:
-                raise ValueError(
+                raise InputError(
                     f"convert_checkpoint: {like[0]} is named like a GPT-2 Conv1D weight, stored "
                     f"(in, out), and no config.json in {folder} says which model this is: pass "
                     "conv1d=True (GPT-2's Conv1D layers) or conv1d=False (every weight is "
@@ -298,7 +298,7 @@ def convert_checkpoint(
     check_patterns("exclude", exclude)
     for name, value, low in (("threshold", threshold, 0), ("workers", workers, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+            raise InputError(f"{name} must be an int >= {low}, got {value!r}")
     speed = speed_rule(min_speedup, speedup_tokens)
     if conv1d is not None and not isinstance(conv1d, bool):
         check_patterns("conv1d", conv1d)
@@ -339,7 +339,7 @@ def convert_checkpoint(
                 continue
             selected.add(key)
     if not selected:
-        raise ValueError(
+        raise InputError(
             f"convert_checkpoint: no 2-D weight of {src} matched (include={include!r}, "
             f"exclude={exclude!r}, exclude_embeddings={exclude_embeddings})"
         )
@@ -349,7 +349,7 @@ def convert_checkpoint(
     world, rank_id = distributed
     one_file = len(ckpt.files) == 1 and dst.suffix == ".safetensors"
     if one_file and world > 1:
-        raise ValueError(
+        raise InputError(
             f"dst {str(dst)!r} names one .safetensors file, but the {world} ranks of a "
             "torch.distributed conversion write a folder (one shard per rank): pass a folder"
         )

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from .allocate import collect_sensitivity, loss_aware_ranks
-from .common import check_choice, check_fraction
+from .common import InputError, check_choice, check_fraction
 from .convert import ConversionReport, convert_model, convertible_layers
 from .heal import check_heal_options, heal
 from .speed import speed_rule
@@ -171,7 +171,7 @@ def compress(
     check_fraction("budget", budget)
     check_choice("allocation", allocation, ALLOCATIONS)
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
-        raise ValueError(
+        raise InputError(
             "compress: calibration must be a non-empty list of batches, got "
             f"{type(calibration).__name__}"
         )
@@ -182,7 +182,7 @@ def compress(
             lr=heal_lr,
         )  # fmt: skip
     elif objective not in ("auto", "kl", "cosine", "mse"):
-        raise ValueError(
+        raise InputError(
             f"objective must be one of 'auto', 'kl', 'cosine', 'mse', got {objective!r}"
         )
     speed = speed_rule(min_speedup, speedup_tokens)

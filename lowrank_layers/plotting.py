@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .common import InputError, InputTypeError
 from .safetensors_io import atomic_destination
 
 __all__ = ["ENERGY_GUIDES", "plot_spectra"]
@@ -28,23 +29,23 @@ _MISSING = "plotting needs matplotlib: pip install 'lowrank-layers[plot]'"
 def _check_spectra(spectra: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Validate the spectra; return them sorted descending, in float64 on the CPU."""
     if not isinstance(spectra, Mapping):
-        raise TypeError(f"spectra must be a mapping of name -> tensor, got {type(spectra)!r}")
+        raise InputTypeError(f"spectra must be a mapping of name -> tensor, got {type(spectra)!r}")
     if not spectra:
-        raise ValueError("spectra is empty: pass at least one name -> singular values")
+        raise InputError("spectra is empty: pass at least one name -> singular values")
     checked = {}
     for name, values in spectra.items():
         if not isinstance(values, torch.Tensor):
-            raise TypeError(f"spectra[{name!r}] must be a torch.Tensor, got {type(values)!r}")
+            raise InputTypeError(f"spectra[{name!r}] must be a torch.Tensor, got {type(values)!r}")
         if values.dim() != 1:
-            raise ValueError(
+            raise InputError(
                 f"spectra[{name!r}] must be a 1-D tensor of singular values, "
                 f"got shape {tuple(values.shape)}"
             )
         if values.numel() == 0:
-            raise ValueError(f"spectra[{name!r}] is empty (shape (0,))")
+            raise InputError(f"spectra[{name!r}] is empty (shape (0,))")
         values = values.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-            raise ValueError(f"spectra[{name!r}] must hold finite, non-negative singular values")
+            raise InputError(f"spectra[{name!r}] must hold finite, non-negative singular values")
         checked[str(name)] = torch.sort(values, descending=True).values
     return checked
 
@@ -94,7 +95,7 @@ def plot_spectra(
     """
     checked = _check_spectra(spectra)
     if isinstance(max_lines, bool) or not isinstance(max_lines, int) or max_lines < 1:
-        raise ValueError(f"max_lines must be an int >= 1, got {max_lines!r}")
+        raise InputError(f"max_lines must be an int >= 1, got {max_lines!r}")
     path = Path(path)
     directory = path.parent
     if not directory.is_dir():

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .common import as_integer, check_choice, check_fraction
+from .common import InputError, InputTypeError, as_integer, check_choice, check_fraction
 
 __all__ = [
     "ALLOCATIONS",
@@ -63,16 +63,16 @@ class RankPolicy:
         chosen = [k for k, v in given.items() if v is not None]
         if len(chosen) != 1:
             got = ", ".join(f"{k}={given[k]!r}" for k in chosen) if chosen else "none"
-            raise ValueError(
+            raise InputError(
                 "exactly one rank policy must be given (rank, rank_ratio, energy or "
                 f"param_ratio), got {got}"
             )
         if self.rank is not None:
             rank = as_integer(self.rank)
             if isinstance(rank, bool) or not isinstance(rank, int):
-                raise TypeError(f"rank must be an int >= 1, got {self.rank!r}")
+                raise InputTypeError(f"rank must be an int >= 1, got {self.rank!r}")
             if rank < 1:
-                raise ValueError(f"rank must be an int >= 1, got {rank}")
+                raise InputError(f"rank must be an int >= 1, got {rank}")
             object.__setattr__(self, "rank", rank)
         else:
             object.__setattr__(self, chosen[0], check_fraction(chosen[0], given[chosen[0]]))
@@ -105,7 +105,7 @@ class RankPolicy:
         max_rank = min(out_features, in_features)
         if self.rank is not None:
             if self.rank > max_rank:
-                raise ValueError(
+                raise InputError(
                     f"rank must be an int in [1, {max_rank}] for a {out_features}x"
                     f"{in_features} weight, got {self.rank}"
                 )
@@ -118,7 +118,7 @@ class RankPolicy:
             )
             r = min(max_rank, math.floor(budget / (out_features + in_features + 1)))
             if r < 1:
-                raise ValueError(
+                raise InputError(
                     f"param_ratio={self.param_ratio} leaves no room for even a rank-1 "
                     f"factorization of a {out_features}x{in_features} weight (rank 1 needs "
                     f"{factor_parameters(out_features, in_features, 1, row_scales=row_scales)} of "
@@ -181,10 +181,10 @@ def as_policy(
     given = {k: v for k, v in keywords.items() if v is not None}
     if policy is not None:
         if not isinstance(policy, RankPolicy):
-            raise TypeError(f"policy must be a RankPolicy, got {type(policy).__name__}")
+            raise InputTypeError(f"policy must be a RankPolicy, got {type(policy).__name__}")
         if given:
             got = ", ".join(f"{k}={v!r}" for k, v in given.items())
-            raise ValueError(f"give policy={policy} or the keyword form, not both (got {got})")
+            raise InputError(f"give policy={policy} or the keyword form, not both (got {got})")
         return policy
     if not given and not required:
         return None
@@ -268,7 +268,7 @@ def select_rank(
     """
     energy = check_fraction("energy", energy)
     if S.dim() != 1 or S.numel() == 0:
-        raise ValueError(f"S must be a non-empty 1-D tensor, got shape {tuple(S.shape)}")
+        raise InputError(f"S must be a non-empty 1-D tensor, got shape {tuple(S.shape)}")
     sq = S.detach().to(torch.float64).square()
     cum = torch.cumsum(sq, 0)
     tot = cum[-1] if total is None else torch.as_tensor(total, dtype=torch.float64)
@@ -339,7 +339,7 @@ def allocate_ranks(
         factor_parameters(spectra[n][1], spectra[n][2], 1, row_scales=row_scales) for n in names
     )
     if used > allowed:
-        raise ValueError(
+        raise InputError(
             f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but rank 1 in "
             f"each of the {len(names)} layers already needs {used:,}"
         )
@@ -390,7 +390,7 @@ def _spectrum_entry(name: str, value: object) -> tuple[torch.Tensor, int, int]:
             if isinstance(value, torch.Tensor)
             else repr(value)
         )
-        raise TypeError(
+        raise InputTypeError(
             f"spectra[{name!r}] must be (singular values as a 1-D tensor, out, in) or a 2-D "
             f"weight, got {got}"
         )

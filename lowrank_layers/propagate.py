@@ -46,6 +46,7 @@ from torch import nn
 
 from .blocks import BlockChain, StopForward, capture_chain, find_blocks, model_kwargs
 from .calibrate import collect_input_stats, token_rows
+from .common import InputError
 
 __all__ = ["PropagatedStats", "PropagationReport", "convert_propagated"]
 
@@ -120,12 +121,12 @@ def convert_propagated(
     """
     start = time.perf_counter()
     if not isinstance(batches, Sequence) or isinstance(batches, (str, bytes)):
-        raise ValueError(
+        raise InputError(
             "propagated conversion runs the calibration batches several times: pass a list "
             f"of batches, got a {type(batches).__name__}"
         )
     if len(batches) == 0:
-        raise ValueError("propagated conversion: the calibration batches are empty")
+        raise InputError("propagated conversion: the calibration batches are empty")
     names = list(layers)
     found = find_blocks(model, names)
     chain = None
@@ -249,7 +250,7 @@ def _convert_block(
             h.remove()
         keep.clear()
     if not any(x.shape[0] for xs in inputs.values() for x in xs) and layers:
-        raise ValueError(
+        raise InputError(
             "propagated conversion: the calibration batches yielded no tokens for "
             f"{', '.join(list(layers)[:3])} (every token masked out by attention_mask?)"
         )

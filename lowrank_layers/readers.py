@@ -42,6 +42,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .common import InputError, InputTypeError
+
 __all__ = [
     "DenseWeightWarning",
     "FactoredWeight",
@@ -378,16 +380,16 @@ def register_weight_reader(
     overrides what reading the source would conclude.
     """
     if not (isinstance(parent_type, type) and issubclass(parent_type, nn.Module)):
-        raise TypeError(f"parent_type must be an nn.Module subclass, got {parent_type!r}")
+        raise InputTypeError(f"parent_type must be an nn.Module subclass, got {parent_type!r}")
     names = (child_names,) if isinstance(child_names, str) else tuple(child_names)
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ValueError(
+        raise InputError(
             f"child_names must be one or more non-empty attribute names, got {child_names!r}"
         )
     if policy not in READER_POLICIES:
-        raise ValueError(f"policy must be one of {READER_POLICIES}, got {policy!r}")
+        raise InputError(f"policy must be one of {READER_POLICIES}, got {policy!r}")
     if reason is not None and not isinstance(reason, str):
-        raise TypeError(f"reason must be a str or None, got {type(reason).__name__}")
+        raise InputTypeError(f"reason must be a str or None, got {type(reason).__name__}")
     entries = _REGISTRY.setdefault(parent_type, {})
     for name in names:
         entries[name] = (policy, reason)
@@ -417,9 +419,9 @@ def weight_reader_policy(parent: nn.Module, child_name: str) -> WeightRead | Non
     self.proj.weight``) count as computing.
     """
     if not isinstance(parent, nn.Module):
-        raise TypeError(f"parent must be an nn.Module, got {type(parent).__name__}")
+        raise InputTypeError(f"parent must be an nn.Module, got {type(parent).__name__}")
     if not isinstance(child_name, str) or not child_name:
-        raise ValueError(f"child_name must be a non-empty attribute name, got {child_name!r}")
+        raise InputError(f"child_name must be a non-empty attribute name, got {child_name!r}")
     cls_name = type(parent).__name__
     for cls in type(parent).__mro__:
         entry = _REGISTRY.get(cls, {}).get(child_name)  # type: ignore[call-overload]

@@ -32,6 +32,8 @@ from typing import Any, BinaryIO, TypeVar
 
 import torch
 
+from .common import InputError, InputTypeError
+
 __all__ = [
     "FLOAT_DTYPES",
     "INDEX_FILE",
@@ -82,7 +84,7 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 """The safetensors dtype codes of the floating-point tensors that can be factorized."""
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that does not match the model, or is not one this library reads."""
 
 
@@ -142,9 +144,9 @@ class ShardWriter(_OpenFile):
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``'s bytes to the file under ``name``."""
         if name in self.entries:
-            raise ValueError(f"duplicate tensor name {name!r} in {self.path.name}")
+            raise InputError(f"duplicate tensor name {name!r} in {self.path.name}")
         if tensor.dtype not in _ST_DTYPES:
-            raise TypeError(
+            raise InputTypeError(
                 f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold"
             )
         data = _tensor_bytes(tensor)
@@ -534,7 +536,7 @@ def atomic_destination(
     if dst.is_dir() and not is_dir:
         raise IsADirectoryError(f"{dst} is a folder; a file cannot replace it")
     if dst.is_dir() and Path.cwd().resolve().is_relative_to(dst.resolve()):
-        raise ValueError(
+        raise InputError(
             f"{dst} is the current folder or holds it, and would be replaced whole: "
             "write into a new folder"
         )

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from .common import InputError, InputTypeError
+
 __all__ = ["check_patterns", "module_holders", "name_matches", "weight_owners"]
 
 
@@ -21,11 +23,11 @@ def check_patterns(name: str, value: object) -> None:
             try:
                 re.compile(value)
             except re.error as exc:
-                raise ValueError(f"{name} is not a valid regular expression: {exc}") from exc
+                raise InputError(f"{name} is not a valid regular expression: {exc}") from exc
         return
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return
-    raise TypeError(f"{name} must be a regex string or a list of module names, got {value!r}")
+    raise InputTypeError(f"{name} must be a regex string or a list of module names, got {value!r}")
 
 
 def name_matches(fqn: str, patterns: str | Iterable[str]) -> bool:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .common import InputError, InputTypeError
 from .linear import FOLD_MIN_TOKENS, RANK_ALIGNMENT
 
 __all__ = [
@@ -80,7 +81,7 @@ DEFAULT_SPEED_MODEL = SpeedModel()
 
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise InputError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
@@ -160,7 +161,7 @@ def expected_speedup(
     ):
         _check_positive_int(name, value)
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+        raise InputTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     element = torch.empty(0, dtype=dtype).element_size()
     costs = DEFAULT_SPEED_MODEL if model is None else model
     dense = dense_seconds(in_features, out_features, tokens, element=element, model=costs)
@@ -192,7 +193,7 @@ class SpeedRule:
     def __post_init__(self) -> None:
         m = self.min_speedup
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < math.inf:
-            raise ValueError(f"min_speedup must be a positive number, got {m!r}")
+            raise InputError(f"min_speedup must be a positive number, got {m!r}")
         _check_positive_int("speedup_tokens", self.tokens)
 
     def speedup(

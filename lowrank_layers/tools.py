@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
+from .common import InputError, InputTypeError
 from .convert import LOWRANK_TYPES
 from .dynamic import DynamicLowRankLinear
 from .linears import is_linear_like
@@ -140,7 +141,7 @@ def lowrank_summary(model: nn.Module) -> LowRankSummary:
         ({'LowRankLinear': 1}, 1032, 1)
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     summary = LowRankSummary(model_params=sum(p.numel() for p in model.parameters()))
     for name, module in model.named_modules():
         if isinstance(module, LOWRANK_TYPES):
@@ -186,13 +187,13 @@ def merge_to_dense(model: nn.Module) -> dict[str, int | None]:
             ``to_linear()``).
     """
     if isinstance(model, LOWRANK_TYPES):
-        raise ValueError(
+        raise InputError(
             f"merge_to_dense replaces layers inside model, and model is itself a "
             f"{type(model).__name__}: use model.to_linear()"
         )
     summary = {x.name: x.rank for x in lowrank_summary(model).layers}
     if not summary:
-        raise ValueError(
+        raise InputError(
             f"merge_to_dense: {type(model).__name__} holds no low-rank layer "
             "(LowRankLinear, AdaptiveLowRankLinear or DynamicLowRankLinear)"
         )
