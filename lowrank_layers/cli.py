@@ -5,8 +5,11 @@ safetensors, an out-of-range value, conflicting flags, an existing DST without
 ``--overwrite``), found before any work; 1 the operating system refused to read or write
 a path (permission denied, read-only file system, a file where a folder should be, disk
 full); 130 interrupted (Ctrl-C), 128 + N ended by signal N (143: SIGTERM). Errors are one
-line on stderr naming the path or value, never a traceback; a run that fails or is
-stopped leaves no temporary file behind.
+line on stderr naming the path or value; a run that fails or is stopped leaves no
+temporary file behind. Only the user's mistakes are usage errors: the library's
+``InputError`` / ``InputTypeError`` (bad arguments, unreadable checkpoints) and the CLI's
+own ``UsageError``. Any other exception is a bug, and propagates with its traceback
+(exit code 1), so that it is seen and reported rather than passed off as a usage error.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from .common import InputError, InputTypeError
 from .policy import RankPolicy, as_policy
 
 __all__ = ["main"]
@@ -110,7 +114,9 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--include", help="regex on the module name (full match)")
     convert.add_argument("--exclude", help="regex on the module name (full match)")
     convert.add_argument(
-        "--keep-embeddings", action="store_true", help="also factorize embedding matrices"
+        "--include-embeddings",
+        action="store_true",
+        help="also factorize embedding matrices (exclude_embeddings=False)",
     )
     convert.add_argument(
         "--conv1d",
@@ -185,11 +191,28 @@ def _build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="compress the real all-MiniLM-L6-v2 and measure it (the main job)",
-        description="Convert the pretrained all-MiniLM-L6-v2 at a few parameter budgets and "
-        "report parameters, latency, embedding cosine and BBC News kNN accuracy.",
+        description="Convert the pretrained all-MiniLM-L6-v2 at a few parameter ratios (plain "
+        "SVD) and global budgets (calibrated compress) and report parameters, latency, "
+        "embedding cosine, BBC News kNN accuracy and the save/load round trip.",
     )
     demo.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder")
-    demo.add_argument("--budgets", type=_fraction, nargs="+", default=[0.75, 0.5])
+    demo.add_argument(
+        "--param-ratios",
+        type=_fraction,
+        nargs="+",
+        default=[0.75, 0.5],
+        metavar="P",
+        help="one plain row each: convert_model(param_ratio=P), every Linear keeping at most "
+        "P of its weights (default 0.75 0.5)",
+    )
+    demo.add_argument(
+        "--compress-budgets",
+        type=_fraction,
+        nargs="+",
+        metavar="B",
+        help="one calibrated row each: compress(budget=B), at most B of all the Linear "
+        "weights (default: the --param-ratios values)",
+    )
     demo.add_argument("--per-class", type=_positive_int, default=100)
     demo.add_argument(
         "--calibration-per-class",
@@ -201,7 +224,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--heal-seconds",
         type=_non_negative_float,
         default=DEMO_HEAL_SECONDS,
-        help="add a row compressed at the first budget and healed this long (0: none)",
+        help="add a row compressed at the first compress budget and healed this long (0: none)",
     )
     demo.add_argument("--max-length", type=_positive_int, default=128)
     demo.add_argument("--method", choices=["svd", "randomized"], default="randomized")
@@ -273,7 +296,7 @@ def _run_convert(args: argparse.Namespace) -> None:
         policy,
         include=args.include,
         exclude=args.exclude,
-        exclude_embeddings=not args.keep_embeddings,
+        exclude_embeddings=not args.include_embeddings,
         conv1d={"auto": None, "gpt2": True, "none": False}[args.conv1d],
         threshold=args.threshold,
         method=args.method,
@@ -296,8 +319,10 @@ def _run_convert_with_model(args: argparse.Namespace, policy: RankPolicy | None)
         raise UsageError(
             f"--calibrate and --budget need a transformers model folder as SRC, got {args.src}"
         )
-    if args.workers != 1 or args.keep_embeddings:
-        raise UsageError("--workers and --keep-embeddings apply to conversion without model code")
+    if args.workers != 1 or args.include_embeddings:
+        raise UsageError(
+            "--workers and --include-embeddings apply to conversion without model code"
+        )
     texts = None
     if args.calibrate is not None:
         texts = read_texts(args.calibrate, limit=args.calib_docs)
@@ -420,36 +445,17 @@ def _run_demo(args: argparse.Namespace) -> None:
 
     result = run_demo(
         args.out,
-        budgets=tuple(args.budgets),
+        param_ratios=tuple(args.param_ratios),
+        compress_budgets=None if args.compress_budgets is None else tuple(args.compress_budgets),
         per_class=args.per_class,
         calibration_per_class=args.calibration_per_class,
         heal_seconds=args.heal_seconds,
         max_length=args.max_length,
         method=args.method,
         seed=args.seed,
-        save_check=_save_round_trip,
-        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        log=lambda line: print(line, file=sys.stderr, flush=True),
     )
     print(result.markdown)
-
-
-def _save_round_trip(model, path: Path) -> float:
-    """Save with save_lowrank, load into a fresh dense model built from the config; max |diff|."""
-    import torch
-    from transformers import AutoModel
-
-    from .checkpoint import load_lowrank, save_lowrank
-
-    save_lowrank(model, path)
-    fresh = AutoModel.from_config(model.config)  # the dense architecture, random weights
-    load_lowrank(fresh, path)
-    fresh.eval()
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 1000, (2, 16), generator=gen)
-    with torch.no_grad():
-        a = model(input_ids=ids).last_hidden_state
-        b = fresh(input_ids=ids).last_hidden_state
-    return float((a - b).abs().max())
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -500,8 +506,6 @@ def _os_error_line(exc: OSError) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lowrank-layers`` console script; returns the exit code."""
-    from .checkpoint import CheckpointError
-
     try:
         with _signals_unwind():
             args = _build_parser().parse_args(argv)
@@ -510,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.whole_process = argv is None
             commands = {"convert": _run_convert, "inspect": _run_inspect, "demo": _run_demo}
             commands[args.command](args)
-    except (UsageError, CheckpointError, ValueError, TypeError, ImportError) as exc:
+    except (UsageError, InputError, InputTypeError, ImportError) as exc:
         print(f"lowrank-layers: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except EnvironmentProblem as exc:

