@@ -131,14 +131,7 @@ class AdaptiveLowRankLinear(nn.Module):
         super().__init__()
         self.in_features = check_features("in_features", in_features)
         self.out_features = check_features("out_features", out_features)
-        policy = as_policy(
-            policy,
-            rank=rank,
-            rank_ratio=rank_ratio,
-            energy=energy,
-            param_ratio=param_ratio,
-            required=False,
-        )
+        policy = as_policy(policy, rank, rank_ratio, energy, param_ratio, required=False)
         if policy is not None:  # fits this shape: checked now, not at the switch epochs later
             policy.resolve(out_features, in_features, row_scales=balance != "none")
         check_choice("balance", balance, BALANCE_MODES)
@@ -257,14 +250,7 @@ class AdaptiveLowRankLinear(nn.Module):
                 f"switch_to_lowrank: the layer is already low rank (rank {self.rank})"
             )
         balance = self.default_balance if balance is None else balance
-        policy = as_policy(
-            policy,
-            rank=rank,
-            rank_ratio=rank_ratio,
-            energy=energy,
-            param_ratio=param_ratio,
-            required=False,
-        )
+        policy = as_policy(policy, rank, rank_ratio, energy, param_ratio, required=False)
         policy = self.default_policy if policy is None else policy
         weight = self.weight
         factors = factorize(

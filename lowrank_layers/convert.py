@@ -410,14 +410,7 @@ def convert_model(
         raise InputTypeError(f"filter_fn must be callable, got {filter_fn!r}")
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise InputError(f"threshold must be an int >= 0, got {threshold!r}")
-    policy = as_policy(
-        policy,
-        rank=rank,
-        rank_ratio=rank_ratio,
-        energy=energy,
-        param_ratio=param_ratio,
-        required=False,
-    )
+    policy = as_policy(policy, rank, rank_ratio, energy, param_ratio, required=False)
     check_choice("allocation", allocation, ALLOCATIONS)
     given = [k for k, v in (("budget", budget), ("ranks", ranks)) if v is not None]
     if len(given) == 2 or (given and policy is not None):
@@ -1079,14 +1072,7 @@ def switch_to_lowrank(
                 "Pass the optimizer that trains this model, or optimizer=None and add the "
                 "new factors yourself"
             )
-    policy = as_policy(
-        policy,
-        rank=rank,
-        rank_ratio=rank_ratio,
-        energy=energy,
-        param_ratio=param_ratio,
-        required=False,
-    )
+    policy = as_policy(policy, rank, rank_ratio, energy, param_ratio, required=False)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputTypeError(f"seed must be an int, got {seed!r}")
     results: dict[str, SwitchResult] = {}

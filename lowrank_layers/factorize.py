@@ -376,9 +376,7 @@ def factorize(
     input_cov = None if input_cov is None else input_cov.detach()
     cross_cov = None if cross_cov is None else cross_cov.detach()
     out_features, in_features = W.shape
-    policy = as_policy(
-        policy, rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio
-    )
+    policy = as_policy(policy, rank, rank_ratio, energy, param_ratio)
     energy = policy.energy
     r = policy.resolve(out_features, in_features, row_scales=balance != "none")
     dtype = W.dtype

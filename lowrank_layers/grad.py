@@ -78,9 +78,7 @@ class GradientProjector:
         exclude: str | Sequence[str] | None = None,
         seed: int = 0,
     ) -> None:
-        self.policy = as_policy(
-            policy, rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio
-        )
+        self.policy = as_policy(policy, rank, rank_ratio, energy, param_ratio)
         if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
             raise InputError(f"update_every must be an int >= 1, got {update_every!r}")
         check_choice("method", method, METHODS)

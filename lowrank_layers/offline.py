@@ -289,9 +289,7 @@ def convert_checkpoint(
         NotADirectoryError: a folder above ``dst`` is a file.
         ValueError, TypeError: bad options (named, with the value and what is allowed).
     """
-    policy = as_policy(
-        policy, rank=rank, rank_ratio=rank_ratio, energy=energy, param_ratio=param_ratio
-    )
+    policy = as_policy(policy, rank, rank_ratio, energy, param_ratio)
     check_choice("method", method, METHODS)
     check_choice("balance", balance, BALANCE_MODES)
     check_patterns("include", include)

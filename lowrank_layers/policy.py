@@ -160,14 +160,17 @@ class RankPolicy:
 
 def as_policy(
     policy: RankPolicy | None = None,
-    *,
     rank: int | None = None,
     rank_ratio: float | None = None,
     energy: float | None = None,
     param_ratio: float | None = None,
+    *,
     required: bool = True,
 ) -> RankPolicy | None:
     """The one rank policy of a call: ``policy``, or the keyword form, not both.
+
+    Entry points pass their arguments on in this order,
+    ``as_policy(policy, rank, rank_ratio, energy, param_ratio)``.
 
     With ``required=False`` giving neither returns None (a layer that keeps its own
     policy, a budget that replaces it).
