@@ -19,6 +19,7 @@ from .linear import (
     init_factors_,
     lowrank_linear,
     make_linear,
+    policy_rank,
     register_lowrank_params,
 )
 from .policy import RankPolicy, ratio_rank, select_rank
@@ -65,7 +66,8 @@ class DynamicLowRankLinear(nn.Module):
 
     Args:
         in_features, out_features: the layer's sizes.
-        max_rank: components held, in ``[1, min(in, out)]``; or
+        max_rank: components held, in ``[1, min(in, out)]`` (or a
+            :class:`~lowrank_layers.RankPolicy` resolved for these sizes); or
         max_rank_ratio: ``max_rank = round(ratio · min(in, out))`` (default 0.2, the
             original design's).
         active_rank: components used at first (default ``max_rank``).
@@ -102,7 +104,7 @@ class DynamicLowRankLinear(nn.Module):
         in_features: int,
         out_features: int,
         *,
-        max_rank: int | None = None,
+        max_rank: int | RankPolicy | None = None,
         max_rank_ratio: float | None = None,
         active_rank: int | None = None,
         bias: bool = True,
@@ -120,6 +122,8 @@ class DynamicLowRankLinear(nn.Module):
             )
         if max_rank is None and max_rank_ratio is None:
             max_rank_ratio = 0.2
+        if isinstance(max_rank, RankPolicy):
+            max_rank = policy_rank(max_rank, out_features, in_features, row_scales=row_scales)
         if max_rank is not None:
             max_rank = _check_rank("max_rank", max_rank, min(in_features, out_features))
         else:

@@ -7,7 +7,7 @@ from torch import nn
 
 from .common import InputError
 from .linear import LowRankLinear, check_features
-from .policy import RankPolicy
+from .policy import RankPolicy, as_policy
 
 __all__ = ["make_efficient_linear"]
 
@@ -15,8 +15,9 @@ __all__ = ["make_efficient_linear"]
 def make_efficient_linear(
     in_features: int,
     out_features: int,
+    policy: RankPolicy | None = None,
     *,
-    rank_ratio: float = 0.1,
+    rank_ratio: float | None = None,
     threshold: int = 512,
     bias: bool = True,
     row_scales: bool = False,
@@ -33,7 +34,10 @@ def make_efficient_linear(
 
     Args:
         in_features, out_features: the layer's sizes.
-        rank_ratio: fraction of ``min(in, out)`` kept, in (0, 1].
+        policy: a :class:`~lowrank_layers.RankPolicy` (``rank``, ``rank_ratio`` or
+            ``param_ratio``; ``energy`` needs a weight), or
+        rank_ratio: fraction of ``min(in, out)`` kept, in (0, 1] (default 0.1, when no
+            policy is given).
         threshold: size threshold; ``0`` makes every layer that saves parameters low rank.
         bias, row_scales, device, dtype: as for :class:`~lowrank_layers.LowRankLinear`.
 
@@ -47,10 +51,14 @@ def make_efficient_linear(
     check_features("out_features", out_features)
     if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
         raise InputError(f"threshold must be an int >= 0, got {threshold!r}")
+    policy = as_policy(policy, rank_ratio=rank_ratio, required=False) or RankPolicy(rank_ratio=0.1)
+    if policy.energy is not None:
+        raise InputError(
+            f"{policy} needs a weight's spectrum; make_efficient_linear builds from sizes: "
+            "give rank, rank_ratio or param_ratio"
+        )
     # the converter's rule: above the threshold, and factors that save parameters
-    rank, _ = RankPolicy(rank_ratio=rank_ratio).plan(
-        out_features, in_features, threshold=threshold, row_scales=row_scales
-    )
+    rank, _ = policy.plan(out_features, in_features, threshold=threshold, row_scales=row_scales)
     if rank is not None:
         return LowRankLinear(
             in_features,

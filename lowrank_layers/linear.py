@@ -23,6 +23,7 @@ __all__ = [
     "init_factors_",
     "lowrank_linear",
     "make_linear",
+    "policy_rank",
 ]
 
 # Two regimes, chosen from the shapes alone (so torch.compile sees no branch on data):
@@ -118,6 +119,17 @@ def lowrank_linear(
         return out
     bias = bias.to(out.dtype)
     return out.add_(bias) if inplace else out + bias
+
+
+def policy_rank(policy: RankPolicy, out_f: int, in_f: int, *, row_scales: bool) -> int:
+    """The rank a policy gives a layer built without a weight (``energy`` needs one)."""
+    rank = policy.resolve(out_f, in_f, row_scales=row_scales)
+    if rank is None:
+        raise InputError(
+            f"{policy} needs a weight's spectrum; a layer built from its sizes takes rank=, "
+            "rank_ratio= or param_ratio= (or use from_linear)"
+        )
+    return rank
 
 
 def check_features(name: str, value: object) -> int:
@@ -260,9 +272,10 @@ class LowRankLinear(nn.Module):
     Args:
         in_features: size of each input sample.
         out_features: size of each output sample.
-        rank: number of components ``r``, in ``[1, min(in_features, out_features)]``.
-            Ranks at or above :func:`~lowrank_layers.break_even_rank` are allowed but
-            save nothing.
+        rank: number of components ``r``, in ``[1, min(in_features, out_features)]``, or a
+            :class:`~lowrank_layers.RankPolicy` (``rank``, ``rank_ratio`` or
+            ``param_ratio``) resolved for these sizes. Ranks at or above
+            :func:`~lowrank_layers.break_even_rank` are allowed but save nothing.
         bias: if ``False``, the layer has no additive bias.
         row_scales: if ``True``, the layer holds a trainable row scale ``D`` (the original
             design's DBC vector), initialised to ones.
@@ -306,7 +319,7 @@ class LowRankLinear(nn.Module):
         self,
         in_features: int,
         out_features: int,
-        rank: int,
+        rank: int | RankPolicy,
         *,
         bias: bool = True,
         row_scales: bool = False,
@@ -317,6 +330,8 @@ class LowRankLinear(nn.Module):
         self.in_features = check_features("in_features", in_features)
         self.out_features = check_features("out_features", out_features)
         max_rank = min(in_features, out_features)
+        if isinstance(rank, RankPolicy):
+            rank = policy_rank(rank, out_features, in_features, row_scales=row_scales)
         rank = as_integer(rank)  # type: ignore[assignment]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
             raise InputError(

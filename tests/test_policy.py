@@ -107,3 +107,30 @@ def test_an_adaptive_conversion_refuses_what_it_would_drop():
                            r"them to switch_to_lowrank"):  # fmt: skip
             convert_model(model, rank=4, layer="adaptive", **kwargs)
     assert type(model[0]) is nn.Linear
+
+
+def test_layers_built_from_sizes_take_a_policy():
+    assert LowRankLinear(64, 32, RankPolicy(rank_ratio=0.25)).rank == 8
+    r = LowRankLinear(64, 32, RankPolicy(param_ratio=0.5)).rank
+    assert factor_parameters(64, 32, r, row_scales=False) <= 0.5 * 64 * 32
+    assert DynamicLowRankLinear(64, 32, max_rank=RankPolicy(rank_ratio=0.5)).max_rank == 16
+    for build in (
+        lambda: LowRankLinear(64, 32, RankPolicy(energy=0.9)),
+        lambda: DynamicLowRankLinear(64, 32, max_rank=RankPolicy(energy=0.9)),
+    ):
+        with pytest.raises(ValueError, match=r"energy=0\.9 needs a weight's spectrum"):
+            build()
+
+
+def test_make_efficient_linear_takes_a_policy_and_the_converter_rule():
+    from lowrank_layers import make_efficient_linear
+
+    layer = make_efficient_linear(1024, 4096, RankPolicy(param_ratio=0.25))
+    assert isinstance(layer, LowRankLinear)
+    assert factor_parameters(4096, 1024, layer.rank, row_scales=False) <= 0.25 * 1024 * 4096
+    assert make_efficient_linear(1024, 4096).rank == 102  # the original's default ratio
+    assert isinstance(make_efficient_linear(1024, 1024, rank_ratio=0.9), nn.Linear)  # break-even
+    with pytest.raises(ValueError, match=r"give policy=rank=4 or the keyword form"):
+        make_efficient_linear(1024, 1024, RankPolicy(rank=4), rank_ratio=0.5)
+    with pytest.raises(ValueError, match=r"energy=0\.5 needs a weight's spectrum"):
+        make_efficient_linear(1024, 1024, RankPolicy(energy=0.5))
