@@ -38,7 +38,7 @@ from .adaptive import AdaptiveLowRankLinear
 from .common import InputError, InputTypeError
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear, make_linear
-from .linears import is_conv1d
+from .linears import features
 from .safetensors_io import (
     INDEX_FILE,
     CheckpointError,
@@ -436,10 +436,9 @@ def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) 
             module.restructure(rank, row_scales=entry["balance"])
         return module
     ref = next(iter(module.parameters()), None)
-    if ref is not None and is_conv1d(module):  # GPT-2's Conv1D: weight stored (in, out)
-        in_f, out_f = module.weight.shape
-    elif ref is not None and hasattr(module, "in_features"):
-        in_f, out_f = module.in_features, module.out_features
+    sizes = features(module)  # GPT-2's Conv1D included (weight stored (in, out))
+    if ref is not None and sizes is not None:
+        in_f, out_f = sizes
     else:
         raise CheckpointError(
             f"{path}: layer {name!r} is a {type(module).__name__} in the model, which cannot "

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 __all__ = [
     "InputError",
@@ -16,7 +17,9 @@ __all__ = [
     "as_integer",
     "check_choice",
     "check_fraction",
+    "parameter_count",
     "progress_bar",
+    "weight_parameter_count",
 ]
 
 
@@ -78,3 +81,23 @@ def progress_bar(items: Iterable[Any], desc: str = "converting", unit: str = "la
             "progress=True needs tqdm: pip install 'lowrank-layers[progress]'"
         ) from exc
     return tqdm(items, desc=desc, unit=unit)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The parameters of ``model`` (a lazy module's uninitialised ones count 0)."""
+    return sum(
+        p.numel()
+        for p in model.parameters()
+        if not isinstance(p, nn.parameter.UninitializedParameter)
+    )
+
+
+def weight_parameter_count(module: nn.Module) -> int:
+    """The parameters a module holds directly (with its parametrizations' originals), its
+    bias excluded: what conversion reports and summaries count as a layer's weights."""
+    parametrized = torch.nn.utils.parametrize.is_parametrized(module)
+    return sum(
+        p.numel()
+        for n, p in module.named_parameters(recurse=parametrized)
+        if n != "bias" and not isinstance(p, nn.parameter.UninitializedParameter)
+    )

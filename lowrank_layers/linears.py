@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["as_linear", "is_conv1d", "is_linear_like", "linear_weight"]
+__all__ = ["as_linear", "features", "is_conv1d", "is_linear_like", "linear_weight"]
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -26,6 +26,16 @@ def is_conv1d(module: nn.Module) -> bool:
 def is_linear_like(module: nn.Module) -> bool:
     """An ``nn.Linear`` (or subclass) or a transformers ``Conv1D``."""
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def features(module: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of an ``nn.Linear``-like module or a ``Conv1D`` (whose
+    weight is stored ``(in, out)``); None for a module that has no such sizes."""
+    if is_conv1d(module):
+        in_f, out_f = module.weight.shape
+        return in_f, out_f
+    in_f, out_f = getattr(module, "in_features", None), getattr(module, "out_features", None)
+    return None if in_f is None or out_f is None else (in_f, out_f)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
-from .common import InputError, InputTypeError
+from .common import InputError, InputTypeError, parameter_count, weight_parameter_count
 from .convert import LOWRANK_TYPES
 from .dynamic import DynamicLowRankLinear
 from .linears import is_linear_like
@@ -124,10 +124,6 @@ def _kind(x: LayerSummary) -> str:
     return f"{x.kind} (dense)" if x.rank is None else x.kind
 
 
-def _weight_params(module: nn.Module) -> int:
-    return sum(p.numel() for n, p in module.named_parameters(recurse=False) if n != "bias")
-
-
 def lowrank_summary(model: nn.Module) -> LowRankSummary:
     """Kinds, ranks and parameters of every low-rank layer of ``model`` (the root too).
 
@@ -142,7 +138,7 @@ def lowrank_summary(model: nn.Module) -> LowRankSummary:
     """
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    summary = LowRankSummary(model_params=sum(p.numel() for p in model.parameters()))
+    summary = LowRankSummary(model_params=parameter_count(model))
     for name, module in model.named_modules():
         if isinstance(module, LOWRANK_TYPES):
             if isinstance(module, AdaptiveLowRankLinear) and not module.is_lowrank:
@@ -159,13 +155,13 @@ def lowrank_summary(model: nn.Module) -> LowRankSummary:
                     out_features=module.out_features,
                     rank=rank,
                     max_rank=max_rank,
-                    params=_weight_params(module),
+                    params=weight_parameter_count(module),
                     dense_params=module.in_features * module.out_features,
                 )
             )
         elif is_linear_like(module):
             summary.dense_linears += 1
-            summary.dense_linear_params += _weight_params(module)
+            summary.dense_linear_params += weight_parameter_count(module)
     return summary
 
 
