@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from lowrank_layers.speed import median_seconds
+
 # glibc serves allocations above its mmap threshold (at most 32 MiB by default) with
 # fresh pages from the OS and returns them on free: every large tensor then pays page
 # faults. These settings keep freed memory in the heap instead.
@@ -22,16 +24,9 @@ TUNED_MALLOC_ENV = {
 }
 
 
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+# median wall-clock seconds of fn() over `repeats` runs after `warmup` runs: the library's
+# own timer (its speed model is measured with it)
+median_time = median_seconds
 
 
 def paired_median_times(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "SpeedRule",
     "expected_speedup",
     "measure_speed_model",
+    "median_seconds",
     "report_speedups",
     "speed_rule",
 ]
@@ -271,8 +273,11 @@ def report_speedups(
     return few, many
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs
+    (also the benchmarks' timer)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -292,7 +297,7 @@ def measure_speed_model(*, repeats: int = 9) -> SpeedModel:
     """
     _check_positive_int("repeats", repeats)
     small = torch.ones(8)
-    per_call = _median_seconds(lambda: torch.mul(small, small), repeats * 20)
+    per_call = median_seconds(lambda: torch.mul(small, small), repeats * 20)
     weights = [torch.randn(2048, 1024) for _ in range(8)]
     x = torch.randn(1, 1024)
 
@@ -300,8 +305,8 @@ def measure_speed_model(*, repeats: int = 9) -> SpeedModel:
         for w in weights:
             torch.nn.functional.linear(x, w)
 
-    t = _median_seconds(read_all, repeats) / len(weights)
+    t = median_seconds(read_all, repeats) / len(weights)
     bandwidth = weights[0].numel() * 4 / max(t - per_call, 1e-9)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    t = _median_seconds(lambda: a @ b, repeats)
+    t = median_seconds(lambda: a @ b, repeats)
     return SpeedModel(bandwidth=bandwidth, peak=2 * 1024**3 / t, call=per_call)
