@@ -45,6 +45,7 @@ from .policy import (
     factor_parameters,
     layer_seed,
     saves_parameters,
+    threshold_reason,
 )
 from .readers import register_weight_reader, weight_reader_policy
 from .selection import check_patterns, module_holders, name_matches, weight_owners
@@ -501,7 +502,8 @@ def convert_model(
                 m.weight.detach(), balance=balance, input_cov=covariances.get(fqn)
             )
             for fqn, m in views.items()
-            if m.in_features * m.out_features > threshold**2 and fqn not in dense_reason
+            if threshold_reason(m.out_features, m.in_features, threshold) is None
+            and fqn not in dense_reason
         }
         caps: dict[str, int] | None = None
         fraction = budget
@@ -820,7 +822,8 @@ def _convert_one(
     out_f, in_f = source.out_features, source.in_features
     keep_d = balance != "none"
     if policy is None:  # a budget allocates ranks only to the layers above the threshold
-        return _skip(fqn, module, f"{out_f}x{in_f} is not above threshold {threshold}²")
+        reason = threshold_reason(out_f, in_f, threshold) or "no rank allocated by the budget"
+        return _skip(fqn, module, reason)
     planned, reason = policy.plan(out_f, in_f, threshold=threshold, row_scales=keep_d)
     if reason is None and planned is not None and speed is not None:
         reason = speed.reason(

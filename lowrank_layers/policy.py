@@ -34,6 +34,7 @@ __all__ = [
     "resolve_rank",
     "saves_parameters",
     "select_rank",
+    "threshold_reason",
 ]
 
 
@@ -138,8 +139,9 @@ class RankPolicy:
         small weight's ``min(in, out)`` means all of it (and so saves nothing).
         """
         out_f, in_f = out_features, in_features
-        if in_f * out_f <= threshold**2:
-            return None, f"{out_f}x{in_f} is not above threshold {threshold}²"
+        small = threshold_reason(out_f, in_f, threshold)
+        if small is not None:
+            return None, small
         policy = self
         if self.rank is not None and self.rank > min(out_f, in_f):
             policy = RankPolicy(rank=min(out_f, in_f))
@@ -156,6 +158,14 @@ class RankPolicy:
         ):
             return None, break_even_reason(planned)
         return planned, None
+
+
+def threshold_reason(out_features: int, in_features: int, threshold: int) -> str | None:
+    """Why a weight is too small to convert (``in·out <= threshold²``, the original
+    ``make_efficient_linear``'s size test), or None."""
+    if in_features * out_features <= threshold**2:
+        return f"{out_features}x{in_features} is not above threshold {threshold}²"
+    return None
 
 
 def as_policy(
