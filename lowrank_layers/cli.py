@@ -29,6 +29,7 @@ from typing import NoReturn
 from . import __version__
 from .common import InputError, InputTypeError
 from .policy import RankPolicy, as_policy
+from .safetensors_io import destination_of, named_path
 
 __all__ = ["main"]
 
@@ -259,7 +260,7 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
     """Refuse an existing DST without --overwrite, or one that cannot be written."""
     if dst.exists() and not overwrite:
         raise UsageError(f"DST {dst} already exists (pass --overwrite to replace it)")
-    _check_writable(dst.resolve() if dst.name in ("", "..") else dst, "DST", create=True)
+    _check_writable(named_path(dst), "DST", create=True)
 
 
 def _run_convert(args: argparse.Namespace) -> None:
@@ -496,8 +497,6 @@ def _one_line(exc: BaseException) -> str:
 
 def _os_error_line(exc: OSError) -> str:
     """``<path>: <reason>`` for an error of the OS, the path as the user knows it."""
-    from .safetensors_io import destination_of
-
     reason = exc.strerror or _one_line(exc)
     if exc.filename is None:
         return reason
