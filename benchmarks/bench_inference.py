@@ -1,8 +1,9 @@
 """LowRankLinear against nn.Linear in inference, from one token per call to 4096.
 
-For each shape, param_ratio and token count, nn.Linear, LowRankLinear as stored and after
-``inference_layout_`` (and, for reference, the forward this library had before issue 10,
-which folded and padded the factors on every call) run side by side in
+For each shape, param_ratio and token count, nn.Linear, LowRankLinear as stored (``Vh``
+and ``U`` row-major, format 2) and after ``inference_layout_`` (``U`` stored transposed,
+float32 only), and, for reference, the forward this library had before issue 10 (which
+folded and padded the factors on every call) run side by side in
 ``torch.inference_mode`` (interleaved repeats, medians). The limit of the speed-up is
 ``in·out / (r·(in+out))``: the ratio of weights read at few tokens, and of FLOPs at many.
 

@@ -19,7 +19,8 @@ token). Both are of the whole model, so they stay below the per-layer limit
 ``in·out / (r·(in+out))``: the lm_head and attention are not converted.
 
 Each converted model is measured twice: as converted, and with ``inference_layout_``
-(factors stored transposed in memory, which CPU BLAS reads faster at few tokens).
+(float32 ``U`` stored transposed in memory, which MKL reads faster at few tokens; a
+no-op in bfloat16).
 
 all-MiniLM-L6-v2 (the demo's model) is converted with ``convert_model(param_ratio=p)``
 and timed as in the demo: a batch of 32 BBC articles padded to 128 tokens, and one

@@ -13,6 +13,7 @@ from torch import nn
 from .common import check_choice
 from .factorize import BALANCE_MODES, Balance, Factors, Method, factorize, relative_error
 from .linear import (
+    FACTOR_NAMES,
     check_features,
     check_linear,
     dense_from_factors,
@@ -20,13 +21,12 @@ from .linear import (
     lowrank_linear,
     make_linear,
     new_factor_params,
+    upgrade_state_dict_,
 )
 from .policy import RankPolicy, as_policy, factor_parameters
 from .readers import lazy_weight
 
 __all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
-
-FACTOR_NAMES = ("U", "S", "V", "D")
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class AdaptiveLowRankLinear(nn.Module):
     layer's ``balance`` (default ``"none"``: the plain truncated SVD, the smallest weight
     error; ``"rowsum"`` is the original design's row-balanced, "DBC-normalized" SVD), frees
     the dense weight, and from then on the layer computes
-    :func:`~lowrank_layers.linear.lowrank_linear` with parameters ``U``, ``S``, ``V``
+    :func:`~lowrank_layers.linear.lowrank_linear` with parameters ``U``, ``S``, ``Vh``
     (``D`` only when balanced) and ``bias``, like :class:`~lowrank_layers.LowRankLinear`.
 
     Loading a state dict saved after the switch into a dense-phase layer (a fresh model
@@ -149,7 +149,7 @@ class AdaptiveLowRankLinear(nn.Module):
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation when dense; ``LowRankLinear``'s after the switch."""
         if self.is_lowrank:
-            init_factors_(self.U, self.S, self.V, self.D, self.bias)
+            init_factors_(self.U, self.S, self.Vh.t(), self.D, self.bias)
             return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -190,11 +190,16 @@ class AdaptiveLowRankLinear(nn.Module):
             raise RuntimeError(
                 "weight_factors: the layer is still dense; call switch_to_lowrank first"
             )
-        return self.U, self.S, self.V, self.D
+        return self.U, self.S, self.Vh.t(), self.D
+
+    @property
+    def V(self) -> torch.Tensor:
+        """After the switch, ``Vhᵀ``, ``(in_features, rank)``: a view of the parameter ``Vh``."""
+        return self.Vh.mT
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.is_lowrank:
-            return lowrank_linear(input, self.U, self.S, self.V, self.D, self.bias)
+            return lowrank_linear(input, self.U, self.S, self.Vh.t(), self.D, self.bias)
         return F.linear(input, self._parameters["weight"], self.bias)  # type: ignore[arg-type]
 
     def __prepare_scriptable__(self) -> nn.Module:
@@ -233,7 +238,7 @@ class AdaptiveLowRankLinear(nn.Module):
         Without balancing (``balance="none"``, the default) the weight is truncated by SVD
         (``method="svd"``) or randomized SVD and there is no ``D``; with ``"rownorm"`` or
         ``"rowsum"``, ``W = diag(D)·W̃`` with ``D`` from :func:`~lowrank_layers.balance_rows`
-        and ``W̃`` truncated. ``U``, ``S``, ``V`` (and ``D``) become new parameters (same
+        and ``W̃`` truncated. ``U``, ``S``, ``Vh`` (and ``D``) become new parameters (same
         device, dtype and ``requires_grad`` as the weight), the weight is deleted. Exactly
         one rank policy (a :class:`~lowrank_layers.RankPolicy` or its keyword form), or none
         to use the one given at construction; ``balance=None`` uses the layer's.
@@ -261,7 +266,7 @@ class AdaptiveLowRankLinear(nn.Module):
         new = {
             name: nn.Parameter(tensor.contiguous(), requires_grad=grad)
             for name, tensor in zip(
-                FACTOR_NAMES, (factors.U, factors.S, factors.V, factors.D), strict=True
+                FACTOR_NAMES, (factors.U, factors.S, factors.V.mT, factors.D), strict=True
             )
             if tensor is not None
         }
@@ -338,7 +343,7 @@ class AdaptiveLowRankLinear(nn.Module):
         if not self.is_lowrank:
             raise RuntimeError("factors: the layer is still dense; call switch_to_lowrank first")
         D = None if self.D is None else self.D.detach()
-        return Factors(self.U.detach(), self.S.detach(), self.V.detach(), D)
+        return Factors(self.U.detach(), self.S.detach(), self.Vh.detach().mT, D)
 
     def to_linear(self) -> nn.Linear:
         """An ``nn.Linear`` with the layer's current (dense or multiplied-out) weight."""
@@ -362,6 +367,7 @@ class AdaptiveLowRankLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        upgrade_state_dict_(state_dict, prefix)
         has_factors = prefix + "U" in state_dict and prefix + "S" in state_dict
         has_weight = prefix + "weight" in state_dict
         ref = next(t for t in self._parameters.values() if t is not None)

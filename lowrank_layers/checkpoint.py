@@ -2,11 +2,11 @@
 
 Format (see docs/checkpoints.md): ordinary safetensors files whose tensors are the model's
 state dict — a low-rank layer ``name`` stores ``name.U`` (out, r), ``name.S`` (r,),
-``name.V`` (in, r), optionally ``name.D`` (out,), and ``name.bias`` — and whose header
+``name.Vh`` (r, in), optionally ``name.D`` (out,), and ``name.bias`` — and whose header
 metadata holds::
 
     format          "lowrank-layers"
-    format_version  "1"
+    format_version  "2"   ("1": the same, with ``name.V`` (in, r) = Vhᵀ; still read)
     layers          JSON {name: {"type", "in_features", "out_features", "rank",
                                  "balance", "bias", ["max_rank"]}}
     aliases         JSON {key: key stored instead} (tied tensors are stored once)
@@ -37,7 +37,7 @@ from torch import nn
 from .adaptive import AdaptiveLowRankLinear
 from .common import InputError, InputTypeError
 from .dynamic import DynamicLowRankLinear
-from .linear import LowRankLinear, make_linear
+from .linear import LowRankLinear, make_linear, upgrade_state_dict_
 from .linears import features
 from .safetensors_io import (
     INDEX_FILE,
@@ -75,7 +75,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "lowrank-layers"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# format 1 stored V (in, r) where format 2 stores Vh = Vᵀ (r, in); load_lowrank reads both
+READABLE_VERSIONS = ("1", "2")
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
 
 _LAYER_TYPES: dict[str, type[nn.Module]] = {
@@ -293,10 +295,10 @@ def check_format(meta: Mapping[str, str], where: Path) -> tuple[dict[str, Any], 
             "with load_state_dict or transformers' from_pretrained"
         )
     version = meta.get("format_version")
-    if version != str(FORMAT_VERSION):
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(
             f"{where} has format_version {version!r}; this version of lowrank-layers reads "
-            f"format_version {FORMAT_VERSION!r}"
+            f"format_version {' or '.join(READABLE_VERSIONS)}"
         )
     try:
         return json.loads(meta["layers"]), json.loads(meta.get("aliases", "{}"))
@@ -336,6 +338,9 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         if target not in state:
             raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
         state[alias] = state[target]
+    if ckpt.metadata.get("format_version") == "1":
+        for name in layers:  # V (in, r) -> Vh (r, in)
+            upgrade_state_dict_(state, f"{name}." if name else "")
     for name, entry in layers.items():
         if entry["type"] == "DynamicLowRankLinear":
             prefix = f"{name}." if name else ""
@@ -536,7 +541,7 @@ def lowrank_quantization_config(
 ) -> dict[str, Any]:
     """The ``quantization_config`` entry of ``config.json`` describing a low-rank model.
 
-    ``{"quant_method": "lowrank-layers", "format": "lowrank-layers", "format_version": 1,
+    ``{"quant_method": "lowrank-layers", "format": "lowrank-layers", "format_version": 2,
     "layers": {name: {"type", "in_features", "out_features", "rank", "balance", "bias",
     ["active_rank"]}}}``: the ``layers`` of the checkpoint format (docs/checkpoints.md), for
     a model (its current layers) or a ``layers`` mapping as read from a checkpoint.

@@ -34,7 +34,7 @@ from .factorize import (
     relative_error,
     truncated_spectrum,
 )
-from .linear import HALF_DTYPES, LowRankLinear
+from .linear import FACTOR_NAMES, HALF_DTYPES, LowRankLinear
 from .linears import as_linear, features, is_conv1d, is_linear_like
 from .policy import (
     ALLOCATIONS,
@@ -1064,7 +1064,7 @@ def switch_to_lowrank(
             policy, method=method, balance=balance, generator=generator
         )
         if optimizer is not None:
-            new = tuple(p for n, p in layer.named_parameters() if n in ("U", "S", "V", "D"))
+            new = tuple(p for n, p in layer.named_parameters() if n in FACTOR_NAMES)
             apply_param_swaps(optimizer, [ParamSwap(old, new)])
     from .hf import mark_lowrank_config  # hf imports this module
 
@@ -1076,7 +1076,7 @@ def prune_dynamic(
     model: nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, int]:
     """:meth:`~lowrank_layers.DynamicLowRankLinear.prune` every dynamic layer, keeping the
-    optimizer in step: the pruned ``U``, ``S``, ``V`` replace the old ones in their groups,
+    optimizer in step: the pruned ``U``, ``S``, ``Vh`` replace the old ones in their groups,
     with the optimizer state of the kept components carried over.
 
     Returns:
@@ -1101,25 +1101,23 @@ def prune_dynamic(
 
 @torch.no_grad()
 def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
-    """Lay every low-rank layer's factors out in memory for decoding (few tokens per call).
+    """Lay float32 low-rank layers' ``U`` out in memory for decoding on CPU (opt-in).
 
-    At one or a few tokens per call, a layer's time is the time to read its factors, and
-    how fast the CPU reads them depends on their layout:
-
-    - ``V`` is stored transposed (``Vᵀ`` row by row, strides ``(1, in)``), so the first
-      product is ``F.linear`` with a contiguous ``(r, in)`` weight, like ``nn.Linear``'s.
-      In bfloat16 and float16 this is the only fast path: with ``V`` as stored, one-token
-      products of a 576x1536 weight took 2.6 ms against 0.3 ms.
-    - In float32 and float64, ``U`` is stored transposed too: MKL reads ``Uᵀ`` row by row
-      faster. One-token calls at ``param_ratio=0.8`` measured 0.88×, 0.98× and 0.76×
-      ``nn.Linear`` (576x576, 576x1536, 1536x576) as stored, 1.17×, 1.39× and 1.07× laid
-      out. In half precision ``U`` stays row-major, which is the fast path there.
+    Every layer stores its factors as the weights of its two linear maps, ``Vh (r, in)``
+    and ``U (out, r)``, both row-major like ``nn.Linear``'s weight: the layout oneDNN's
+    bfloat16/float16 kernels and GPU kernels need, and the one FSDP2 accepts. At one or a
+    few tokens per call in float32 (and float64), MKL reads the second product's weight
+    faster stored transposed (``Uᵀ`` row by row, strides ``(1, out)``): a matrix-vector
+    product over rows of ``r`` numbers is slower than one over columns of ``out``. This
+    stores ``U`` so. In bfloat16 and float16 it changes nothing (the transposed ``U`` is
+    3-7x slower there). See docs/benchmarks.md, "LowRankLinear in inference", for the
+    gain per shape.
 
     Shapes, values, names and outputs (to float rounding) are unchanged: only strides
     change, through ``param.data``, so optimizers, hooks and references to the parameters
     stay valid. Saving (:func:`~lowrank_layers.save_lowrank`, ``torch.save``, transformers'
     ``save_pretrained``) works as before. Casting the model afterwards (``.to(dtype)``)
-    keeps the layout; call this again after a cast between float32 and half precision.
+    keeps the layout; call this again after a cast to half precision.
 
     Not for training under FSDP2: ``fully_shard`` refuses non-contiguous parameters; call
     ``inference_layout_(model, enabled=False)`` before it. Training otherwise works in
@@ -1136,8 +1134,8 @@ def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
         >>> model = nn.Sequential(LowRankLinear(64, 32, 8))
         >>> inference_layout_(model)
         1
-        >>> model[0].V.stride(), model[0].U.stride(), model[0].U.shape
-        ((1, 64), (1, 32), torch.Size([32, 8]))
+        >>> model[0].U.stride(), model[0].U.shape, model[0].Vh.stride()
+        ((1, 32), torch.Size([32, 8]), (64, 1))
     """
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -1148,12 +1146,12 @@ def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
         if not isinstance(module, LOWRANK_TYPES) or module._parameters.get("U") is None:
             continue
         changed = False
-        for name in ("U", "V"):
+        for name in ("U", "Vh"):
             param = module._parameters[name]
             data = param.data
             if type(data) is not torch.Tensor or data.dim() != 2:  # DTensor shards and such
                 continue
-            transpose = enabled and (name == "V" or data.dtype not in HALF_DTYPES)
+            transpose = enabled and name == "U" and data.dtype not in HALF_DTYPES
             new = data.mT.contiguous().mT if transpose else data.contiguous()
             if new.data_ptr() != data.data_ptr():
                 param.data = new

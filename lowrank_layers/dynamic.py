@@ -21,6 +21,7 @@ from .linear import (
     make_linear,
     policy_rank,
     register_lowrank_params,
+    upgrade_state_dict_,
 )
 from .policy import RankPolicy, ratio_rank, select_rank
 from .readers import lazy_weight
@@ -52,8 +53,9 @@ class DynamicLowRankLinear(nn.Module):
     r"""A low-rank linear layer whose rank can change during training.
 
     It holds ``max_rank`` components ``U (out, max_rank)``, ``S (max_rank,)``,
-    ``V (in, max_rank)`` (and ``D``, ``bias``) and uses the first ``rank`` of them:
-    ``y = x·V[:, :r]·diag(S[:r])·U[:, :r]ᵀ·diag(D) + b``. Changing the rank keeps every
+    ``Vh (max_rank, in)`` (``Vᵀ``, stored as :class:`~lowrank_layers.LowRankLinear`
+    stores it; and ``D``, ``bias``) and uses the first ``rank`` of them:
+    ``y = x·Vh[:r]ᵀ·diag(S[:r])·U[:, :r]ᵀ·diag(D) + b``. Changing the rank keeps every
     parameter's shape, so DDP and optimizers need no rebuilding; :meth:`prune` drops the
     unused components for good.
 
@@ -93,7 +95,7 @@ class DynamicLowRankLinear(nn.Module):
 
     __constants__: ClassVar[list[str]] = ["in_features", "out_features"]
     # TorchScript compiles properties; the lazy weight is for eager Python code only
-    __jit_unused_properties__: ClassVar[list[str]] = ["weight"]
+    __jit_unused_properties__: ClassVar[list[str]] = ["weight", "V"]
     __jit_ignored_attributes__: ClassVar[list[str]] = ["dense_weight_reads", "_dense_weight_warned"]
 
     in_features: int
@@ -147,7 +149,7 @@ class DynamicLowRankLinear(nn.Module):
 
     def reset_parameters(self) -> None:
         """As :class:`~lowrank_layers.LowRankLinear`, with the scale set for the active rank."""
-        init_factors_(self.U, self.S, self.V, self.D, self.bias, active_rank=self._rank)
+        init_factors_(self.U, self.S, self.Vh.t(), self.D, self.bias, active_rank=self._rank)
 
     @property
     def rank(self) -> int:
@@ -161,14 +163,19 @@ class DynamicLowRankLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         r = self._rank
-        return lowrank_linear(input, self.U[:, :r], self.S[:r], self.V[:, :r], self.D, self.bias)
+        return lowrank_linear(input, self.U[:, :r], self.S[:r], self.Vh[:r].t(), self.D, self.bias)
+
+    @property
+    def V(self) -> torch.Tensor:
+        """``Vhᵀ``, ``(in_features, max_rank)``: a view of the parameter ``Vh`` (not a leaf)."""
+        return self.Vh.mT
 
     def weight_factors(
         self,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The active ``(U, S, V, D)`` as the forward uses them (not detached)."""
         r = self._rank
-        return self.U[:, :r], self.S[:r], self.V[:, :r], self.D
+        return self.U[:, :r], self.S[:r], self.Vh[:r].t(), self.D
 
     @property
     def weight(self) -> torch.Tensor:
@@ -200,7 +207,7 @@ class DynamicLowRankLinear(nn.Module):
         dtype = self.U.dtype
         U = promote(self.U[:, :r])
         S = promote(self.S[:r])
-        V = promote(self.V[:, :r])
+        V = promote(self.Vh[:r].mT)
         D = None if self.D is None else promote(self.D)
         if D is not None:
             U = U * D[:, None]
@@ -213,7 +220,7 @@ class DynamicLowRankLinear(nn.Module):
             new_U = torch.where((D == 0)[:, None], 0.0, new_U / safe[:, None])
         self.U[:, :r] = new_U.to(dtype)
         self.S[:r] = sigma.to(dtype)
-        self.V[:, :r] = (Qv @ Qh.mT).to(dtype)
+        self.Vh[:r] = (Qh @ Qv.mT).to(dtype)
         return sigma.to(dtype)
 
     def set_rank(self, rank: int) -> None:
@@ -259,15 +266,12 @@ class DynamicLowRankLinear(nn.Module):
         optimizer (state of the kept components is carried over).
         """
         columns = (slice(None), slice(0, self._rank))
-        return [
-            self._swap("U", columns),
-            self._swap("S", (slice(0, self._rank),)),
-            self._swap("V", columns),
-        ]
+        rows = (slice(0, self._rank),)
+        return [self._swap("U", columns), self._swap("S", rows), self._swap("Vh", rows)]
 
     def _swap(self, name: str, index: tuple[slice, ...]) -> ParamSwap:
         old = self._parameters[name]
-        if old is None:  # U, S and V always exist; D is never swapped
+        if old is None:  # U, S and Vh always exist; D is never swapped
             raise RuntimeError(f"{name} is not a parameter of this layer")
         new = nn.Parameter(old.detach()[index].clone(), requires_grad=old.requires_grad)
         self._parameters[name] = new
@@ -342,7 +346,7 @@ class DynamicLowRankLinear(nn.Module):
         """The active factors (detached)."""
         r = self._rank
         D = None if self.D is None else self.D.detach()
-        return Factors(self.U[:, :r].detach(), self.S[:r].detach(), self.V[:, :r].detach(), D)
+        return Factors(self.U[:, :r].detach(), self.S[:r].detach(), self.Vh[:r].detach().mT, D)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight at the current rank (detached)."""
@@ -362,6 +366,7 @@ class DynamicLowRankLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
+        upgrade_state_dict_(state_dict, prefix)
         # a pruned checkpoint (fewer components) loads into a fresh layer by pruning it first
         saved = state_dict.get(prefix + "S")
         if saved is not None and saved.shape[0] < self.max_rank:
@@ -389,7 +394,7 @@ class RankScheduler:
     counts from 0).
 
     Shrinking rotates the kept components (:meth:`DynamicLowRankLinear.reorthonormalize`),
-    so per-element optimizer moments of ``U``, ``S``, ``V`` no longer match their
+    so per-element optimizer moments of ``U``, ``S``, ``Vh`` no longer match their
     coordinates: given the ``optimizer``, their state is reset when a layer shrinks.
 
     Example:
@@ -440,7 +445,7 @@ class RankScheduler:
             rank = ratio_rank(layer.out_features, layer.in_features, ratio)
             layer.set_rank(min(rank, layer.max_rank))
             if self.optimizer is not None and layer.rank < before:
-                for p in (layer.U, layer.S, layer.V):
+                for p in (layer.U, layer.S, layer.Vh):
                     self.optimizer.state.pop(p, None)
 
     def state_dict(self) -> dict[str, Any]:

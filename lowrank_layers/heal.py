@@ -40,7 +40,7 @@ from .blocks import (
 from .calibrate import padding_mask
 from .common import InputError
 from .dynamic import DynamicLowRankLinear
-from .linear import LowRankLinear
+from .linear import FACTOR_NAMES, LowRankLinear
 
 __all__ = [
     "HealReport",
@@ -53,7 +53,6 @@ __all__ = [
 OBJECTIVES = ("auto", "kl", "cosine", "mse")
 MODES = ("end_to_end", "blockwise")
 TRAIN_GROUPS = ("factors", "biases", "norms")
-FACTOR_NAMES = ("U", "S", "V", "D")
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.RMSNorm, nn.GroupNorm)
 
 

@@ -233,6 +233,13 @@ def _layers_from_qconfig(qconfig: Any, where: str) -> dict[str, dict[str, Any]]:
             f"{FORMAT_NAME!r}"
         )
     version = data.get("format_version")
+    if str(version) == "1":
+        raise CheckpointError(
+            f"{where}: quantization_config has format_version 1, whose tensors <layer>.V "
+            "(in, r) transformers cannot load into this version's <layer>.Vh (r, in): "
+            "convert the original model again (lowrank_layers.load_lowrank reads format-1 "
+            "files written by save_lowrank or lowrank-layers convert)"
+        )
     if str(version) != str(FORMAT_VERSION):
         raise CheckpointError(
             f"{where}: quantization_config has format_version {version!r}; this version of "

@@ -15,6 +15,7 @@ from .policy import RankPolicy
 from .readers import lazy_weight
 
 __all__ = [
+    "FACTOR_NAMES",
     "LowRankLinear",
     "check_features",
     "check_linear",
@@ -24,6 +25,7 @@ __all__ = [
     "lowrank_linear",
     "make_linear",
     "policy_rank",
+    "upgrade_state_dict_",
 ]
 
 # Two regimes, chosen from the shapes alone (so torch.compile sees no branch on data):
@@ -44,6 +46,8 @@ __all__ = [
 # a few percent of each other at 256-512 tokens, where the switch lies.
 RANK_ALIGNMENT = 8
 FOLD_MIN_TOKENS = 512
+# the parameters a low-rank layer holds besides its bias (D may be None)
+FACTOR_NAMES = ("U", "S", "Vh", "D")
 # oneDNN serves these on CPU: its kernels want a contiguous (out, in) F.linear weight
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -82,24 +86,24 @@ def lowrank_linear(
         if D is not None:
             weight = weight * D[:, None]
         pad = -S.shape[0] % rank_alignment
+        # the layers pass V as a view of their contiguous Vh (r, in): the first weight
+        # as nn.Linear holds its own. oneDNN's bfloat16/float16 kernels need that layout
+        # (a transposed weight ran 5-9x slower), so a V given otherwise is copied once
+        # per call there; float32 reads either at the same speed (forward+backward within
+        # 4% at 512 and 4096 tokens)
+        Vt = F.pad(V.t(), (0, 0, 0, pad)) if pad else V.t()
         if half:
-            # oneDNN's bfloat16/float16 kernels want the first weight Vᵀ contiguous
-            # (r, in), as nn.Linear's (a transposed one ran 5-9x slower): one copy of the
-            # small factor, amortised over the tokens
-            Vt = F.pad(V.t(), (0, 0, 0, pad)) if pad else V.t().contiguous()
-        else:
-            # float32: MKL's GEMM is faster on x·V with V (in, r) row-major than on x·Vᵀᵀ
-            # (at 512 tokens, 8-20% on 576x576 to 3072x768)
-            Vt = (F.pad(V, (0, pad)) if pad else V).t()
+            Vt = Vt.contiguous()
         if pad:
             weight = F.pad(weight, (0, pad))
         return F.linear(F.linear(input, Vt), weight, bias)
     # under autocast the products come out in the autocast dtype: S, D and the bias
     # follow them (a no-op otherwise), as they would inside a folded weight
     if tokens == 1 and half and not V.t().is_contiguous():
-        # one token in bfloat16/float16 with V as stored: F.linear's half-precision kernel
-        # wants a contiguous weight (measured 246 µs for 576x334), a matrix-vector
-        # product on the transposed view does not (50 µs); inference_layout_ avoids both
+        # one token in bfloat16/float16 with a V that is not a view of a contiguous Vh
+        # (the functional form's callers): F.linear's half-precision kernel wants a
+        # contiguous weight (measured 246 µs for 576x334), a matrix-vector product on the
+        # transposed view does not (50 µs)
         shape = list(input.shape[:-1])
         shape.append(V.shape[1])
         hidden = torch.mv(V.t(), input.reshape(-1)).reshape(shape)
@@ -156,9 +160,13 @@ def new_factor_params(
     dtype: torch.dtype | None = None,
     requires_grad: bool = True,
 ) -> dict[str, nn.Parameter | None]:
-    """Uninitialised parameters ``U (out, r)``, ``S (r,)``, ``V (in, r)``, ``D (out,)`` or None."""
+    """Uninitialised parameters ``U (out, r)``, ``S (r,)``, ``Vh (r, in)``, ``D (out,)`` or None.
+
+    ``Vh`` is ``Vᵀ``, stored as the weight of the first linear map, like ``nn.Linear``'s
+    ``(out, in)`` weight (and ``torch.linalg.svd``'s ``Vh``); ``U`` is the second's.
+    """
     kw = {"device": device, "dtype": dtype}
-    shapes = {"U": (out_features, rank), "S": (rank,), "V": (in_features, rank)}
+    shapes = {"U": (out_features, rank), "S": (rank,), "Vh": (rank, in_features)}
     if row_scales:
         shapes["D"] = (out_features,)
     params: dict[str, nn.Parameter | None] = {
@@ -180,7 +188,7 @@ def register_lowrank_params(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> None:
-    """Register ``U``, ``S``, ``V``, ``D`` (or None) and ``bias`` (or None) on ``module``."""
+    """Register ``U``, ``S``, ``Vh``, ``D`` (or None) and ``bias`` (or None) on ``module``."""
     for name, param in new_factor_params(
         out_features, in_features, rank, row_scales=row_scales, device=device, dtype=dtype
     ).items():
@@ -191,14 +199,28 @@ def register_lowrank_params(
 
 @torch.no_grad()
 def copy_factors_(layer: nn.Module, factors: Factors, bias: torch.Tensor | None) -> None:
-    """Copy ``factors`` (and ``bias``) into a layer's ``U``, ``S``, ``V``, ``D``, ``bias``."""
+    """Copy ``factors`` (and ``bias``) into a layer's ``U``, ``S``, ``Vh``, ``D``, ``bias``."""
     layer.U.copy_(factors.U)
     layer.S.copy_(factors.S)
-    layer.V.copy_(factors.V)
+    layer.Vh.copy_(factors.V.mT)
     if factors.D is not None:
         layer.D.copy_(factors.D)
     if bias is not None:
         layer.bias.copy_(bias)
+
+
+def upgrade_state_dict_(state_dict: dict[str, torch.Tensor], prefix: str) -> None:
+    """Rename a format-1 ``<prefix>V`` ``(in, r)`` entry to ``<prefix>Vh`` ``(r, in)``, in place.
+
+    Before checkpoint format 2 the layers stored ``V``; its transpose is ``Vh``. The three
+    layer kinds call this from ``_load_from_state_dict``, so state dicts saved by earlier
+    versions load.
+    """
+    old, new = prefix + "V", prefix + "Vh"
+    value = state_dict.get(old)
+    if isinstance(value, torch.Tensor) and value.dim() == 2 and new not in state_dict:
+        state_dict[new] = value.mT.contiguous()
+        del state_dict[old]
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -282,7 +304,10 @@ class LowRankLinear(nn.Module):
         device, dtype: as for ``nn.Linear``.
 
     Attributes:
-        U: ``(out_features, rank)``.  S: ``(rank,)``.  V: ``(in_features, rank)``.
+        U: ``(out_features, rank)``.  S: ``(rank,)``.  Vh: ``(rank, in_features)``, that
+        is ``Vᵀ``: each factor is stored as the weight of its linear map, in
+        ``nn.Linear``'s ``(out, in)`` layout (the one CPU and GPU kernels read fastest;
+        see docs/design.md, "Storage layout").  V: ``Vhᵀ``, a read-only view.
         D: ``(out_features,)`` or ``None``.  bias: ``(out_features,)`` or ``None``.
         weight: a read-only :class:`~lowrank_layers.readers.FactoredWeight`, for code
             written for ``nn.Linear`` that reads ``layer.weight``: its metadata is free,
@@ -308,7 +333,7 @@ class LowRankLinear(nn.Module):
 
     __constants__: ClassVar[list[str]] = ["in_features", "out_features", "rank"]
     # TorchScript compiles properties; the lazy weight is for eager Python code only
-    __jit_unused_properties__: ClassVar[list[str]] = ["weight"]
+    __jit_unused_properties__: ClassVar[list[str]] = ["weight", "V"]
     __jit_ignored_attributes__: ClassVar[list[str]] = ["dense_weight_reads", "_dense_weight_warned"]
 
     in_features: int
@@ -359,16 +384,25 @@ class LowRankLinear(nn.Module):
         ``E‖W‖_F² = out/3``; with orthonormal factors ``‖W‖_F² = rank·S²``, which gives
         the same value for this ``S``.
         """
-        init_factors_(self.U, self.S, self.V, self.D, self.bias)
+        init_factors_(self.U, self.S, self.Vh.t(), self.D, self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return lowrank_linear(input, self.U, self.S, self.V, self.D, self.bias)
+        return lowrank_linear(input, self.U, self.S, self.Vh.t(), self.D, self.bias)
+
+    @property
+    def V(self) -> torch.Tensor:
+        """``Vhᵀ``, ``(in_features, rank)``: a view of the parameter ``Vh`` (not a leaf)."""
+        return self.Vh.mT
 
     def weight_factors(
         self,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(U, S, V, D)`` as the forward uses them (not detached)."""
-        return self.U, self.S, self.V, self.D
+        """``(U, S, V, D)`` as the forward uses them (not detached; ``V`` a view of ``Vh``)."""
+        return self.U, self.S, self.Vh.t(), self.D
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        upgrade_state_dict_(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -469,7 +503,7 @@ class LowRankLinear(nn.Module):
     def factors(self) -> Factors:
         """The current parameters as detached :class:`~lowrank_layers.Factors`."""
         D = None if self.D is None else self.D.detach()
-        return Factors(self.U.detach(), self.S.detach(), self.V.detach(), D)
+        return Factors(self.U.detach(), self.S.detach(), self.Vh.detach().mT, D)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out_features, in_features)`` weight this layer represents (detached).

@@ -47,6 +47,7 @@ from .factorize import (
     factorize,
     relative_error,
 )
+from .linear import FACTOR_NAMES
 from .policy import (
     RankPolicy,
     as_policy,
@@ -242,7 +243,7 @@ def convert_checkpoint(
     ``exclude_embeddings=False``), above ``threshold``, saving parameters at its rank and
     (with ``min_speedup``, as in :func:`~lowrank_layers.convert_model`) expected to run at
     least that much faster at ``speedup_tokens`` tokens per call is read, factorized and
-    written as ``<module>.U/.S/.V(/.D)``; every other tensor is copied
+    written as ``<module>.U/.S/.Vh(/.D)``; every other tensor is copied
     bit for bit. Tensors are read and written one at a time: peak memory stays near the
     largest tensor and its factors, not the checkpoint: for 4096x8192 float32 weights,
     1.8x one weight above the import in the CLI or in worker processes (which return freed
@@ -464,7 +465,7 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
     for key in job.keys:
         if key in job.selected:
             module = key[: -len(".weight")]
-            out_keys += [f"{module}.{n}" for n in ("U", "S", "V", "D", "weight")]
+            out_keys += [f"{module}.{n}" for n in (*FACTOR_NAMES, "weight")]
         else:
             out_keys.append(key)
     layers_bound = sum(len(k) + 200 for k in job.selected)
@@ -629,7 +630,7 @@ def _factorize_tensor(
     tensors = {
         "U": factors.U.contiguous(),
         "S": factors.S.contiguous(),
-        "V": factors.V.contiguous(),
+        "Vh": factors.V.mT.contiguous(),
     }
     if factors.D is not None:
         tensors["D"] = factors.D.contiguous()
@@ -778,12 +779,12 @@ def weight_spectra(
                 continue
             parts = {
                 n: get(f"{module}.{n}").to(torch.float32)
-                for n in ("U", "S", "V", "D")
+                for n in (*FACTOR_NAMES, "V")  # V: format 1
                 if f"{module}.{n}" in ckpt.weight_map
             }
             U = parts["U"] * parts["D"][:, None] if "D" in parts else parts["U"]
             _, Ru = torch.linalg.qr(U)
-            _, Rv = torch.linalg.qr(parts["V"])
+            _, Rv = torch.linalg.qr(parts["Vh"].mT if "Vh" in parts else parts["V"])
             sv = torch.linalg.svdvals((Ru * parts["S"]) @ Rv.mT)
             spectra.append(
                 WeightSpectrum(

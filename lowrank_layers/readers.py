@@ -233,7 +233,7 @@ class FactoredWeight(torch.Tensor):
                 f"{_func_name(func)} would write into the weight of a {_describe(layer)}, "
                 "which is computed from its factors U, S, V (and D) on each use: the write "
                 "would go to a temporary. Write the factors instead (reset_parameters(), "
-                "or layer.U / layer.S / layer.V), or convert back with to_linear()."
+                "or layer.U / layer.S / layer.Vh), or convert back with to_linear()."
             )
         forming: list[FactoredWeight] = []
 

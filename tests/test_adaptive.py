@@ -88,7 +88,7 @@ def test_state_dict_saved_after_switch_loads_into_a_fresh_dense_layer(gen):
     layer = AdaptiveLowRankLinear(32, 24, balance="rowsum")
     layer.switch_to_lowrank(rank=5)
     saved = {k: v.clone() for k, v in layer.state_dict().items()}
-    assert set(saved) == {"U", "S", "V", "D", "bias"}
+    assert set(saved) == {"U", "S", "Vh", "D", "bias"}
 
     fresh = AdaptiveLowRankLinear(32, 24)
     assert not fresh.is_lowrank
@@ -96,7 +96,7 @@ def test_state_dict_saved_after_switch_loads_into_a_fresh_dense_layer(gen):
     assert fresh.is_lowrank and fresh.rank == 5
     x = torch.randn(6, 32, generator=gen)
     assert torch.equal(fresh(x), layer(x))
-    assert [n for n, _ in fresh.named_parameters()] == ["U", "S", "V", "D", "bias"]
+    assert [n for n, _ in fresh.named_parameters()] == ["U", "S", "Vh", "D", "bias"]
 
     # and back: a dense state dict restructures a switched layer to dense
     dense_sd = nn.Linear(32, 24).state_dict()
@@ -109,7 +109,7 @@ def test_switch_keeps_device_dtype_and_requires_grad():
     layer = AdaptiveLowRankLinear(16, 16, dtype=torch.bfloat16)
     layer.weight.requires_grad_(False)
     layer.switch_to_lowrank(rank=4)
-    for name in ("U", "S", "V"):
+    for name in ("U", "S", "Vh"):
         p = getattr(layer, name)
         assert p.dtype == torch.bfloat16 and not p.requires_grad
     assert layer.bias.requires_grad  # untouched

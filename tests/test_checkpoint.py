@@ -108,7 +108,7 @@ def _check_converted(dst: Path, src: Path) -> dict[str, torch.Tensor]:
         assert meta.keys() == {"format", "format_version", "layers", "aliases"}, name
         assert (meta["format"], meta["format_version"], meta["aliases"]) == (
             "lowrank-layers",
-            "1",
+            "2",
             "{}",
         )
         layers = json.loads(meta["layers"])
@@ -119,10 +119,10 @@ def _check_converted(dst: Path, src: Path) -> dict[str, torch.Tensor]:
                 tensors[f"{layer}.U"].shape == (out_f, r) and tensors[f"{layer}.U"].dtype == dtype
             )
             assert tensors[f"{layer}.S"].shape == (r,)
-            assert tensors[f"{layer}.V"].shape == (in_f, r)
+            assert tensors[f"{layer}.Vh"].shape == (r, in_f)
             assert (f"{layer}.D" in tensors) == entry["balance"]
             assert _same(tensors[f"{layer}.weight"], torch.empty(0, dtype=dtype))  # the guard
-            factorized |= {f"{layer}.{n}" for n in ("U", "S", "V", "D", "weight")}
+            factorized |= {f"{layer}.{n}" for n in ("U", "S", "Vh", "D", "weight")}
         for key, tensor in tensors.items():
             if key not in factorized:
                 assert _same(tensor, source[key]), key  # copied bit for bit
@@ -146,7 +146,7 @@ def test_save_load_is_bit_identical(tiny, tmp_path):
     path = tmp_path / "m.safetensors"
     assert save_lowrank(tiny, path) == [path]
     meta = read_metadata(path)
-    assert meta["format"] == "lowrank-layers" and meta["format_version"] == "1"
+    assert meta["format"] == "lowrank-layers" and meta["format_version"] == "2"
     layers = json.loads(meta["layers"])
     assert layers["fc1"] == {
         "type": "LowRankLinear",
@@ -226,7 +226,7 @@ def test_saved_files_read_back_with_safetensors(tiny, tmp_path, target, dtype):
     stored: dict[str, torch.Tensor] = {}
     for tensors, meta in read.values():  # every shard carries the whole description
         assert meta.keys() == {"format", "format_version", "layers", "aliases"}
-        assert (meta["format"], meta["format_version"]) == ("lowrank-layers", "1")
+        assert (meta["format"], meta["format_version"]) == ("lowrank-layers", "2")
         assert json.loads(meta["layers"]) == layers
         assert json.loads(meta["aliases"]) == {"head.weight": "emb.weight"}
         assert not stored.keys() & tensors.keys()
@@ -362,7 +362,7 @@ def test_format_errors(tiny, tmp_path):
     save_lowrank(tiny, path)
     _rewrite_metadata(path, format_version="7")
     with pytest.raises(
-        CheckpointError, match=r"format_version '7'; this version .* reads format_version 1"
+        CheckpointError, match=r"format_version '7'; this version .* reads format_version 1 or 2"
     ):
         load_lowrank(Tiny(), path)
     dense = tmp_path / "dense.safetensors"
@@ -447,8 +447,8 @@ def test_workers_share_the_work(tiny, tmp_path):
     # one thread per process instead of two: the same maths in another floating-point order,
     # so singular vectors may differ by rounding (or sign); the products and copies agree
     for m in ("fc1", "fc2"):
-        wa = (a[f"{m}.U"] * a[f"{m}.S"]) @ a[f"{m}.V"].mT
-        wb = (b[f"{m}.U"] * b[f"{m}.S"]) @ b[f"{m}.V"].mT
+        wa = (a[f"{m}.U"] * a[f"{m}.S"]) @ a[f"{m}.Vh"]
+        wb = (b[f"{m}.U"] * b[f"{m}.S"]) @ b[f"{m}.Vh"]
         assert torch.allclose(wa, wb, atol=1e-5), m
     for k in ("emb.weight", "norm.weight", "fc1.bias"):
         assert torch.equal(a[k], b[k])
@@ -782,8 +782,8 @@ def test_workers_write_one_file_for_a_safetensors_dst(tiny, tmp_path):
     b = _check_converted(tmp_path / "two.safetensors", src)  # the workers' parts, merged
     assert a.keys() == b.keys()
     for m in ("fc1", "fc2"):  # other thread counts: equal up to rounding
-        wa = (a[f"{m}.U"] * a[f"{m}.S"]) @ a[f"{m}.V"].mT
-        wb = (b[f"{m}.U"] * b[f"{m}.S"]) @ b[f"{m}.V"].mT
+        wa = (a[f"{m}.U"] * a[f"{m}.S"]) @ a[f"{m}.Vh"]
+        wb = (b[f"{m}.U"] * b[f"{m}.S"]) @ b[f"{m}.Vh"]
         assert torch.allclose(wa, wb, atol=1e-5), m
     assert torch.equal(a["emb.weight"], b["emb.weight"])
     layers = json.loads(read_metadata(tmp_path / "two.safetensors")["layers"])

@@ -102,9 +102,9 @@ def _convert(src: Path, dst: Path, *flags: str) -> tuple[dict, dict[str, torch.T
 
 
 def _dense(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """``diag(D)·U·diag(S)·Vᵀ`` of a stored low-rank layer."""
-    U, S, V = (tensors[f"{name}.{k}"].double() for k in "USV")
-    W = (U * S) @ V.mT
+    """``diag(D)·U·diag(S)·Vh`` of a stored low-rank layer."""
+    U, S, Vh = (tensors[f"{name}.{k}"].double() for k in ("U", "S", "Vh"))
+    W = (U * S) @ Vh
     D = tensors.get(f"{name}.D")
     return W if D is None else D.double()[:, None] * W
 

@@ -94,7 +94,7 @@ def test_prune_drops_unused_components_and_keeps_output(gen):
     before = layer(x).detach()
     swaps = layer.prune()
     assert layer.max_rank == 7 and layer.U.shape == (50, 7) and layer.V.shape == (60, 7)
-    assert [s.new[0].shape for s in swaps] == [(50, 7), (7,), (60, 7)]
+    assert [s.new[0].shape for s in swaps] == [(50, 7), (7,), (7, 60)]
     assert torch.allclose(layer(x), before, atol=1e-6)
 
 

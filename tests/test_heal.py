@@ -188,7 +188,7 @@ def test_distillation_loss_errors(gen):
 def test_trainable_parameters_by_group():
     student, _ = mlp_pair()
     assert list(trainable_parameters(student, ("factors",))) == [
-        "0.U", "0.S", "0.V", "4.U", "4.S", "4.V",
+        "0.U", "0.S", "0.Vh", "4.U", "4.S", "4.Vh",
     ]  # fmt: skip
     assert list(trainable_parameters(student, ("biases",))) == ["0.bias", "4.bias"]
     assert list(trainable_parameters(student, ("norms",))) == ["1.weight", "1.bias"]
@@ -205,10 +205,10 @@ def test_every_layer_family_has_its_factors_selected():
         adaptive,
     )
     names = list(trainable_parameters(model, ("factors",)))
-    assert names == ["0.U", "0.S", "0.V", "0.D", "1.U", "1.S", "1.V"]  # 2 is still dense
+    assert names == ["0.U", "0.S", "0.Vh", "0.D", "1.U", "1.S", "1.Vh"]  # 2 is still dense
     adaptive.switch_to_lowrank(rank=4)
     names = list(trainable_parameters(model, ("factors", "biases")))
-    assert names[-4:] == ["2.U", "2.S", "2.V", "2.bias"]
+    assert names[-4:] == ["2.U", "2.S", "2.Vh", "2.bias"]
 
 
 # --------------------------------------------------------------------------------------
@@ -267,9 +267,9 @@ def test_no_eval_batches_no_numbers(gen):
 @pytest.mark.parametrize(
     ("train", "expected"),
     [
-        (("factors",), {"0.U", "0.S", "0.V", "4.U", "4.S", "4.V"}),
+        (("factors",), {"0.U", "0.S", "0.Vh", "4.U", "4.S", "4.Vh"}),
         (("biases",), {"0.bias", "4.bias"}),
-        (("factors", "norms"), {"0.U", "0.S", "0.V", "4.U", "4.S", "4.V", "1.weight", "1.bias"}),
+        (("factors", "norms"), {"0.U", "0.S", "0.Vh", "4.U", "4.S", "4.Vh", "1.weight", "1.bias"}),
     ],
 )
 def test_only_the_selected_parameters_change(gen, train, expected):
@@ -285,7 +285,7 @@ def test_only_the_selected_parameters_of_a_llama_change(gen, norms):
     before = snapshot(student)
     train = ("factors", "norms") if norms else ("factors",)
     heal(student, teacher, token_batches(gen, 2), steps=3, lr=1e-2, train=train)
-    factors = {k for k in before if k.rsplit(".", 1)[-1] in ("U", "S", "V")}
+    factors = {k for k in before if k.rsplit(".", 1)[-1] in ("U", "S", "Vh")}
     norm_weights = {k for k in before if "norm" in k}  # input/post-attention and final norms
     assert len(factors) == 15 * 3 and len(norm_weights) == 5
     assert changed(student, before) == (factors | norm_weights if norms else factors)
@@ -391,7 +391,7 @@ def test_blockwise_leaves_layers_outside_the_blocks_alone(gen):
     )
     assert report.steps == 5  # 3 for the first block, 2 for the second
     diff = changed(student, before)
-    assert {"model.layers.0.mlp.up_proj.U", "model.layers.1.self_attn.q_proj.V"} <= diff
+    assert {"model.layers.0.mlp.up_proj.U", "model.layers.1.self_attn.q_proj.Vh"} <= diff
     assert not any(k.startswith("lm_head") for k in diff)
     assert report.after < report.before
     assert changed(teacher, snapshot(teacher)) == set()

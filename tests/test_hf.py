@@ -168,12 +168,16 @@ def test_load_pretrained_errors(tmp_path: Path) -> None:
     mark_lowrank_config(model)
     model.save_pretrained(tmp_path / "v2")
     config = json.loads((tmp_path / "v2" / "config.json").read_text())
-    config["quantization_config"]["format_version"] = 2
+    config["quantization_config"]["format_version"] = 3
     (tmp_path / "v2" / "config.json").write_text(json.dumps(config))
-    with pytest.raises(CheckpointError, match="format_version 2; this version"):
+    with pytest.raises(CheckpointError, match="format_version 3; this version"):
+        load_pretrained(tmp_path / "v2")
+    config["quantization_config"]["format_version"] = 1
+    (tmp_path / "v2" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"format_version 1, whose tensors <layer>\.V"):
         load_pretrained(tmp_path / "v2")
 
-    config["quantization_config"]["format_version"] = 1
+    config["quantization_config"]["format_version"] = 2
     config["quantization_config"]["layers"]["encoder.nothing"] = {"type": "LowRankLinear"}
     (tmp_path / "v2" / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"layer 'encoder\.nothing'"):

@@ -104,9 +104,9 @@ def test_fresh_factors_are_orthonormal():
 def test_parameters_and_state_dict_names():
     layer = LowRankLinear(16, 8, 4, row_scales=True)
     shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
-    assert shapes == {"U": (8, 4), "S": (4,), "V": (16, 4), "D": (8,), "bias": (8,)}
+    assert shapes == {"U": (8, 4), "S": (4,), "Vh": (4, 16), "D": (8,), "bias": (8,)}
     plain = LowRankLinear(16, 8, 4, bias=False)
-    assert set(plain.state_dict()) == {"U", "S", "V"}
+    assert set(plain.state_dict()) == {"U", "S", "Vh"}
     assert plain.D is None and plain.bias is None
 
 

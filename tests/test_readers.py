@@ -125,7 +125,7 @@ def test_requires_grad_follows_the_factors(kind):
 def test_weight_is_no_parameter_and_not_saved(kind):
     layer = make(kind)
     names = {n for n, _ in layer.named_parameters()}
-    assert names == {"U", "S", "V", "D", "bias"}
+    assert names == {"U", "S", "Vh", "D", "bias"}
     assert not any(k == "weight" for k in layer.state_dict())
     layer.load_state_dict(layer.state_dict())  # strict: nothing expected is missing
     with pytest.raises(KeyError, match="attribute 'weight' already exists"):
@@ -162,7 +162,7 @@ def test_unknown_reader_gets_outputs_and_gradients_and_a_warning(kind, gen):
     # the loss trains the factors through the formed weight, as calling the layer does
     out.square().sum().backward()
     expected.square().sum().backward()
-    for name in ("U", "S", "V", "D", "bias"):
+    for name in ("U", "S", "Vh", "D", "bias"):
         got, want = getattr(layer, name).grad, getattr(reference, name).grad
         assert got is not None, name
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
