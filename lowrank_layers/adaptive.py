@@ -17,10 +17,11 @@ from .linear import (
     check_features,
     check_linear,
     dense_from_factors,
+    factored_linear,
     init_factors_,
-    lowrank_linear,
     make_linear,
     new_factor_params,
+    stored_factors,
     upgrade_state_dict_,
 )
 from .policy import RankPolicy, as_policy, factor_parameters
@@ -159,7 +160,8 @@ class AdaptiveLowRankLinear(nn.Module):
     @property
     def is_lowrank(self) -> bool:
         """``True`` once the layer holds factors instead of a dense weight."""
-        return "U" in self._parameters
+        # a parametrization (torch.nn.utils.parametrize) keeps U in self.parametrizations
+        return "S" in self._parameters or "S" in getattr(self, "parametrizations", ())
 
     @property
     def rank(self) -> int | None:
@@ -199,8 +201,11 @@ class AdaptiveLowRankLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.is_lowrank:
-            return lowrank_linear(input, self.U, self.S, self.Vh.t(), self.D, self.bias)
-        return F.linear(input, self._parameters["weight"], self.bias)  # type: ignore[arg-type]
+            return factored_linear(input, *stored_factors(self))
+        weight = self._parameters.get("weight")
+        if weight is None:  # a parametrized weight (weight_norm, spectral_norm, ...)
+            weight = self.weight
+        return F.linear(input, weight, self.bias)
 
     def __prepare_scriptable__(self) -> nn.Module:
         """``torch.jit.script`` is not supported: the layer's parameters change at the switch."""

@@ -16,11 +16,12 @@ from .linear import (
     check_linear,
     copy_factors_,
     dense_from_factors,
+    factored_linear,
     init_factors_,
-    lowrank_linear,
     make_linear,
     policy_rank,
     register_lowrank_params,
+    stored_factors,
     upgrade_state_dict_,
 )
 from .policy import RankPolicy, ratio_rank, select_rank
@@ -163,7 +164,11 @@ class DynamicLowRankLinear(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         r = self._rank
-        return lowrank_linear(input, self.U[:, :r], self.S[:r], self.Vh[:r].t(), self.D, self.bias)
+        if torch.jit.is_scripting():
+            return factored_linear(input, self.U[:, :r], self.S[:r], self.Vh[:r], self.D, self.bias)
+        else:  # TorchScript compiles only the branch above
+            U, S, Vh, D, bias = stored_factors(self)
+            return factored_linear(input, U[:, :r], S[:r], Vh[:r], D, bias)
 
     @property
     def V(self) -> torch.Tensor:

@@ -21,10 +21,12 @@ __all__ = [
     "check_linear",
     "copy_factors_",
     "dense_from_factors",
+    "factored_linear",
     "init_factors_",
     "lowrank_linear",
     "make_linear",
     "policy_rank",
+    "stored_factors",
     "upgrade_state_dict_",
 ]
 
@@ -72,57 +74,96 @@ def lowrank_linear(
     is off (the results are bit-identical to those with autograd on). The choice depends
     on shapes only, so ``torch.compile`` traces either regime whole.
 
-    ``fold_min_tokens`` and ``rank_alignment`` are the regime switch and the rank padding
-    (``FOLD_MIN_TOKENS``, ``RANK_ALIGNMENT``). They are parameters with those defaults
-    because TorchScript cannot read a module's global variables: so written, the function
-    and the layers' forwards compile under ``torch.jit.script`` with both regimes. The
-    factors are 2-D, and ``V.t()`` (not ``V.mT``) keeps the legacy ONNX exporter, which has
-    no ``aten::mT``, working.
+    ``V`` is ``(in, r)``; a view of a contiguous ``Vh = Vᵀ`` (as the layers store it) is
+    the layout every backend's ``F.linear`` reads fastest. ``fold_min_tokens`` and
+    ``rank_alignment`` are the regime switch and the rank padding (``FOLD_MIN_TOKENS``,
+    ``RANK_ALIGNMENT``). They are parameters with those defaults because TorchScript
+    cannot read a module's global variables: so written, the function and the layers'
+    forwards compile under ``torch.jit.script`` with both regimes.
     """
-    half = V.dtype == torch.bfloat16 or V.dtype == torch.float16  # HALF_DTYPES
+    return factored_linear(input, U, S, V.t(), D, bias, fold_min_tokens, rank_alignment)
+
+
+def factored_linear(
+    input: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    Vh: torch.Tensor,
+    D: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    fold_min_tokens: int = FOLD_MIN_TOKENS,
+    rank_alignment: int = RANK_ALIGNMENT,
+) -> torch.Tensor:
+    """:func:`lowrank_linear` with the first weight as the layers store it, ``Vh (r, in)``.
+
+    The layers call this (a transpose fewer per call than passing ``V``). The factors are
+    2-D, and ``.t()`` (not ``.mT``) keeps the legacy ONNX exporter, which has no
+    ``aten::mT``, working.
+    """
+    half = Vh.dtype == torch.bfloat16 or Vh.dtype == torch.float16  # HALF_DTYPES
     tokens = input.numel() // max(input.shape[-1], 1)
     if tokens >= fold_min_tokens:
         weight = U * S
         if D is not None:
             weight = weight * D[:, None]
         pad = -S.shape[0] % rank_alignment
-        # the layers pass V as a view of their contiguous Vh (r, in): the first weight
-        # as nn.Linear holds its own. oneDNN's bfloat16/float16 kernels need that layout
-        # (a transposed weight ran 5-9x slower), so a V given otherwise is copied once
-        # per call there; float32 reads either at the same speed (forward+backward within
-        # 4% at 512 and 4096 tokens)
-        Vt = F.pad(V.t(), (0, 0, 0, pad)) if pad else V.t()
+        # oneDNN's bfloat16/float16 kernels need the first weight contiguous, as the
+        # layers store it (a transposed one ran 5-9x slower), so a Vh given otherwise is
+        # copied once per call there; float32 reads either at the same speed
+        # (forward+backward within 4% at 512 and 4096 tokens)
+        first = F.pad(Vh, (0, 0, 0, pad)) if pad else Vh
         if half:
-            Vt = Vt.contiguous()
+            first = first.contiguous()
         if pad:
             weight = F.pad(weight, (0, pad))
-        return F.linear(F.linear(input, Vt), weight, bias)
+        return F.linear(F.linear(input, first), weight, bias)
     # under autocast the products come out in the autocast dtype: S, D and the bias
     # follow them (a no-op otherwise), as they would inside a folded weight
-    if tokens == 1 and half and not V.t().is_contiguous():
-        # one token in bfloat16/float16 with a V that is not a view of a contiguous Vh
-        # (the functional form's callers): F.linear's half-precision kernel wants a
-        # contiguous weight (measured 246 µs for 576x334), a matrix-vector product on the
+    if tokens == 1 and half and not Vh.is_contiguous():
+        # one token in bfloat16/float16 with a Vh that is not contiguous (a V (in, r)
+        # given to lowrank_linear): F.linear's half-precision kernel wants a contiguous
+        # weight (measured 246 µs for 576x334), a matrix-vector product on the
         # transposed view does not (50 µs)
         shape = list(input.shape[:-1])
-        shape.append(V.shape[1])
-        hidden = torch.mv(V.t(), input.reshape(-1)).reshape(shape)
+        shape.append(Vh.shape[0])
+        hidden = torch.mv(Vh, input.reshape(-1)).reshape(shape)
     else:
-        hidden = F.linear(input, V.t())
+        hidden = F.linear(input, Vh)
     # without autograd the scalings run in place on this call's own intermediates; with
     # it, the same operations out of place (so the bits are the same either way)
     inplace = not torch.is_grad_enabled()
-    S = S.to(hidden.dtype)
+    if S.dtype != hidden.dtype:
+        S = S.to(hidden.dtype)
     hidden = hidden.mul_(S) if inplace else hidden * S
     if D is None:
         return F.linear(hidden, U, bias)
     out = F.linear(hidden, U)
-    D = D.to(out.dtype)
+    if D.dtype != out.dtype:
+        D = D.to(out.dtype)
     out = out.mul_(D) if inplace else out * D
     if bias is None:
         return out
-    bias = bias.to(out.dtype)
+    if bias.dtype != out.dtype:
+        bias = bias.to(out.dtype)
     return out.add_(bias) if inplace else out + bias
+
+
+def stored_factors(
+    layer: nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A low-rank layer's ``(U, S, Vh, D, bias)``, read from its parameter dict.
+
+    Each ``layer.U``-style read goes through ``nn.Module.__getattr__``; the five of them
+    cost about 9 µs per call (64x64 layer, one token: 27 µs with them, 18 µs without),
+    as much as ``nn.Linear``'s whole call, so the forwards read the dict once. A
+    parametrization (``torch.nn.utils.parametrize``) moves its tensor out of the dict
+    into a property: then the attributes are read.
+    """
+    p = layer._parameters
+    try:
+        return p["U"], p["S"], p["Vh"], p["D"], p["bias"]  # type: ignore[return-value]
+    except KeyError:
+        return layer.U, layer.S, layer.Vh, layer.D, layer.bias
 
 
 def policy_rank(policy: RankPolicy, out_f: int, in_f: int, *, row_scales: bool) -> int:
@@ -387,7 +428,10 @@ class LowRankLinear(nn.Module):
         init_factors_(self.U, self.S, self.Vh.t(), self.D, self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return lowrank_linear(input, self.U, self.S, self.Vh.t(), self.D, self.bias)
+        if torch.jit.is_scripting():
+            return factored_linear(input, self.U, self.S, self.Vh, self.D, self.bias)
+        else:  # TorchScript compiles only the branch above
+            return factored_linear(input, *stored_factors(self))
 
     @property
     def V(self) -> torch.Tensor:

@@ -333,7 +333,7 @@ def test_jit_script_matches_eager_in_both_regimes(kind, balance, bias, gen):
         loaded = torch.jit.load(buffer)
     assert model[0] is layer  # scripting leaves the eager model alone
     assert getattr(loaded, "0").original_name == type(layer).__name__
-    assert "lowrank_linear" in getattr(loaded, "0").code  # the layer's own forward, both regimes
+    assert "factored_linear" in getattr(loaded, "0").code  # the layer's own forward, both regimes
     for tokens in (1, 7, FOLD_MIN_TOKENS):
         x = torch.randn(tokens, 40, generator=gen)
         expected = model(x)

@@ -137,3 +137,37 @@ def test_one_bfloat16_token_takes_the_contiguous_linear_path(monkeypatch, gen):
 
     with pytest.raises(AssertionError, match=r"torch\.mv called"), torch.no_grad():
         lowrank_linear(x, layer.U, layer.S, layer.Vh.mT.contiguous())
+
+
+class Doubled(nn.Module):
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        return 2 * X
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["U", "Vh", "D", "bias"])
+def test_parametrized_factors_are_used(kind, name, gen):
+    """The forwards read the parameter dict directly (see stored_factors); a
+    parametrization moves its tensor out of it, and the forward then uses the property."""
+    from torch.nn.utils import parametrize
+
+    layer = make(kind)
+    x = torch.randn(3, 40, generator=gen)
+    before = layer(x)
+    parametrize.register_parametrization(layer, name, Doubled())
+    assert name not in layer._parameters
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), reference(layer, x), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(layer(x), before)  # the doubled tensor is used
+
+
+def test_parametrized_dense_weight_of_an_adaptive_layer_is_used(gen):
+    from torch.nn.utils import parametrize
+
+    layer = make("adaptive", fresh=True)  # dense phase
+    weight = layer.weight.detach().clone()
+    parametrize.register_parametrization(layer, "weight", Doubled())
+    assert not layer.is_lowrank
+    x = torch.randn(3, 40, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ (2 * weight).mT + layer.bias)
