@@ -58,7 +58,7 @@ def weight_elements(model: nn.Module) -> int:
     total = 0
     for m in model.modules():
         if isinstance(m, LowRankLinear):
-            total += m.U.numel() + m.S.numel() + m.V.numel()
+            total += m.U.numel() + m.S.numel() + m.Vh.numel()
         elif isinstance(m, nn.Linear):
             total += m.weight.numel()
     return total
