@@ -1110,7 +1110,7 @@ def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
     faster stored transposed (``Uᵀ`` row by row, strides ``(1, out)``): a matrix-vector
     product over rows of ``r`` numbers is slower than one over columns of ``out``. This
     stores ``U`` so. In bfloat16 and float16 it changes nothing (the transposed ``U`` is
-    3-7x slower there). See docs/benchmarks.md, "LowRankLinear in inference", for the
+    2-9x slower there, measured). See docs/benchmarks.md, "LowRankLinear in inference", for the
     gain per shape.
 
     Shapes, values, names and outputs (to float rounding) are unchanged: only strides
