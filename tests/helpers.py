@@ -1,6 +1,10 @@
-"""Shared test helpers: matrices with a known spectrum and the optimal truncation error."""
+"""Shared test helpers: matrices with a known spectrum and the optimal truncation error,
+small low-rank layers and models."""
 
 import torch
+from torch import nn
+
+from lowrank_layers import AdaptiveLowRankLinear, DynamicLowRankLinear, LowRankLinear
 
 
 def matrix_with_spectrum(
@@ -52,3 +56,25 @@ def tiny_bert(*, layers: int = 2, vocab: int = 100, seed: int = 0):
     )  # fmt: skip
     torch.manual_seed(seed)
     return transformers.BertModel(config).eval()
+
+
+def perturbed_layer(
+    kind: str, *, balance: bool = True, bias: bool = True, seed: int = 0
+) -> nn.Module:
+    """A 40 -> 24 low-rank layer of ``kind`` (``"lowrank"``, ``"dynamic"``: 11 of 16
+    components active, ``"adaptive"``: switched at rank 9), every parameter perturbed so
+    that ``S``, ``D`` and the bias matter (fresh ones are constants)."""
+    torch.manual_seed(seed)
+    if kind == "lowrank":
+        layer = LowRankLinear(40, 24, 9, row_scales=balance, bias=bias)
+    elif kind == "dynamic":
+        layer = DynamicLowRankLinear(
+            40, 24, max_rank=16, active_rank=11, row_scales=balance, bias=bias
+        )
+    else:
+        layer = AdaptiveLowRankLinear(40, 24, rank=9, bias=bias)
+        layer.switch_to_lowrank(balance="rownorm" if balance else "none")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return layer

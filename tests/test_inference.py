@@ -20,31 +20,14 @@ from torch import nn
 
 from lowrank_layers import (
     AdaptiveLowRankLinear,
-    DynamicLowRankLinear,
-    LowRankLinear,
     inference_layout_,
     lowrank_linear,
 )
 from lowrank_layers.linear import FOLD_MIN_TOKENS
 
+from .helpers import perturbed_layer as make
+
 TOKENS = [1, 7, FOLD_MIN_TOKENS - 1, FOLD_MIN_TOKENS]
-
-
-def make(kind: str, *, balance: bool = True, bias: bool = True) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "lowrank":
-        layer = LowRankLinear(40, 24, 9, row_scales=balance, bias=bias)
-    elif kind == "dynamic":
-        layer = DynamicLowRankLinear(
-            40, 24, max_rank=16, active_rank=11, row_scales=balance, bias=bias
-        )
-    else:
-        layer = AdaptiveLowRankLinear(40, 24, rank=9, bias=bias)
-        layer.switch_to_lowrank(balance="rownorm" if balance else "none")
-    with torch.no_grad():  # make S, D and the bias matter (fresh ones are constants)
-        for p in layer.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return layer
 
 
 def assert_modes_agree(layer: nn.Module, tokens: int, gen: torch.Generator) -> torch.Tensor:

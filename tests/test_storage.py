@@ -8,8 +8,6 @@ from torch import nn
 
 from lowrank_layers import (
     AdaptiveLowRankLinear,
-    DynamicLowRankLinear,
-    LowRankLinear,
     convert_model,
     load_lowrank,
     save_lowrank,
@@ -17,26 +15,9 @@ from lowrank_layers import (
 from lowrank_layers.checkpoint import read_metadata
 from lowrank_layers.offline import weight_spectra
 
+from .helpers import perturbed_layer as make
+
 KINDS = ["lowrank", "dynamic", "adaptive"]
-
-
-def make(kind: str, *, fresh: bool = False) -> nn.Module:
-    """A 40 -> 24 layer of ``kind`` with D and a bias, its parameters made non-constant;
-    ``fresh``: an unloaded layer of the same structure (a dense-phase adaptive one)."""
-    if kind == "lowrank":
-        layer = LowRankLinear(40, 24, 9, row_scales=True)
-    elif kind == "dynamic":
-        layer = DynamicLowRankLinear(40, 24, max_rank=16, active_rank=11, row_scales=True)
-    else:
-        layer = AdaptiveLowRankLinear(40, 24, rank=9)
-        if fresh:
-            return layer
-        layer.switch_to_lowrank(balance="rownorm")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=gen))
-    return layer
 
 
 def reference(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -77,10 +58,12 @@ def test_format_1_state_dict_loads(kind, gen):
     layer = make(kind)
     old = {k: v.clone() if torch.is_tensor(v) else v for k, v in layer.state_dict().items()}
     old["V"] = old.pop("Vh").mT.contiguous()
-    fresh = make(kind, fresh=True)
+    # differently initialised (a dense-phase adaptive layer)
+    fresh = make(kind, seed=1) if kind != "adaptive" else AdaptiveLowRankLinear(40, 24, rank=9)
+    x = torch.randn(3, 40, generator=gen)
+    assert not torch.allclose(fresh(x), layer(x))
     fresh.load_state_dict(old)
     assert set(fresh.state_dict()) == set(layer.state_dict())
-    x = torch.randn(3, 40, generator=gen)
     assert torch.equal(fresh(x), layer(x))
 
 
@@ -89,10 +72,11 @@ def test_format_1_pruned_dynamic_state_dict_loads_into_a_larger_layer(gen):
     layer.prune()  # 11 components left
     old = dict(layer.state_dict())
     old["V"] = old.pop("Vh").mT.contiguous()
-    fresh = make("dynamic")  # 16 components
+    fresh = make("dynamic", seed=1)  # 16 components
+    x = torch.randn(3, 40, generator=gen)
+    assert not torch.allclose(fresh(x), layer(x))
     fresh.load_state_dict(old)
     assert fresh.max_rank == 11 and fresh.Vh.shape == (11, 40)
-    x = torch.randn(3, 40, generator=gen)
     assert torch.equal(fresh(x), layer(x))
 
 
@@ -164,7 +148,7 @@ def test_parametrized_factors_are_used(kind, name, gen):
 def test_parametrized_dense_weight_of_an_adaptive_layer_is_used(gen):
     from torch.nn.utils import parametrize
 
-    layer = make("adaptive", fresh=True)  # dense phase
+    layer = AdaptiveLowRankLinear(40, 24, rank=9)  # dense phase
     weight = layer.weight.detach().clone()
     parametrize.register_parametrization(layer, "weight", Doubled())
     assert not layer.is_lowrank
