@@ -6,6 +6,13 @@ with an input that requires grad, as for any layer inside a network. The FLOP-ra
 limit of the speed-up is in*out / (r*(in+out)); the table reports the measured speed-up
 and its fraction of that limit, plus the forward-only (inference) speed-up.
 
+Next to them runs the forward this project had when issue 10 was filed (commit f55c323:
+V stored as (in, r), S and D folded into U and the rank zero-padded to a multiple of 8 on
+every call), on the same factors. The machine's speed drifts between runs (nn.Linear's
+own time for one product varied by up to 1.9x), so whether training speed is kept is
+read from the ratio of the two forwards within one run, not from percentages of
+separate runs.
+
 The run is repeated in a child process with glibc's malloc tuned (MALLOC_MMAP_THRESHOLD_
 and MALLOC_TRIM_THRESHOLD_ raised), since by default every allocation over 32 MiB gets
 fresh pages from the OS, which costs both layers page faults on large outputs.
@@ -23,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,6 +47,26 @@ from lowrank_layers import LowRankLinear
 SHAPES = [(1024, 1024), (768, 3072), (3072, 768), (4096, 4096)]
 TOKENS = [32, 512, 4096]
 RATIOS = [0.1, 0.25]
+
+
+class IssueTimeLowRank(nn.Module):
+    """The forward of commit f55c323 (before issue 10) on a LowRankLinear's factors."""
+
+    def __init__(self, layer: LowRankLinear) -> None:
+        super().__init__()
+        self.U = nn.Parameter(layer.U.detach().clone())
+        self.S = nn.Parameter(layer.S.detach().clone())
+        self.V = nn.Parameter(layer.Vh.detach().t().contiguous())  # format 1: V (in, r)
+        self.bias = nn.Parameter(layer.bias.detach().clone())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.U * self.S
+        pad = -self.S.shape[0] % 8
+        V = self.V
+        if pad:
+            V = F.pad(V, (0, pad))
+            weight = F.pad(weight, (0, pad))
+        return F.linear(F.linear(input, V.mT), weight, self.bias)
 
 
 def repeats_for(flops: float) -> int:
@@ -73,9 +101,10 @@ def measure(threads: int, quick: bool) -> list[dict]:
                 r = low.rank
                 limit = in_f * out_f / (r * (in_f + out_f))
 
+                old = IssueTimeLowRank(low)
                 reps = repeats_for(6 * n * in_f * out_f)
-                t_dense, t_low = paired_median_times(
-                    [partial(train_step, m, x, grad_out) for m in (dense, low)], reps
+                t_dense, t_low, t_old = paired_median_times(
+                    [partial(train_step, m, x, grad_out) for m in (dense, low, old)], reps
                 )
                 f_dense, f_low = paired_median_times(
                     [partial(inference, m, x) for m in (dense, low)], reps
@@ -92,6 +121,8 @@ def measure(threads: int, quick: bool) -> list[dict]:
                         "lowrank_ms": t_low * 1e3,
                         "speedup": t_dense / t_low,
                         "fraction": t_dense / t_low / limit,
+                        "old_ms": t_old * 1e3,
+                        "old_fraction": t_dense / t_old / limit,
                         "fwd_speedup": f_dense / f_low,
                     }
                 )
@@ -112,6 +143,9 @@ def table(results: list[dict]) -> str:
             f"{r['speedup']:.2f}",
             f"{100 * r['fraction']:.0f}%",
             f"{r['fwd_speedup']:.2f}",
+            f"{r['old_ms']:.2f}",
+            f"{100 * r['old_fraction']:.0f}%",
+            f"{r['old_ms'] / r['lowrank_ms']:.2f}",
         )
         for r in results
     ]
@@ -126,11 +160,18 @@ def table(results: list[dict]) -> str:
         "speed-up",
         "of limit",
         "fwd-only speed-up",
+        "issue-time fwd+bwd ms",
+        "issue-time of limit",
+        "now vs issue-time",
     ]
-    big = [r["fraction"] for r in results if r["N"] >= 512]
+    big = [r for r in results if r["N"] >= 512]
+    now = [r["fraction"] for r in big]
+    old = [r["old_fraction"] for r in big]
     summary = (
-        f"\nN >= 512: median {100 * statistics.median(big):.0f}% of the FLOP limit, "
-        f"min {100 * min(big):.0f}%, max {100 * max(big):.0f}% ({len(big)} configurations)"
+        f"\nN >= 512: median {100 * statistics.median(now):.0f}% of the FLOP limit, "
+        f"min {100 * min(now):.0f}%, max {100 * max(now):.0f}% ({len(now)} configurations); "
+        f"issue-time forward {100 * statistics.median(old):.0f}%; now vs issue-time: median "
+        f"{statistics.median(r['old_ms'] / r['lowrank_ms'] for r in big):.2f}x"
     )
     return markdown_table(header, rows) + summary
 
