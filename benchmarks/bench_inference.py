@@ -6,6 +6,8 @@ float32 only), and, for reference, the forward this library had before issue 10 
 folded and padded the factors on every call) run side by side in
 ``torch.inference_mode`` (interleaved repeats, medians). The limit of the speed-up is
 ``in·out / (r·(in+out))``: the ratio of weights read at few tokens, and of FLOPs at many.
+The last columns are what ``expected_speedup`` (the conversion reports' ``x@N``) predicts
+for each layout, and the summary how far those predictions are from the measurements.
 
 At few tokens a call is bound by reading the weights, so a benchmark that calls one
 layer over and over measures a layer that sits in the CPU's caches, unlike a layer in a
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import statistics
 import sys
 from functools import partial
@@ -32,7 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table, paired_median_times
 
-from lowrank_layers import LowRankLinear, inference_layout_
+from lowrank_layers import LowRankLinear, expected_speedup, inference_layout_
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (1024, 1024), (768, 3072), (3072, 768)]
 RATIOS = [0.9, 0.8, 0.5]
@@ -100,6 +103,11 @@ def measure(threads: int, quick: bool, dtype: torch.dtype) -> list[dict]:
                         "speedup": t_dense / t_low,
                         "layout": t_dense / t_layout,
                         "previous": t_dense / t_prev,
+                        # what conversion reports show (x@N), for each layout
+                        "model": expected_speedup(in_f, out_f, r, n, dtype=dtype),
+                        "model_layout": expected_speedup(
+                            in_f, out_f, r, n, dtype=dtype, inference_layout=True
+                        ),
                     }
                 )
                 print(f"{in_f}x{out_f} ratio={ratio} N={n}", file=sys.stderr, flush=True)
@@ -120,6 +128,8 @@ def table(results: list[dict]) -> str:
             f"{r['layout']:.2f}",
             f"{100 * r['layout'] / r['limit']:.0f}%",
             f"{r['previous']:.2f}",
+            f"{r['model']:.2f}",
+            f"{r['model_layout']:.2f}",
         )
         for r in results
     ]
@@ -135,6 +145,8 @@ def table(results: list[dict]) -> str:
         "inference_layout_",
         "of limit",
         "previous forward",
+        "model",
+        "model, inference_layout_",
     ]
     summary = []
     for key, label in (("speedup", "as stored"), ("layout", "inference_layout_")):
@@ -146,6 +158,26 @@ def table(results: list[dict]) -> str:
             f"in {len(slower)} of {len(results)}: "
             + ", ".join(f"{r['shape']}/{r['ratio']}/{r['N']} {r[key]:.2f}" for r in slower)
         ]
+    for label, keep in (
+        ("1 token", lambda n: n == 1),
+        ("2-8 tokens", lambda n: 1 < n <= 8),
+        ("64+ tokens", lambda n: n >= 64),
+    ):
+        part = [r for r in results if keep(r["N"])]
+        if not part:
+            continue
+        errors = []
+        for key, model in (("speedup", "model"), ("layout", "model_layout")):
+            logs = [math.log(r[model] / r[key]) for r in part]
+            errors.append(
+                f"{math.sqrt(statistics.fmean(x * x for x in logs)):.3f} "
+                f"(mean {statistics.fmean(logs):+.3f})"
+            )
+        summary.append(
+            f"speed model (expected_speedup) at {label}: root mean square of "
+            f"log(model / measured) {errors[0]} as stored, {errors[1]} after "
+            f"inference_layout_ ({len(part)} configurations)"
+        )
     return markdown_table(header, rows) + "\n\n" + "\n".join(summary)
 
 

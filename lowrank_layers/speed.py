@@ -12,12 +12,22 @@ arithmetic does). What keeps a layer from its limit is the rest of the forward:
 - **the fold at many tokens.** From ``FOLD_MIN_TOKENS`` tokens on, ``S`` (and ``D``) are
   folded into ``U`` and the rank padded to a multiple of 8: a copy of the factors per
   call, and arithmetic on the padded rank.
+- **the weights' layout.** A one-token product (a matrix-vector product) reads its
+  weight at a speed that depends on how long its contiguous runs are: on the machine of
+  docs/benchmarks.md, 9 GB/s over rows of 256 numbers, 14 over 1024, 20 over 4096
+  (float32, weights out of cache). Both factors are stored as ``nn.Linear`` weights, so
+  the second product reads ``U (out, r)`` in rows of ``r`` numbers, shorter than the
+  dense weight's rows of ``in``: a layer at ``param_ratio`` 0.9 is slower than
+  ``nn.Linear`` at one token although it reads 10% fewer bytes.
+  :func:`~lowrank_layers.inference_layout_` stores ``U`` transposed, in runs of ``out``
+  numbers.
 
 :class:`SpeedModel` prices each operation as ``call + max(bytes / bandwidth,
-flops / peak)``; :func:`expected_speedup` is the ratio of the two forwards' sums. Its
-default constants were measured on the machine of docs/benchmarks.md (2 cores of an AMD
-EPYC, float32); :func:`measure_speed_model` measures them on the machine at hand. It is a
-model: whole-model speed-ups, measured, are in docs/benchmarks.md.
+flops / peak)``, a one-token product's bandwidth a function of its weight's row length;
+:func:`expected_speedup` is the ratio of the two forwards' sums. Its default constants
+were measured on the machine of docs/benchmarks.md (2 cores of an AMD EPYC, float32);
+:func:`measure_speed_model` measures them on the machine at hand. It is a model:
+whole-model speed-ups, measured, are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import InputError, InputTypeError
-from .linear import FOLD_MIN_TOKENS, RANK_ALIGNMENT
+from .linear import FOLD_MIN_TOKENS, HALF_DTYPES, RANK_ALIGNMENT
 
 __all__ = [
     "REPORT_TOKENS",
@@ -53,25 +63,56 @@ REPORT_TOKENS: tuple[int, int] = (1, 1024)
 class SpeedModel:
     """Costs of one machine: an operation takes ``call + max(bytes/bandwidth, flops/peak)``.
 
+    A matrix-vector product (one token) reads a weight of rows of ``n`` contiguous numbers
+    at ``bandwidth · n / (n + half_row)`` (:meth:`read_bandwidth`); matrix products and
+    activations are read at ``bandwidth``.
+
     Attributes:
         bandwidth: bytes per second a matrix-vector product reads its weight at, out of
-            cache.
+            cache, as its rows grow long (the limit).
         peak: FLOPs per second of a large matrix product.
         call: seconds of fixed cost per operation dispatched (Python, dispatcher, kernel
             launch).
+        half_row: the row length, in numbers, at which a weight is read at half of
+            ``bandwidth``; 0 makes the speed independent of the layout.
     """
 
-    bandwidth: float = 11e9
+    bandwidth: float = 18e9
     peak: float = 9e10
     call: float = 6e-6
+    half_row: float = 180.0
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth", "peak", "call", "half_row"):
+            value = getattr(self, name)
+            positive = name in ("bandwidth", "peak")
+            allowed = "a finite number > 0" if positive else "a finite number >= 0"
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputTypeError(f"SpeedModel {name} must be {allowed}, got {value!r}")
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise InputError(f"SpeedModel {name} must be {allowed}, got {value!r}")
+
+    def read_bandwidth(self, row: int) -> float:
+        """Bytes per second a weight whose rows hold ``row`` contiguous numbers is read at."""
+        return self.bandwidth * row / (row + self.half_row)
 
     def seconds(self, bytes_moved: float, flops: float) -> float:
         """Modelled time of one operation."""
         return self.call + max(bytes_moved / self.bandwidth, flops / self.peak)
 
-    def matmul(self, tokens: int, k: int, n: int, element: int) -> float:
-        """``(tokens, k) @ (k, n)``: the weight and the activations read, the output written."""
-        return self.seconds(element * (k * n + tokens * (k + n)), 2.0 * tokens * k * n)
+    def matmul(self, tokens: int, k: int, n: int, element: int, row: int | None = None) -> float:
+        """``(tokens, k) @ (k, n)``: the weight and the activations read, the output written.
+
+        One token is a matrix-vector product, which reads the weight in its rows (of
+        ``row`` numbers, ``k`` by default: ``F.linear``'s ``(n, k)`` weight); from two
+        tokens on, a matrix product, whose kernel packs the weight in its own blocks.
+        """
+        if tokens == 1:
+            weight = element * k * n / self.read_bandwidth(k if row is None else row)
+        else:
+            weight = element * k * n / self.bandwidth
+        activations = element * tokens * (k + n) / self.bandwidth
+        return self.call + max(weight + activations, 2.0 * tokens * k * n / self.peak)
 
     def elementwise(self, elements: int, element: int) -> float:
         """An elementwise product or sum over ``elements`` values (read twice, written once)."""
@@ -104,8 +145,14 @@ def lowrank_seconds(
     bias: bool,
     element: int,
     model: SpeedModel,
+    transposed_u: bool = False,
 ) -> float:
-    """Modelled time of :func:`~lowrank_layers.lowrank_linear`, in the regime it takes."""
+    """Modelled time of :func:`~lowrank_layers.lowrank_linear`, in the regime it takes.
+
+    ``transposed_u``: ``U`` stored transposed (:func:`~lowrank_layers.inference_layout_`),
+    so the few-token regime reads it in runs of ``out`` numbers instead of ``r``; the
+    folded regime multiplies a fresh ``U·S``, ``(out, r)`` row-major, either way.
+    """
     if tokens >= FOLD_MIN_TOKENS:
         padded = math.ceil(rank / RANK_ALIGNMENT) * RANK_ALIGNMENT
         t = model.elementwise(out_features * rank, element)  # U * S
@@ -117,9 +164,10 @@ def lowrank_seconds(
             + model.matmul(tokens, in_features, padded, element)
             + model.matmul(tokens, padded, out_features, element)
         )
+    u_row = out_features if transposed_u else rank
     t = model.matmul(tokens, in_features, rank, element)
     t += model.elementwise(tokens * rank, element)  # · S
-    t += model.matmul(tokens, rank, out_features, element)
+    t += model.matmul(tokens, rank, out_features, element, row=u_row)
     if row_scales:  # · D, then + bias, as separate operations
         t += model.elementwise(tokens * out_features, element)
         t += model.elementwise(tokens * out_features, element) if bias else 0.0
@@ -136,6 +184,7 @@ def expected_speedup(
     bias: bool = True,
     dtype: torch.dtype = torch.float32,
     model: SpeedModel | None = None,
+    inference_layout: bool = False,
 ) -> float:
     """The modelled speed-up of a low-rank layer's forward over ``nn.Linear`` of its shape.
 
@@ -145,13 +194,18 @@ def expected_speedup(
         row_scales, bias: whether the layer has a row scale ``D`` and a bias.
         dtype: the weights' dtype (its size sets the bytes read).
         model: the machine's costs (default: the constants of :class:`SpeedModel`).
+        inference_layout: price ``U`` as :func:`~lowrank_layers.inference_layout_` stores
+            it (transposed, float32 and float64 only) rather than as converted; reports
+            and ``min_speedup`` price the stored layout.
 
     Returns:
         ``time(nn.Linear) / time(low rank)``, above 1 where the layer pays.
 
     Example:
-        >>> expected_speedup(4096, 4096, 512, tokens=1) > 3.5   # limit 4.0
-        True
+        >>> round(expected_speedup(4096, 4096, 512, tokens=1), 1)  # limit 4.0; U in rows of 512
+        3.4
+        >>> round(expected_speedup(4096, 4096, 512, tokens=1, inference_layout=True), 1)
+        3.9
         >>> expected_speedup(576, 192, 115, tokens=1) < 1.0     # small: per-call costs
         True
     """
@@ -164,6 +218,8 @@ def expected_speedup(
         _check_positive_int(name, value)
     if not isinstance(dtype, torch.dtype):
         raise InputTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    if not isinstance(inference_layout, bool):
+        raise InputTypeError(f"inference_layout must be a bool, got {inference_layout!r}")
     element = torch.empty(0, dtype=dtype).element_size()
     costs = DEFAULT_SPEED_MODEL if model is None else model
     dense = dense_seconds(in_features, out_features, tokens, element=element, model=costs)
@@ -176,6 +232,7 @@ def expected_speedup(
         bias=bias,
         element=element,
         model=costs,
+        transposed_u=inference_layout and dtype not in HALF_DTYPES,
     )
     return dense / low
 
@@ -286,27 +343,59 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
     return statistics.median(times)
 
 
+# rows of the weights measure_speed_model reads (eight 8 MiB float32 matrices per length)
+MEASURED_ROWS: tuple[int, ...] = (256, 1024, 4096)
+
+
+def fit_read_bandwidth(rows: tuple[int, ...], seconds_per_byte: list[float]) -> tuple[float, float]:
+    """``(bandwidth, half_row)`` of :meth:`SpeedModel.read_bandwidth` fitted to measurements.
+
+    ``1 / read_bandwidth(n) = (1 + half_row / n) / bandwidth`` is linear in ``1 / n``: a
+    least-squares line through the measured seconds per byte. A machine whose short rows
+    read no slower than long ones gets ``half_row = 0``.
+    """
+    if len(rows) != len(seconds_per_byte) or len(set(rows)) < 2:
+        raise InputError(
+            "fit_read_bandwidth needs one time per row length and at least two row lengths, "
+            f"got rows={rows!r} and {len(seconds_per_byte)} times"
+        )
+    xs = [1.0 / n for n in rows]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(seconds_per_byte)
+    sxx = sum((x - mean_x) ** 2 for x in xs)
+    pairs = zip(xs, seconds_per_byte, strict=True)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in pairs) / sxx
+    intercept = mean_y - slope * mean_x
+    if slope <= 0 or intercept <= 0:
+        return 1.0 / mean_y, 0.0
+    return 1.0 / intercept, slope / intercept
+
+
 @torch.inference_mode()
 def measure_speed_model(*, repeats: int = 9) -> SpeedModel:
-    """Measure :class:`SpeedModel`'s constants on this machine, in float32 (about a second).
+    """Measure :class:`SpeedModel`'s constants on this machine, in float32 (a few seconds).
 
     - ``call``: one ``torch.mul`` on 8 values;
-    - ``bandwidth``: ``F.linear`` of one token through 64 MiB of weights (eight 2048x1024
-      matrices in turn, so that they are read from memory, not from cache);
+    - ``bandwidth`` and ``half_row``: ``F.linear`` of one token through 64 MiB of weights
+      (eight matrices in turn, so that they are read from memory, not from cache) with
+      rows of 256, 1024 and 4096 numbers, fitted by :func:`fit_read_bandwidth`;
     - ``peak``: a 1024x1024x1024 matrix product.
     """
     _check_positive_int("repeats", repeats)
     small = torch.ones(8)
     per_call = median_seconds(lambda: torch.mul(small, small), repeats * 20)
-    weights = [torch.randn(2048, 1024) for _ in range(8)]
-    x = torch.randn(1, 1024)
+    per_byte = []
+    for row in MEASURED_ROWS:
+        weights = [torch.randn((2 << 20) // row, row) for _ in range(8)]
+        x = torch.randn(1, row)
 
-    def read_all() -> None:
-        for w in weights:
-            torch.nn.functional.linear(x, w)
+        def read_all(weights: list[torch.Tensor] = weights, x: torch.Tensor = x) -> None:
+            for w in weights:
+                torch.nn.functional.linear(x, w)
 
-    t = median_seconds(read_all, repeats) / len(weights)
-    bandwidth = weights[0].numel() * 4 / max(t - per_call, 1e-9)
+        t = median_seconds(read_all, repeats) / len(weights)
+        per_byte.append(max(t - per_call, 1e-9) / (weights[0].numel() * 4))
+        del weights
+    bandwidth, half_row = fit_read_bandwidth(MEASURED_ROWS, per_byte)
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
     t = median_seconds(lambda: a @ b, repeats)
-    return SpeedModel(bandwidth=bandwidth, peak=2 * 1024**3 / t, call=per_call)
+    return SpeedModel(bandwidth=bandwidth, peak=2 * 1024**3 / t, call=per_call, half_row=half_row)
