@@ -26,8 +26,12 @@ all-MiniLM-L6-v2 (the demo's model) is converted with ``convert_model(param_rati
 and timed as in the demo: a batch of 32 BBC articles padded to 128 tokens, and one
 article alone.
 
+With ``--min-speedup X``, each ratio is also converted as
+``convert_model(budget=p, min_speedup=X, ...)``: the same parameter count, with each
+layer's rank capped where the speed model expects it to pay at one token.
+
     python benchmarks/bench_models.py [--ratios 0.9 0.8 0.5] [--dtypes float32 bfloat16]
-        [--repeats 3] [--threads 2]
+        [--repeats 3] [--threads 2] [--min-speedup 1.0] [--skip-layout] [--skip-minilm]
 """
 
 from __future__ import annotations
@@ -135,19 +139,32 @@ def decode_profile(models: dict[str, nn.Module], prompt: torch.Tensor, dtype: to
     print(markdown_table(header, rows) + "\n", flush=True)
 
 
-def smollm2(dtype: torch.dtype, ratios: list[float], repeats: int) -> list[list[str]]:
+def smollm2(
+    dtype: torch.dtype,
+    ratios: list[float],
+    repeats: int,
+    *,
+    min_speedup: float | None = None,
+    layout: bool = True,
+) -> list[list[str]]:
     original, tokenizer = load_smollm2()
     texts, _ = load_bbc_news()
     models = {"original": original}
+    common = {"exclude": ["lm_head"], "method": "randomized", "seed": 0}
     for ratio in ratios:
         converted = copy.deepcopy(original)
-        convert_model(
-            converted, param_ratio=ratio, exclude=["lm_head"], method="randomized", seed=0
-        )
+        convert_model(converted, param_ratio=ratio, **common)
         models[f"{ratio:.0%} of Linear params"] = converted
+        if min_speedup is not None:
+            # the same parameter count, each layer's rank capped where the speed model
+            # expects it to pay at one token
+            capped = copy.deepcopy(original)
+            convert_model(capped, budget=ratio, min_speedup=min_speedup, **common)
+            models[f"{ratio:.0%} budget, min_speedup={min_speedup:g}"] = capped
     for m in models.values():
         m.to(dtype).eval()
-    with_layout(models)
+    if layout:
+        with_layout(models)
     # the first 256 tokens of the first 8 articles at least that long
     rows = []
     for text in texts:
@@ -249,12 +266,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument(
+        "--min-speedup",
+        type=float,
+        default=None,
+        help="also convert with budget=ratio and this min_speedup (SmolLM2 only)",
+    )
+    parser.add_argument(
+        "--skip-layout", action="store_true", help="no inference_layout_ copies (SmolLM2)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"Machine: {machine_description()}\n")
     rows = []
     for name in args.dtypes:
-        rows += smollm2(getattr(torch, name), args.ratios, args.repeats)
+        rows += smollm2(
+            getattr(torch, name),
+            args.ratios,
+            args.repeats,
+            min_speedup=args.min_speedup,
+            layout=not args.skip_layout,
+        )
     header = [
         "SmolLM2-135M",
         "dtype",
