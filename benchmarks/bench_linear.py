@@ -30,12 +30,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (
     TUNED_MALLOC_ENV,
+    issue_time_forward,
     machine_description,
     markdown_table,
     paired_median_times,
@@ -60,13 +60,7 @@ class IssueTimeLowRank(nn.Module):
         self.bias = nn.Parameter(layer.bias.detach().clone())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        weight = self.U * self.S
-        pad = -self.S.shape[0] % 8
-        V = self.V
-        if pad:
-            V = F.pad(V, (0, pad))
-            weight = F.pad(weight, (0, pad))
-        return F.linear(F.linear(input, V.mT), weight, self.bias)
+        return issue_time_forward(input, self.U, self.S, self.V, self.bias)
 
 
 def repeats_for(flops: float) -> int:

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from lowrank_layers.speed import median_seconds
 
@@ -43,6 +44,23 @@ def paired_median_times(
             fn()
             times[i].append(time.perf_counter() - start)
     return [statistics.median(t) for t in times]
+
+
+def issue_time_forward(
+    x: torch.Tensor,
+    U: torch.Tensor,
+    S: torch.Tensor,
+    V: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The low-rank forward of commit f55c323, before issue 10: ``S`` folded into ``U`` and
+    the rank zero-padded to a multiple of 8 on every call, ``V`` given as ``(in, r)``."""
+    weight = U * S
+    pad = -S.shape[0] % 8
+    if pad:
+        V = F.pad(V, (0, pad))
+        weight = F.pad(weight, (0, pad))
+    return F.linear(F.linear(x, V.mT), weight, bias)
 
 
 def machine_description() -> str:
