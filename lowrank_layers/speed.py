@@ -107,12 +107,10 @@ class SpeedModel:
         ``row`` numbers, ``k`` by default: ``F.linear``'s ``(n, k)`` weight); from two
         tokens on, a matrix product, whose kernel packs the weight in its own blocks.
         """
-        if tokens == 1:
-            weight = element * k * n / self.read_bandwidth(k if row is None else row)
-        else:
-            weight = element * k * n / self.bandwidth
-        activations = element * tokens * (k + n) / self.bandwidth
-        return self.call + max(weight + activations, 2.0 * tokens * k * n / self.peak)
+        weight = element * k * n
+        if tokens == 1:  # read as slowly as that many more bytes at `bandwidth`
+            weight *= self.bandwidth / self.read_bandwidth(k if row is None else row)
+        return self.seconds(weight + element * tokens * (k + n), 2.0 * tokens * k * n)
 
     def elementwise(self, elements: int, element: int) -> float:
         """An elementwise product or sum over ``elements`` values (read twice, written once)."""
