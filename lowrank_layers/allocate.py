@@ -124,7 +124,7 @@ def collect_sensitivity(
             if name in acc_c:
                 acc_c[name] += gram
             else:
-                acc_c[name] = gram
+                acc_c[name] = gram.clone()  # the cached gram is shared by its layers
             counts[name] = counts.get(name, 0) + tokens
             if out.requires_grad:
                 outputs.append((name, out))

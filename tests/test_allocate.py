@@ -142,6 +142,30 @@ def test_collect_sensitivity_shapes_modes_and_mask(gen):
     assert torch.allclose(sens_m["a"].input_cov, sens["a"].input_cov, rtol=1e-5, atol=1e-6)
 
 
+def test_layers_fed_one_tensor_get_their_own_input_moments(gen):
+    """q and k share one input (one GEMM): each still gets exactly E[x xᵀ] over several
+    batches, the same as collect_input_stats (a shared accumulator once counted a batch
+    once per layer reading it)."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(self.q(x) * self.k(x))
+
+    torch.manual_seed(0)
+    model = Shared()
+    data = [torch.randn(16, 8, generator=gen) for _ in range(3)]
+    sens = collect_sensitivity(model, data, objective="mse")
+    stats = collect_input_stats(model, data)
+    for name in ("q", "k", "o"):
+        assert sens[name].tokens == 48
+        # the same float64 sums divided by the same count: equal to rounding
+        assert torch.allclose(sens[name].input_cov, stats[name].covariance, rtol=1e-12, atol=0)
+
+
 def test_collect_sensitivity_errors(gen):
     model = Tiny()
     x = torch.randn(2, 4, 16, generator=gen)
