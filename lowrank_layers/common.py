@@ -3,8 +3,10 @@ progress bar. Nothing here knows about layers or ranks."""
 
 from __future__ import annotations
 
+import contextlib
+import math
 import numbers
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,8 +19,11 @@ __all__ = [
     "as_integer",
     "check_choice",
     "check_fraction",
+    "check_int",
+    "check_positive",
     "parameter_count",
     "progress_bar",
+    "restored_flags",
     "weight_parameter_count",
 ]
 
@@ -47,6 +52,36 @@ def check_fraction(name: str, value: object) -> float:
     return float(value)
 
 
+def check_int(name: str, value: object, low: int = 1, *, optional: bool = False) -> Any:
+    """``value`` unchanged when it is an ``int`` (not a bool) ``>= low``, or None with
+    ``optional``; else a ``ValueError`` naming ``name``: ``rank must be a positive int, got
+    0`` (``low=1``), ``threshold must be an int >= 0, got -1``, ``... or None`` when
+    ``optional``. ``name`` may carry the caller's prefix (``"heal: steps"``)."""
+    if optional and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        allowed = "a positive int" if low == 1 else f"an int >= {low}"
+        raise InputError(f"{name} must be {allowed}{' or None' if optional else ''}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value: object, *, optional: bool = False) -> Any:
+    """``value`` unchanged when it is a finite number > 0 (an int or a float, not a bool),
+    or None with ``optional``; else a ``ValueError`` naming ``name``: ``lr must be a
+    positive number, got 0.0`` (``... or None`` when ``optional``)."""
+    if optional and value is None:
+        return value
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        allowed = "a positive number or None" if optional else "a positive number"
+        raise InputError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
 def as_integer(value: object) -> object:
     """``value`` as an ``int`` when it is an integer of another type (``numpy.int64``, a
     0-d integer tensor); anything else unchanged, for the caller to validate."""
@@ -72,15 +107,41 @@ def all_finite(W: torch.Tensor) -> bool:
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
-def progress_bar(items: Iterable[Any], desc: str = "converting", unit: str = "layer") -> Any:
-    """A tqdm progress bar over ``items`` (``pip install 'lowrank-layers[progress]'``)."""
+def progress_bar(
+    items: Iterable[Any] | None = None,
+    desc: str = "converting",
+    unit: str = "layer",
+    *,
+    total: int | None = None,
+) -> Any:
+    """A tqdm progress bar over ``items``, or, with ``items=None``, one the caller advances
+    with ``.update()`` towards ``total`` (None: open-ended), and closes. tqdm is an optional
+    extra: an ``ImportError`` says ``pip install 'lowrank-layers[progress]'``."""
     try:
         from tqdm.auto import tqdm
     except ImportError as exc:
         raise ImportError(
             "progress=True needs tqdm: pip install 'lowrank-layers[progress]'"
         ) from exc
-    return tqdm(items, desc=desc, unit=unit)
+    return tqdm(items, desc=desc, unit=unit, total=total)
+
+
+@contextlib.contextmanager
+def restored_flags(
+    modules: Iterable[nn.Module], params: Iterable[nn.Parameter] = ()
+) -> Iterator[None]:
+    """Restore each module's own ``training`` flag and each parameter's ``requires_grad``
+    on exit, also when an error is raised: for code that runs a caller's model in eval
+    mode, or trains only some of its parameters."""
+    modes = {m: m.training for m in modules}
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        for m, training in modes.items():
+            m.training = training
 
 
 def parameter_count(model: nn.Module) -> int:
