@@ -21,16 +21,16 @@ the squared error of hidden states), for encoders.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .blocks import has_logits, main_output, run_uncached
-from .calibrate import linear_modules, padding_mask, token_rows
-from .common import InputError, check_choice, check_fraction
+from .blocks import has_logits, main_output
+from .calibrate import InputCache, linear_modules, padding_mask, run_batch, token_rows
+from .common import InputError, check_choice, check_fraction, restored_flags
 from .factorize import whitening_factor
 from .policy import factor_parameters, resolve_rank
 from .speed import SpeedRule
@@ -102,92 +102,108 @@ def collect_sensitivity(
         raise InputError("collect_sensitivity: no module to observe (modules is empty)")
     if len(batches) == 0:
         raise InputError("collect_sensitivity: batches is empty")
-    gen = torch.Generator().manual_seed(seed)
-    acc_c: dict[str, torch.Tensor] = {}
-    acc_g: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    grad_counts: dict[str, int] = {}
-    outputs: list[tuple[str, torch.Tensor]] = []
-    mask_now: list[torch.Tensor | None] = [None]
+    gradient_pass = _GradientPass(objective, grad_tokens, torch.Generator().manual_seed(seed))
+    weights = [
+        m.weight for m in modules.values() if isinstance(getattr(m, "weight", None), nn.Parameter)
+    ]
+    handles = [m.register_forward_hook(gradient_pass.hook_for(n)) for n, m in modules.items()]
+    try:
+        with restored_flags(model.modules(), weights):
+            model.eval()
+            for p in weights:
+                p.requires_grad_(True)
+            for batch in batches:
+                gradient_pass.run(model, batch)
+    finally:
+        gradient_pass.clear()
+        for h in handles:
+            h.remove()
+    return gradient_pass.result(modules)
 
-    cache: dict[str, Any] = {}  # the last input and its Gram: q/k/v share one GEMM
 
-    def hook_for(name: str):
+class _Moments:
+    """Per-layer running sums of float64 Gram matrices, and the tokens they summed."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, int] = {}
+
+    def add(self, name: str, gram: torch.Tensor, tokens: int) -> None:
+        if name in self.sums:
+            self.sums[name] += gram
+        else:  # a copy: a cached Gram matrix is shared by the layers reading one input
+            self.sums[name] = gram.clone()
+        self.tokens[name] = self.tokens.get(name, 0) + tokens
+
+    def mean(self, name: str) -> torch.Tensor:
+        return self.sums[name] / self.tokens[name]
+
+
+class _GradientPass:
+    """The forward hooks and per-batch gradient pass of :func:`collect_sensitivity`."""
+
+    def __init__(self, objective: str, grad_tokens: int, gen: torch.Generator) -> None:
+        self.objective = objective
+        self.grad_tokens = grad_tokens
+        self.gen = gen
+        self.inputs = _Moments()  # Σ x xᵀ
+        self.grads = _Moments()  # Σ g gᵀ
+        self.outputs: list[tuple[str, torch.Tensor]] = []  # this batch's layer outputs
+        self.mask: torch.Tensor | None = None  # this batch's attention_mask
+        self.cache = InputCache()  # q/k/v share one GEMM
+
+    def _input_gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        rows = token_rows(x, self.mask)
+        return (rows.mT @ rows).to(torch.float64), rows.shape[0]
+
+    def hook_for(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            x_in = args[0]
-            if cache.get("input") is x_in and cache.get("version") == x_in._version:
-                gram, tokens = cache["gram"], cache["tokens"]
-            else:
-                x = token_rows(x_in, mask_now[0])
-                gram, tokens = (x.mT @ x).to(torch.float64), x.shape[0]
-                cache.update(input=x_in, version=x_in._version, gram=gram, tokens=tokens)
-            if name in acc_c:
-                acc_c[name] += gram
-            else:
-                acc_c[name] = gram.clone()  # the cached gram is shared by its layers
-            counts[name] = counts.get(name, 0) + tokens
+            self.inputs.add(name, *self.cache.get(args[0], self._input_gram))
             if out.requires_grad:
-                outputs.append((name, out))
+                self.outputs.append((name, out))
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}
-    grads_needed = [
-        m.weight for m in modules.values() if isinstance(getattr(m, "weight", None), nn.Parameter)
-    ]
-    flags = [p.requires_grad for p in grads_needed]
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
-    try:
-        model.eval()
-        for p in grads_needed:
-            p.requires_grad_(True)
-        for batch in batches:
-            mask_now[0] = padding_mask(batch)
-            outputs.clear()
-            cache.clear()
-            with torch.enable_grad():
-                out = run_uncached(model, batch)
-                loss = _probe_loss(out, objective, mask_now[0], gen)
-                if not outputs:
-                    continue
-                grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
-            pick = None
-            for (name, _), g in zip(outputs, grads, strict=True):
-                if g is None:
-                    continue
-                g = token_rows(g, mask_now[0])
-                if pick is None:  # the same tokens for every layer of this batch
-                    n = g.shape[0]
-                    pick = torch.randperm(n, generator=gen)[: min(n, grad_tokens)].sort().values
-                g = g[pick.to(g.device)] if pick.numel() < g.shape[0] else g
-                gram = (g.mT @ g).to(torch.float64)
-                if name in acc_g:
-                    acc_g[name] += gram
-                else:
-                    acc_g[name] = gram
-                grad_counts[name] = grad_counts.get(name, 0) + g.shape[0]
-            outputs.clear()
-            cache.clear()
-    finally:
-        cache.clear()
-        for h in handles:
-            h.remove()
-        for p, flag in zip(grads_needed, flags, strict=True):
-            p.requires_grad_(flag)
-        for m, mode in modes.items():
-            m.training = mode
-        outputs.clear()
-    result = {
-        n: Sensitivity(acc_c[n] / counts[n], acc_g[n] / grad_counts[n], counts[n])
-        for n in modules
-        if counts.get(n) and n in acc_g
-    }
-    if not result:
-        raise InputError(
-            "collect_sensitivity: no token reached the layers with a gradient (all tokens "
-            "masked, or the output does not depend on them)"
-        )
-    return result
+    def run(self, model: nn.Module, batch: Any) -> None:
+        """One forward and backward pass: the layers' input and output-gradient moments."""
+        self.mask = padding_mask(batch)
+        self.clear()
+        with torch.enable_grad():
+            out = run_batch(model, batch)
+            loss = _probe_loss(out, self.objective, self.mask, self.gen)
+            if not self.outputs:
+                return
+            grads = torch.autograd.grad(loss, [o for _, o in self.outputs], allow_unused=True)
+        pick = None
+        for (name, _), g in zip(self.outputs, grads, strict=True):
+            if g is None:
+                continue
+            g = token_rows(g, self.mask)
+            if pick is None:  # the same tokens for every layer of this batch
+                n = g.shape[0]
+                pick = torch.randperm(n, generator=self.gen)[: min(n, self.grad_tokens)]
+                pick = pick.sort().values
+            g = g[pick.to(g.device)] if pick.numel() < g.shape[0] else g
+            self.grads.add(name, (g.mT @ g).to(torch.float64), g.shape[0])
+        self.clear()
+
+    def clear(self) -> None:
+        self.outputs.clear()
+        self.cache.clear()
+
+    def result(self, modules: Mapping[str, nn.Module]) -> dict[str, Sensitivity]:
+        """``{name: Sensitivity}`` of the layers some token reached with a gradient."""
+        result = {
+            n: Sensitivity(self.inputs.mean(n), self.grads.mean(n), self.inputs.tokens[n])
+            for n in modules
+            if self.inputs.tokens.get(n) and n in self.grads.sums
+        }
+        if not result:
+            raise InputError(
+                "collect_sensitivity: no token reached the layers with a gradient (all tokens "
+                "masked, or the output does not depend on them)"
+            )
+        return result
 
 
 def _probe_loss(

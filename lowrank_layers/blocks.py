@@ -35,8 +35,6 @@ __all__ = [
     "find_blocks",
     "has_logits",
     "main_output",
-    "model_kwargs",
-    "run_uncached",
 ]
 
 
@@ -78,28 +76,6 @@ def main_output(outputs: Any) -> torch.Tensor:
             "tuple starting with one, or an object with .logits or .last_hidden_state"
         )
     return first
-
-
-def model_kwargs(model: nn.Module, batch: Any) -> Any:
-    """``batch`` with ``use_cache=False`` added when the model's forward takes ``use_cache``
-    (a key/value cache filled during calibration would grow with every block re-run)."""
-    if not isinstance(batch, Mapping) or "use_cache" in batch:
-        return batch
-    import inspect
-
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return batch
-    if "use_cache" in params:
-        return {**batch, "use_cache": False}
-    return batch
-
-
-def run_uncached(model: nn.Module, batch: Any) -> Any:
-    """:func:`~lowrank_layers.calibrate.run_batch` with :func:`model_kwargs`: one batch
-    through ``model``, without filling a key/value cache."""
-    return run_batch(model, model_kwargs(model, batch))
 
 
 def find_blocks(model: nn.Module, layer_names: Iterable[str]) -> tuple[str, list[nn.Module]] | None:
@@ -205,7 +181,7 @@ def capture_chain(
             for batch in batches:
                 n = len(captured)
                 with contextlib.suppress(StopForward):
-                    run_uncached(model, batch)
+                    run_batch(model, batch)
                 if len(captured) != n + 1:
                     raise InputError(
                         f"the first block ({container}.0) ran {len(captured) - n} times for one "

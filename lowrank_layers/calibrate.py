@@ -8,20 +8,23 @@ layer's output error on such inputs.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from einops import rearrange
 from torch import nn
 
-from .common import InputError, InputTypeError
+from .common import InputError, InputTypeError, restored_flags
 from .linears import is_linear_like
 
 __all__ = [
+    "InputCache",
     "InputStats",
+    "batch_tokens",
     "collect_input_stats",
     "linear_modules",
     "mask_fits",
@@ -52,13 +55,73 @@ class InputStats:
 
 
 def run_batch(model: nn.Module, batch: Any) -> Any:
-    """Feed one calibration batch: ``model(**b)`` for a mapping, ``model(*b)`` for a tuple
-    or list, ``model(b)`` otherwise."""
+    """Feed one batch to ``model``: ``model(**b)`` for a mapping, ``model(*b)`` for a tuple
+    or list, ``model(b)`` otherwise. A mapping gets ``use_cache=False`` when the model's
+    forward takes ``use_cache`` and the batch does not set it: a key/value cache filled by
+    calibration (or by a block re-run) would only grow. Every part of the package that
+    runs a model on a batch calls this."""
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**_without_cache(model, batch))
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)
+
+
+def _without_cache(model: nn.Module, batch: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``batch`` with ``use_cache=False`` added when the model's forward takes ``use_cache``
+    and ``batch`` does not set it."""
+    if "use_cache" in batch:
+        return batch
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return batch
+    return {**batch, "use_cache": False} if "use_cache" in params else batch
+
+
+def batch_tokens(batch: Any) -> int:
+    """Tokens in one batch: its unmasked ``attention_mask`` entries, else the leading
+    dimensions of its first tensor (``input_ids``: batch x length; features: all but the
+    last dimension); 1 for a batch without a tensor or with a 0-d one."""
+    if isinstance(batch, Mapping):
+        mask = batch.get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return int(mask.sum())
+        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
+    elif isinstance(batch, (tuple, list)):
+        batch = next((v for v in batch if isinstance(v, torch.Tensor)), None)
+    if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
+        return 1
+    if batch.is_floating_point():
+        return batch.numel() // max(1, batch.shape[-1])
+    return batch.numel()
+
+
+T = TypeVar("T")
+
+
+class InputCache:
+    """A value computed from the last input tensor seen, reused while the same tensor comes
+    again unchanged (the same object at the same ``_version``): layers fed one tensor
+    (attention's q/k/v projections, an MLP's gate and up projections) share one GEMM.
+    Holding the tensor keeps its memory from being reused by another while it is cached;
+    :meth:`clear` after each batch."""
+
+    def __init__(self) -> None:
+        self._input: torch.Tensor | None = None
+        self._version = -1
+        self._value: Any = None
+
+    def get(self, x: torch.Tensor, compute: Callable[[torch.Tensor], T]) -> T:
+        """``compute(x)``, or its cached value when ``x`` is the last input, unchanged."""
+        if self._input is not x or self._version != x._version:
+            self._value = compute(x)
+            self._input, self._version = x, x._version
+        return self._value
+
+    def clear(self) -> None:
+        self._input = self._value = None
+        self._version = -1
 
 
 def _some(names: list[str]) -> str:
@@ -143,6 +206,29 @@ def collect_input_stats(
             ``nn.Linear``), no batch was given, or the batches yielded no tokens (every
             token masked out by ``attention_mask``, or empty inputs).
     """
+    modules = _observed_modules(model, modules)
+    collector = _GramCollector()
+    handles = []
+    with restored_flags(model.modules()):
+        try:
+            for name, module in modules.items():
+                handles.append(module.register_forward_pre_hook(collector.hook_for(name)))
+            model.eval()
+            seen, masked = collector.run(model, batches)
+            _check_tokens(collector.stats, seen, masked)
+        finally:
+            for handle in handles:
+                handle.remove()
+            collector.cache.clear()
+    _warn_unmatched(list(collector.unmatched))
+    _warn_few_tokens(collector.stats)
+    return collector.stats
+
+
+def _observed_modules(
+    model: nn.Module, modules: Mapping[str, nn.Module] | None
+) -> Mapping[str, nn.Module]:
+    """:func:`collect_input_stats`'s ``modules``, checked; every ``nn.Linear`` for None."""
     if modules is None:
         modules = linear_modules(model)
         if not modules:
@@ -157,82 +243,87 @@ def collect_input_stats(
         )
     elif not modules:
         raise InputError("collect_input_stats: modules is empty")
-    stats: dict[str, InputStats] = {}
-    unmatched: dict[str, None] = {}  # layers whose inputs could not be masked, in order
-    batch_mask: list[torch.Tensor | None] = [None]  # the current batch's attention_mask
-    # the last input seen, its Gram matrix and token count; holding the tensor keeps its
-    # memory from being reused by another tensor while it is cached
-    cache: dict[str, Any] = {}
-    handles = []
+    return modules
 
-    def hook_for(name: str) -> Callable[[nn.Module, tuple], None]:
+
+class _GramCollector:
+    """The forward pre-hooks of :func:`collect_input_stats`: each layer's ``Σ x xᵀ`` over
+    the tokens the current batch's ``attention_mask`` keeps."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, InputStats] = {}
+        self.unmatched: dict[str, None] = {}  # layers whose inputs could not be masked, in order
+        self.mask: torch.Tensor | None = None  # the current batch's attention_mask
+        self.cache = InputCache()
+
+    def _gram(self, x: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
+        matched = self.mask is None or mask_fits(x, self.mask)
+        flat = token_rows(x, self.mask)
+        return (flat.mT @ flat).to(torch.float64), flat.shape[0], matched
+
+    def hook_for(self, name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(mod: nn.Module, args: tuple) -> None:
-            x = args[0]
-            if cache.get("input") is x and cache.get("version") == x._version:
-                gram, count, matched = cache["gram"], cache["tokens"], cache["matched"]
-            else:
-                mask = batch_mask[0]
-                matched = mask is None or mask_fits(x, mask)
-                flat = token_rows(x, mask)
-                gram = (flat.mT @ flat).to(torch.float64)
-                count = flat.shape[0]
-                cache.update(input=x, version=x._version, gram=gram, tokens=count, matched=matched)
+            gram, count, matched = self.cache.get(args[0], self._gram)
             if not matched:
-                unmatched[name] = None
-            entry = stats.get(name)
+                self.unmatched[name] = None
+            entry = self.stats.get(name)
             if entry is None:
                 n = gram.shape[0]
-                entry = stats[name] = InputStats(torch.zeros(n, n, dtype=torch.float64))
+                entry = self.stats[name] = InputStats(torch.zeros(n, n, dtype=torch.float64))
             entry.gram += gram.to(entry.gram.device)
             entry.tokens += count
 
         return hook
 
-    modes = {m: m.training for m in model.modules()}  # each submodule's own flag
-    try:
-        for name, module in modules.items():
-            handles.append(module.register_forward_pre_hook(hook_for(name)))
-        model.eval()
+    def run(self, model: nn.Module, batches: Iterable[Any]) -> tuple[int, int]:
+        """Run every batch (no grad); how many ran, and how many were all padding."""
         seen = masked = 0
         with torch.no_grad():
             for batch in batches:
-                mask = padding_mask(batch)
-                batch_mask[0] = mask
+                self.mask = mask = padding_mask(batch)
                 masked += mask is not None and not bool(mask.any())
                 run_batch(model, batch)
-                cache.clear()
+                self.cache.clear()
                 seen += 1
         if seen == 0:
             raise InputError("collect_input_stats: batches is empty")
-        if all(s.tokens == 0 for s in stats.values()) and (stats or masked == seen):
-            runs = _count(seen, "batch", "batches")
-            if masked == seen:
-                why = f"the attention_mask of every one of the {runs} is all zeros (all padding)"
-            else:
-                why = (
-                    f"{runs} ran ({masked} with an all-zero attention_mask), but the observed "
-                    "layers' inputs held no token"
-                )
-            raise InputError(
-                f"collect_input_stats: the calibration batches yielded no tokens: {why}; "
-                "calibrate on batches with unmasked tokens"
+        return seen, masked
+
+
+def _check_tokens(stats: Mapping[str, InputStats], seen: int, masked: int) -> None:
+    """An error when the ``seen`` batches (``masked`` of them all padding) gave no token."""
+    if all(s.tokens == 0 for s in stats.values()) and (stats or masked == seen):
+        runs = _count(seen, "batch", "batches")
+        if masked == seen:
+            why = f"the attention_mask of every one of the {runs} is all zeros (all padding)"
+        else:
+            why = (
+                f"{runs} ran ({masked} with an all-zero attention_mask), but the observed "
+                "layers' inputs held no token"
             )
-    finally:
-        for handle in handles:
-            handle.remove()
-        cache.clear()
-        for m, training in modes.items():
-            m.training = training
-    if unmatched:
-        names = list(unmatched)
+        raise InputError(
+            f"collect_input_stats: the calibration batches yielded no tokens: {why}; "
+            "calibrate on batches with unmasked tokens"
+        )
+
+
+def _warn_unmatched(names: list[str]) -> None:
+    """Warn (for :func:`collect_input_stats`'s caller) that these layers' inputs could not
+    be masked."""
+    if names:
         warnings.warn(
             f"collect_input_stats: the inputs of {_count(len(names), 'layer', 'layers')} "
             f"({_some(names)}) do not match the batches' attention_mask in shape (neither "
             "(batch, tokens, features) nor (batch * tokens, features), e.g. tokens routed to "
             "experts); their statistics include padding",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+
+
+def _warn_few_tokens(stats: Mapping[str, InputStats]) -> None:
+    """Warn (for :func:`collect_input_stats`'s caller) about layers that saw fewer tokens
+    than inputs."""
     few = [(name, s) for name, s in stats.items() if s.tokens < s.gram.shape[0]]
     if few:
         detail = "; ".join(
@@ -244,6 +335,5 @@ def collect_input_stats(
             f"inputs ({detail}{'; ...' if len(few) > 3 else ''}); their statistics are "
             "rank-deficient: calibrate on more text",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return stats

@@ -18,6 +18,7 @@ Two modes:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -35,10 +36,9 @@ from .blocks import (
     find_blocks,
     has_logits,
     main_output,
-    run_uncached,
 )
-from .calibrate import padding_mask
-from .common import InputError
+from .calibrate import padding_mask, run_batch
+from .common import InputError, check_int, check_positive, progress_bar, restored_flags
 from .dynamic import DynamicLowRankLinear
 from .linear import FACTOR_NAMES, LowRankLinear
 
@@ -293,8 +293,8 @@ def _evaluate(
     """The distillation loss over ``batches``, each batch weighted by its kept tokens."""
     total = weight = 0.0
     for batch in batches:
-        s = main_output(run_uncached(student, batch))
-        t = main_output(run_uncached(teacher, batch))
+        s = main_output(run_batch(student, batch))
+        t = main_output(run_batch(teacher, batch))
         mask = padding_mask(batch)
         tokens = s.shape[:-1].numel()
         if mask is not None and mask.shape == s.shape[:-1]:
@@ -317,8 +317,8 @@ def _train_end_to_end(
     def loss_fn() -> torch.Tensor:
         batch = batches[order.next()]
         with torch.no_grad():
-            t = main_output(run_uncached(teacher, batch))
-        s = main_output(run_uncached(student, batch))
+            t = main_output(run_batch(teacher, batch))
+        s = main_output(run_batch(student, batch))
         return distillation_loss(s, t, objective, padding_mask(batch))
 
     return trainer.run(loss_fn, steps, seconds)
@@ -434,49 +434,117 @@ def check_heal_options(
         if value not in allowed:
             raise InputError(f"heal: {name} must be one of {', '.join(allowed)}, got {value!r}")
     _check_budget(steps, seconds)
-    _check_positive("lr", lr)
+    check_positive("heal: lr", lr)
 
 
 def _check_budget(steps: int | None, seconds: float | None) -> None:
     if steps is None and seconds is None:
         raise InputError("heal: give steps, seconds or both; both are None")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise InputError(f"heal: steps must be a positive int or None, got {steps!r}")
-    if seconds is not None and (
-        isinstance(seconds, bool)
-        or not isinstance(seconds, (int, float))
-        or not math.isfinite(seconds)
-        or seconds <= 0
-    ):
-        raise InputError(f"heal: seconds must be a positive number or None, got {seconds!r}")
-
-
-def _check_positive(name: str, value: object, *, optional: bool = False) -> None:
-    if optional and value is None:
-        return
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        allowed = "a positive number or None" if optional else "a positive number"
-        raise InputError(f"heal: {name} must be {allowed}, got {value!r}")
-
-
-def _progress_bar(total: int | None) -> Any:
-    try:
-        from tqdm.auto import tqdm
-    except ImportError as exc:
-        raise ImportError(
-            "progress=True needs tqdm: pip install 'lowrank-layers[progress]'"
-        ) from exc
-    return tqdm(total=total, desc="healing", unit="step")
+    check_int("heal: steps", steps, optional=True)
+    check_positive("heal: seconds", seconds, optional=True)
 
 
 def _nbytes(model: nn.Module) -> int:
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _check_call(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Any],
+    eval_batches: Sequence[Any] | None,
+    *,
+    seed: int,
+    max_grad_norm: float | None,
+) -> None:
+    """:func:`heal`'s checks of its models, batches, seed and clipping norm."""
+    check_positive("heal: max_grad_norm", max_grad_norm, optional=True)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InputError(f"heal: seed must be an int, got {seed!r}")
+    if len(batches) == 0:
+        raise InputError("heal: batches is empty")
+    if eval_batches is not None and len(eval_batches) == 0:
+        raise InputError("heal: eval_batches is empty (pass None to skip the evaluation)")
+    if student is teacher:
+        raise InputError("heal: student and teacher are the same module; deep-copy the model")
+
+
+def _chosen_parameters(
+    student: nn.Module, teacher: nn.Module, train: Sequence[str]
+) -> dict[int, nn.Parameter]:
+    """The parameters ``train`` selects in ``student``, by id; an error when there are none
+    or one of them is also the teacher's."""
+    params = trainable_parameters(student, train)
+    if not params:
+        raise InputError(
+            f"heal: nothing to train: train={tuple(_check_train(train))} selects no parameter "
+            f"of the {type(student).__name__} (factors and biases are those of lowrank_layers "
+            "layers, norms those of normalisation modules)"
+        )
+    teacher_ids = {id(p) for p in teacher.parameters()}
+    shared = [name for name, p in params.items() if id(p) in teacher_ids]
+    if shared:
+        raise InputError(
+            f"heal: {len(shared)} trainable parameters ({', '.join(shared[:3])}"
+            f"{', ...' if len(shared) > 3 else ''}) are shared with the teacher, which must "
+            "stay unchanged; deep-copy the model before converting it"
+        )
+    return {id(p): p for p in params.values()}
+
+
+def _closing(bar: Any) -> Any:
+    """A context that closes the progress ``bar`` (when there is one) on exit."""
+    return contextlib.nullcontext() if bar is None else contextlib.closing(bar)
+
+
+def _resolve_objective(student: nn.Module, teacher: nn.Module, batch: Any, objective: str) -> str:
+    """Run both models on ``batch`` (an error when their outputs differ in shape); the
+    objective, ``"auto"`` resolved (``"kl"`` when both outputs have logits, else
+    ``"cosine"``)."""
+    with torch.no_grad():
+        s_raw, t_raw = run_batch(student, batch), run_batch(teacher, batch)
+        s_shape, t_shape = main_output(s_raw).shape, main_output(t_raw).shape
+    if s_shape != t_shape:
+        raise InputError(
+            f"heal: the teacher's output on the first batch has shape {tuple(t_shape)}, "
+            f"which does not match the student's {tuple(s_shape)}; the teacher must be "
+            "the model the student was converted from"
+        )
+    if objective == "auto":
+        return "kl" if has_logits(s_raw) and has_logits(t_raw) else "cosine"
+    return objective
+
+
+def _held_out(
+    student: nn.Module, teacher: nn.Module, eval_batches: Sequence[Any] | None, objective: str
+) -> float | None:
+    """The held-out distillation loss, or None without ``eval_batches``."""
+    return None if eval_batches is None else _evaluate(student, teacher, eval_batches, objective)
+
+
+def _train(
+    student: nn.Module,
+    teacher: nn.Module,
+    batches: Sequence[Any],
+    objective: str,
+    blocks: tuple[str, list[nn.Module], list[nn.Module]] | None,
+    chosen: dict[int, nn.Parameter],
+    make_trainer: Callable[[list[nn.Parameter]], _Trainer],
+    order: _BatchOrder,
+    steps: int | None,
+    seconds: float | None,
+) -> list[float]:
+    """The training losses of :func:`heal`'s mode: end to end (``blocks`` None) or
+    block by block."""
+    if blocks is None:
+        trainer = make_trainer(list(chosen.values()))
+        return _train_end_to_end(
+            student, teacher, batches, objective, trainer, order, steps, seconds
+        )
+    return _train_blockwise(
+        student, teacher, batches, blocks, chosen, make_trainer, order, steps, seconds
+    )
 
 
 def heal(
@@ -576,85 +644,33 @@ def heal(
         ('cosine', 10)
     """
     check_heal_options(objective=objective, mode=mode, steps=steps, seconds=seconds, lr=lr)
-    _check_positive("max_grad_norm", max_grad_norm, optional=True)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InputError(f"heal: seed must be an int, got {seed!r}")
-    if len(batches) == 0:
-        raise InputError("heal: batches is empty")
-    if eval_batches is not None and len(eval_batches) == 0:
-        raise InputError("heal: eval_batches is empty (pass None to skip the evaluation)")
-    if student is teacher:
-        raise InputError("heal: student and teacher are the same module; deep-copy the model")
-    params = trainable_parameters(student, train)
-    if not params:
-        raise InputError(
-            f"heal: nothing to train: train={tuple(_check_train(train))} selects no parameter "
-            f"of the {type(student).__name__} (factors and biases are those of lowrank_layers "
-            "layers, norms those of normalisation modules)"
-        )
-    teacher_ids = {id(p) for p in teacher.parameters()}
-    shared = [name for name, p in params.items() if id(p) in teacher_ids]
-    if shared:
-        raise InputError(
-            f"heal: {len(shared)} trainable parameters ({', '.join(shared[:3])}"
-            f"{', ...' if len(shared) > 3 else ''}) are shared with the teacher, which must "
-            "stay unchanged; deep-copy the model before converting it"
-        )
-    chosen = {id(p): p for p in params.values()}
-    bar = _progress_bar(steps) if progress else None
-    modes = {m: m.training for m in (*student.modules(), *teacher.modules())}
-    flags = [(p, p.requires_grad) for p in student.parameters()]
-    try:
+    _check_call(student, teacher, batches, eval_batches, seed=seed, max_grad_norm=max_grad_norm)
+    chosen = _chosen_parameters(student, teacher, train)
+    bar = progress_bar(desc="healing", unit="step", total=steps) if progress else None
+    modules = (*student.modules(), *teacher.modules())
+    with restored_flags(modules, student.parameters()), _closing(bar):
         student.eval()
         teacher.eval()
-        with torch.no_grad():
-            s_raw, t_raw = run_uncached(student, batches[0]), run_uncached(teacher, batches[0])
-            s_shape, t_shape = main_output(s_raw).shape, main_output(t_raw).shape
-        if s_shape != t_shape:
-            raise InputError(
-                f"heal: the teacher's output on the first batch has shape {tuple(t_shape)}, "
-                f"which does not match the student's {tuple(s_shape)}; the teacher must be "
-                "the model the student was converted from"
-            )
-        if objective == "auto":
-            objective = "kl" if has_logits(s_raw) and has_logits(t_raw) else "cosine"
-        del s_raw, t_raw
+        objective = _resolve_objective(student, teacher, batches[0], objective)
         blocks = _blocks_of(student, teacher, chosen) if mode == "blockwise" else None
-        for p, _ in flags:
+        for p in student.parameters():
             p.requires_grad_(id(p) in chosen)
-        before = (
-            None if eval_batches is None else _evaluate(student, teacher, eval_batches, objective)
-        )
-        order = _BatchOrder(len(batches), seed)
+        before = _held_out(student, teacher, eval_batches, objective)
         start = time.perf_counter()
-        if blocks is None:
-            trainer = _Trainer(list(chosen.values()), lr, max_grad_norm, bar)
-            losses = _train_end_to_end(
-                student, teacher, batches, objective, trainer, order, steps, seconds
-            )
-        else:
-            losses = _train_blockwise(
-                student,
-                teacher,
-                batches,
-                blocks,
-                chosen,
-                lambda ps: _Trainer(ps, lr, max_grad_norm, bar),
-                order,
-                steps,
-                seconds,
-            )
-        elapsed = time.perf_counter() - start
-        after = (
-            None if eval_batches is None else _evaluate(student, teacher, eval_batches, objective)
+        losses = _train(
+            student,
+            teacher,
+            batches,
+            objective,
+            blocks,
+            chosen,
+            lambda ps: _Trainer(ps, lr, max_grad_norm, bar),
+            _BatchOrder(len(batches), seed),
+            steps,
+            seconds,
         )
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        for m, training in modes.items():
-            m.training = training
-        if bar is not None:
-            bar.close()
+        elapsed = time.perf_counter() - start
+        after = _held_out(student, teacher, eval_batches, objective)
     return HealReport(
         mode=mode,
         objective=objective,

@@ -44,9 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BlockChain, StopForward, capture_chain, find_blocks, model_kwargs
+from .blocks import BlockChain, StopForward, capture_chain, find_blocks
 from .calibrate import collect_input_stats, token_rows
-from .common import InputError
+from .common import InputError, progress_bar
 
 __all__ = ["PropagatedStats", "PropagationReport", "convert_propagated"]
 
@@ -128,39 +128,20 @@ def convert_propagated(
     if len(batches) == 0:
         raise InputError("propagated conversion: the calibration batches are empty")
     names = list(layers)
-    found = find_blocks(model, names)
-    chain = None
-    note = None
-    if found is None:
-        note = "no repeated blocks hold two or more of the layers"
-    else:
-        chain = capture_chain(model, found[0], found[1], batches)
-        if chain is None:
-            note = (
-                f"the blocks of {found[0]} cannot be run one at a time (the first block's "
-                "output is not the second block's input)"
-            )
-    inside: dict[int, list[str]] = {}
-    if chain is not None:
-        for i, block in enumerate(chain.blocks):
-            ids = {id(m) for m in block.modules()}
-            inside[i] = [n for n in names if id(layers[n]) in ids]
+    chain, note = _find_chain(model, names, batches)
+    inside = _layers_by_block(chain, layers)
     in_blocks = {n for ns in inside.values() for n in ns}
     outside = [n for n in names if n not in in_blocks]
 
     # layers outside the blocks: their original statistics from one whole-model pass now
     outside_stats = {}
     if outside:
-        stats = collect_input_stats(
-            model, [model_kwargs(model, b) for b in batches], {n: layers[n] for n in outside}
-        )
+        stats = collect_input_stats(model, batches, {n: layers[n] for n in outside})
         outside_stats = {n: s for n, s in stats.items() if s.tokens}
     propagated: list[str] = []
     if chain is not None:
         iterator: Sequence[int] | Any = range(len(chain.blocks))
         if progress:
-            from .common import progress_bar
-
             iterator = progress_bar(list(iterator), desc="propagating blocks", unit="block")
         original = list(chain.hidden)
         current = [h.clone() for h in chain.hidden]
@@ -185,6 +166,102 @@ def convert_propagated(
     )
 
 
+def _find_chain(
+    model: nn.Module, names: list[str], batches: Sequence[Any]
+) -> tuple[BlockChain | None, str | None]:
+    """The block chain holding the most of ``names`` with its captured inputs, or None and
+    why propagation does not apply."""
+    found = find_blocks(model, names)
+    if found is None:
+        return None, "no repeated blocks hold two or more of the layers"
+    chain = capture_chain(model, found[0], found[1], batches)
+    if chain is None:
+        return None, (
+            f"the blocks of {found[0]} cannot be run one at a time (the first block's "
+            "output is not the second block's input)"
+        )
+    return chain, None
+
+
+def _layers_by_block(
+    chain: BlockChain | None, layers: Mapping[str, nn.Module]
+) -> dict[int, list[str]]:
+    """``{block index: names of the layers inside it}`` (empty without a chain)."""
+    inside: dict[int, list[str]] = {}
+    if chain is not None:
+        for i, block in enumerate(chain.blocks):
+            ids = {id(m) for m in block.modules()}
+            inside[i] = [n for n in layers if id(layers[n]) in ids]
+    return inside
+
+
+class _OriginalPass:
+    """Hooks on one block's layers while the original block runs: each layer's input
+    tokens, grouped by shared input tensor (groups in first-call order), its calls, and
+    its output energy ``Σ‖W·x‖²`` (the bias taken off)."""
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.layers = layers
+        self.inputs: dict[str, list[torch.Tensor]] = {}  # group key -> per batch tokens
+        self.group_of: dict[str, str] = {}
+        self.order: list[str] = []  # groups in first-call order
+        self.calls: dict[str, int] = {}
+        self.energy: dict[str, float] = dict.fromkeys(layers, 0.0)
+        self.mask: torch.Tensor | None = None  # the current batch's attention_mask
+        self._seen: dict[tuple[int, int], str] = {}
+        self._keep: list[torch.Tensor] = []  # holds each seen input so its id is not reused
+
+    def _record(self, name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            self.calls[name] = self.calls.get(name, 0) + 1
+            key = (id(x), x._version)
+            group = self._seen.get(key)
+            if group is None:
+                group = self._seen[key] = name
+                self._keep.append(x)
+                self.inputs.setdefault(group, []).append(token_rows(x, self.mask))
+                if group not in self.order:
+                    self.order.append(group)
+            self.group_of.setdefault(name, group)
+
+        return hook
+
+    def _output_energy(self, name: str) -> Callable[[nn.Module, tuple, torch.Tensor], None]:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            y = out.detach()
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                y = y - bias.detach()
+            self.energy[name] += float(token_rows(y, self.mask).double().square().sum())
+
+        return hook
+
+    def run(
+        self, chain: BlockChain, block: nn.Module, original: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Run ``block`` on every batch of the original stream; its next hidden states."""
+        handles = [m.register_forward_pre_hook(self._record(n)) for n, m in self.layers.items()]
+        handles += [m.register_forward_hook(self._output_energy(n)) for n, m in self.layers.items()]
+        nxt = []
+        try:
+            with torch.no_grad():
+                for b in range(len(original)):
+                    self.mask = chain.masks[b]
+                    self._seen.clear()
+                    self._keep.clear()
+                    nxt.append(chain.run(block, b, original[b]))
+        finally:
+            for h in handles:
+                h.remove()
+            self._keep.clear()
+        return nxt
+
+    def stages(self) -> dict[str, list[str]]:
+        """``{group: its layers}``, groups in first-call order."""
+        return {g: [n for n in self.layers if self.group_of.get(n) == g] for g in self.order}
+
+
 def _convert_block(
     chain: BlockChain,
     i: int,
@@ -197,87 +274,44 @@ def _convert_block(
     """Convert one block's layers stage by stage; advance ``current`` in place and return
     the original stream's next hidden states."""
     block = chain.blocks[i]
-    n_batches = len(original)
     # 1. the original block: each layer's input, grouped by shared input tensor
-    inputs: dict[str, list[torch.Tensor]] = {}  # group key -> per batch tokens
-    group_of: dict[str, str] = {}
-    order: list[str] = []  # groups in first-call order
-    calls: dict[str, int] = {}
-    seen: dict[tuple[int, int], str] = {}
-    keep: list[torch.Tensor] = []  # holds each seen input so its id is not reused
-
-    def record(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            x = args[0]
-            calls[name] = calls.get(name, 0) + 1
-            key = (id(x), x._version)
-            group = seen.get(key)
-            if group is None:
-                group = seen[key] = name
-                keep.append(x)
-                inputs.setdefault(group, []).append(token_rows(x, mask_now[0]))
-                if group not in order:
-                    order.append(group)
-            group_of.setdefault(name, group)
-
-        return hook
-
-    energy: dict[str, float] = dict.fromkeys(layers, 0.0)  # Σ‖W·x‖² per layer
-
-    def output_energy(name: str):
-        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            y = out.detach()
-            bias = getattr(module, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                y = y - bias.detach()
-            energy[name] += float(token_rows(y, mask_now[0]).double().square().sum())
-
-        return hook
-
-    mask_now: list[torch.Tensor | None] = [None]
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
-    handles += [m.register_forward_hook(output_energy(n)) for n, m in layers.items()]
-    nxt = []
-    try:
-        with torch.no_grad():
-            for b in range(n_batches):
-                mask_now[0] = chain.masks[b]
-                seen.clear()
-                keep.clear()
-                nxt.append(chain.run(block, b, original[b]))
-    finally:
-        for h in handles:
-            h.remove()
-        keep.clear()
-    if not any(x.shape[0] for xs in inputs.values() for x in xs) and layers:
+    seen = _OriginalPass(layers)
+    nxt = seen.run(chain, block, original)
+    if not any(x.shape[0] for xs in seen.inputs.values() for x in xs) and layers:
         raise InputError(
             "propagated conversion: the calibration batches yielded no tokens for "
             f"{', '.join(list(layers)[:3])} (every token masked out by attention_mask?)"
         )
-    stages = {g: [n for n in layers if group_of.get(n) == g] for g in order}
-    single_call = all(calls.get(n, 0) == n_batches for n in layers)
-    if not single_call:
-        # a layer called several times per batch (or not at all): its inputs cannot be
-        # paired token by token; convert the block's layers from the original inputs
-        for g in order:
-            X = torch.cat(inputs[g])
-            cov = (X.mT @ X).to(torch.float64) / max(1, X.shape[0])
-            for n in stages[g]:
-                convert(n, layers[n], PropagatedStats(cov, None, None, X.shape[0]))
+    stages = seen.stages()
+    if not all(seen.calls.get(n, 0) == len(original) for n in layers):
+        _convert_unpaired(seen, stages, convert)
         _advance(chain, block, current)
         return nxt
-
     # 2. stage by stage, on the converted stream
-    for g in order:
+    for g in seen.order:
         members = stages[g]
         # every member is fed the same tensor: the first one's hook sees it for all
-        stats = _stage_stats(chain, block, members[0], layers[members[0]], inputs.pop(g), current)
+        first = members[0]
+        stats = _stage_stats(chain, block, first, layers[first], seen.inputs.pop(g), current)
         for name in members:
             n = max(1, stats.tokens)
-            convert(name, layers[name], dataclasses.replace(stats, target_energy=energy[name] / n))
+            target = seen.energy[name] / n
+            convert(name, layers[name], dataclasses.replace(stats, target_energy=target))
             done.append(name)
     _advance(chain, block, current)
     return nxt
+
+
+def _convert_unpaired(
+    seen: _OriginalPass, stages: dict[str, list[str]], convert: ConvertFn
+) -> None:
+    """A layer called several times per batch (or not at all): its inputs cannot be paired
+    token by token; convert the block's layers from the original inputs."""
+    for g in seen.order:
+        X = torch.cat(seen.inputs[g])
+        cov = (X.mT @ X).to(torch.float64) / max(1, X.shape[0])
+        for n in stages[g]:
+            convert(n, seen.layers[n], PropagatedStats(cov, None, None, X.shape[0]))
 
 
 def _stage_stats(

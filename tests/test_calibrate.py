@@ -11,7 +11,7 @@ from einops import rearrange
 from torch import nn
 
 from lowrank_layers import convert_model, factorize
-from lowrank_layers.calibrate import collect_input_stats, run_batch
+from lowrank_layers.calibrate import InputCache, batch_tokens, collect_input_stats, run_batch
 from lowrank_layers.factorize import output_error, truncated_spectrum, whitening_factor
 
 from .helpers import rel_err, tiny_bert, tiny_llama
@@ -150,6 +150,58 @@ def test_batch_forms():
     run_batch(probe, (1, 2))
     run_batch(probe, torch.zeros(1))
     assert calls == [(0, ["scale", "x"]), (2, []), (1, [])]
+
+
+def test_run_batch_fills_no_key_value_cache():
+    """A mapping batch gets use_cache=False when the forward takes use_cache and the batch
+    does not set it; other batches and forwards are fed as they are."""
+    calls = []
+
+    class Cached(nn.Module):
+        def forward(self, x=None, use_cache=True):
+            calls.append(use_cache)
+
+    class Plain(nn.Module):
+        def forward(self, **kwargs):
+            calls.append(sorted(kwargs))
+
+    run_batch(Cached(), {"x": 1})
+    run_batch(Cached(), {"x": 1, "use_cache": True})  # the caller's choice stands
+    run_batch(Cached(), (1,))
+    run_batch(Plain(), {"x": 1})  # **kwargs is not a use_cache parameter
+    assert calls == [False, True, True, ["x"]]
+
+
+def test_batch_tokens():
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    masked = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 8, [1] * 3 + [0] * 5])}
+    assert batch_tokens(masked) == 11  # the unmasked entries
+    assert batch_tokens({"input_ids": ids}) == 16
+    assert batch_tokens(torch.zeros(4, 5, 3)) == 20  # features: all but the last dim
+    assert batch_tokens((ids,)) == 16
+    assert batch_tokens({"n": 3}) == 1  # no tensor
+    assert batch_tokens(torch.tensor(7)) == 1  # a 0-d tensor
+
+
+def test_input_cache_reuses_a_value_only_for_the_same_unchanged_tensor(gen):
+    computed = []
+
+    def gram(x: torch.Tensor) -> torch.Tensor:
+        computed.append(x)
+        return x.mT @ x
+
+    cache = InputCache()
+    x = torch.randn(5, 3, generator=gen)
+    first = cache.get(x, gram)
+    assert cache.get(x, gram) is first and len(computed) == 1
+    assert cache.get(x.clone(), gram) is not first and len(computed) == 2  # another tensor
+    y = torch.randn(5, 3, generator=gen)
+    cache.get(y, gram)
+    y.mul_(2)  # changed in place: its _version moved on
+    assert torch.equal(cache.get(y, gram), y.mT @ y) and len(computed) == 4
+    cache.clear()
+    cache.get(y, gram)
+    assert len(computed) == 5
 
 
 def test_calibrated_conversion_lowers_output_error(gen):
