@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import InputError, check_choice
+from .common import InputError, check_choice, check_int
 from .factorize import METHODS, Method, factorize
 from .policy import RankPolicy, as_policy, layer_seed
 from .selection import check_patterns, name_matches
@@ -79,8 +79,7 @@ class GradientProjector:
         seed: int = 0,
     ) -> None:
         self.policy = as_policy(policy, rank, rank_ratio, energy, param_ratio)
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise InputError(f"update_every must be an int >= 1, got {update_every!r}")
+        check_int("update_every", update_every)
         check_choice("method", method, METHODS)
         check_patterns("include", include)
         check_patterns("exclude", exclude)

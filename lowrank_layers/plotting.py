@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .common import InputError, InputTypeError
+from .common import InputError, InputTypeError, check_int
 from .safetensors_io import atomic_destination
 
 __all__ = ["ENERGY_GUIDES", "plot_spectra"]
@@ -94,8 +95,7 @@ def plot_spectra(
         FileNotFoundError: the directory of ``path`` does not exist.
     """
     checked = _check_spectra(spectra)
-    if isinstance(max_lines, bool) or not isinstance(max_lines, int) or max_lines < 1:
-        raise InputError(f"max_lines must be an int >= 1, got {max_lines!r}")
+    check_int("max_lines", max_lines)
     path = Path(path)
     directory = path.parent
     if not directory.is_dir():
@@ -122,19 +122,37 @@ def plot_spectra(
     cmap = matplotlib.colormaps["viridis"]
     for index in picked:  # colour by position in the full list, as the colour bar says
         name = names[index]
-        sigma = checked[name]
-        n = sigma.numel()
-        x = (torch.arange(1, n + 1, dtype=torch.float64) / n).tolist()
         color = cmap(index / max(len(names) - 1, 1))
-        if sigma[0] > 0:
-            ratio = sigma / sigma[0]
-            positive = ratio > 0  # a log axis cannot show exact zeros
-            xs = [xi for xi, keep in zip(x, positive.tolist(), strict=True) if keep]
-            left.plot(xs, ratio[positive].tolist(), color=color, lw=1, label=name)
-        total = float((sigma**2).sum())
-        energy = (sigma**2).cumsum(0) / total if total > 0 else torch.ones_like(sigma)
-        right.plot(x, energy.tolist(), color=color, lw=1, label=name)
+        _plot_spectrum(left, right, checked[name], name, color)
+    _label_axes(left, right)
+    if len(picked) <= _MAX_LEGEND:
+        right.legend(fontsize=7, loc="lower right")
+    else:
+        mappable = ScalarMappable(Normalize(0, len(names) - 1), cmap=cmap)
+        bar = fig.colorbar(mappable, ax=[left, right], shrink=0.8, pad=0.01)
+        bar.set_label(f"layer order: {names[0]} ... {names[-1]}", fontsize=8)
+    fig.suptitle(heading)
 
+    with atomic_destination(path) as tmp, open(tmp, "xb") as f:
+        fig.savefig(f, format="png", dpi=110)
+
+
+def _plot_spectrum(left: Any, right: Any, sigma: torch.Tensor, name: str, color: Any) -> None:
+    """One layer's normalized spectrum (left) and cumulative energy (right)."""
+    n = sigma.numel()
+    x = (torch.arange(1, n + 1, dtype=torch.float64) / n).tolist()
+    if sigma[0] > 0:
+        ratio = sigma / sigma[0]
+        positive = ratio > 0  # a log axis cannot show exact zeros
+        xs = [xi for xi, keep in zip(x, positive.tolist(), strict=True) if keep]
+        left.plot(xs, ratio[positive].tolist(), color=color, lw=1, label=name)
+    total = float((sigma**2).sum())
+    energy = (sigma**2).cumsum(0) / total if total > 0 else torch.ones_like(sigma)
+    right.plot(x, energy.tolist(), color=color, lw=1, label=name)
+
+
+def _label_axes(left: Any, right: Any) -> None:
+    """Scales, labels, titles and grids of both panels, and the energy guides."""
     left.set_yscale("log")
     left.set_xlabel("normalized index i / n")
     left.set_ylabel("σ_i / σ_1")
@@ -156,13 +174,3 @@ def plot_spectra(
     right.set_xlim(0, 1)
     right.set_ylim(0, 1.03)
     right.grid(True, alpha=0.3)
-    if len(picked) <= _MAX_LEGEND:
-        right.legend(fontsize=7, loc="lower right")
-    else:
-        mappable = ScalarMappable(Normalize(0, len(names) - 1), cmap=cmap)
-        bar = fig.colorbar(mappable, ax=[left, right], shrink=0.8, pad=0.01)
-        bar.set_label(f"layer order: {names[0]} ... {names[-1]}", fontsize=8)
-    fig.suptitle(heading)
-
-    with atomic_destination(path) as tmp, open(tmp, "xb") as f:
-        fig.savefig(f, format="png", dpi=110)

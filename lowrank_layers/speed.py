@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import InputError, InputTypeError
+from .common import InputError, InputTypeError, check_int, check_positive
 from .linear import FOLD_MIN_TOKENS, HALF_DTYPES, RANK_ALIGNMENT
 
 __all__ = [
@@ -118,12 +118,6 @@ class SpeedModel:
 
 
 DEFAULT_SPEED_MODEL = SpeedModel()
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive int, got {value!r}")
-    return value
 
 
 def dense_seconds(
@@ -213,7 +207,7 @@ def expected_speedup(
         ("rank", rank),
         ("tokens", tokens),
     ):
-        _check_positive_int(name, value)
+        check_int(name, value)
     if not isinstance(dtype, torch.dtype):
         raise InputTypeError(f"dtype must be a torch.dtype, got {dtype!r}")
     if not isinstance(inference_layout, bool):
@@ -248,10 +242,8 @@ class SpeedRule:
     model: SpeedModel | None = None
 
     def __post_init__(self) -> None:
-        m = self.min_speedup
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m < math.inf:
-            raise InputError(f"min_speedup must be a positive number, got {m!r}")
-        _check_positive_int("speedup_tokens", self.tokens)
+        check_positive("min_speedup", self.min_speedup)
+        check_int("speedup_tokens", self.tokens)
 
     def speedup(
         self, out_f: int, in_f: int, rank: int, *, row_scales: bool, bias: bool, dtype: torch.dtype
@@ -304,7 +296,7 @@ def speed_rule(min_speedup: float | None, speedup_tokens: int = 1) -> SpeedRule 
     """The rule of the ``min_speedup=`` / ``speedup_tokens=`` options (None without one);
     both are validated either way."""
     if min_speedup is None:
-        _check_positive_int("speedup_tokens", speedup_tokens)
+        check_int("speedup_tokens", speedup_tokens)
         return None
     return SpeedRule(min_speedup, speedup_tokens)
 
@@ -378,7 +370,7 @@ def measure_speed_model(*, repeats: int = 9) -> SpeedModel:
       rows of 256, 1024 and 4096 numbers, fitted by :func:`fit_read_bandwidth`;
     - ``peak``: a 1024x1024x1024 matrix product.
     """
-    _check_positive_int("repeats", repeats)
+    check_int("repeats", repeats)
     small = torch.ones(8)
     per_call = median_seconds(lambda: torch.mul(small, small), repeats * 20)
     per_byte = []

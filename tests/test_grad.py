@@ -86,7 +86,7 @@ def test_right_projection_for_tall_gradients_and_energy_policy(gen):
     ("kwargs", "match"),
     [
         ({}, r"exactly one rank policy"),
-        ({"rank": 4, "update_every": 0}, r"update_every must be an int >= 1, got 0"),
+        ({"rank": 4, "update_every": 0}, r"update_every must be a positive int, got 0"),
         ({"rank": 4, "method": "qr"}, r"method must be one of 'svd', 'randomized'"),
         ({"rank": 4, "include": "nothing"}, r"no 2-D trainable parameter of Sequential matched"),
     ],
