@@ -11,21 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import check_choice
-from .factorize import BALANCE_MODES, Balance, Factors, Method, factorize, relative_error
-from .linear import (
-    FACTOR_NAMES,
-    check_features,
-    check_linear,
-    dense_from_factors,
-    factored_linear,
-    init_factors_,
-    make_linear,
-    new_factor_params,
-    stored_factors,
-    upgrade_state_dict_,
-)
+from .factorize import BALANCE_MODES, Balance, Method, factorize, relative_error
+from .layer_base import FactoredLinearBase, check_linear, copy_factors_, new_factor_params
+from .linear import factored_linear, stored_factors
 from .policy import RankPolicy, as_policy, factor_parameters
-from .readers import lazy_weight
 
 __all__ = ["AdaptiveLowRankLinear", "SwitchResult"]
 
@@ -71,7 +60,7 @@ def replace_parameters(module: nn.Module, new: dict[str, torch.Tensor | None]) -
     module.register_parameter("bias", bias)
 
 
-class AdaptiveLowRankLinear(nn.Module):
+class AdaptiveLowRankLinear(FactoredLinearBase):
     r"""A linear layer that trains dense, then switches to low rank in place.
 
     In its dense phase it *is* ``nn.Linear``: parameters ``weight`` and ``bias``, the same
@@ -111,9 +100,6 @@ class AdaptiveLowRankLinear(nn.Module):
         (True, 32)
     """
 
-    in_features: int
-    out_features: int
-
     def __init__(
         self,
         in_features: int,
@@ -129,16 +115,13 @@ class AdaptiveLowRankLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features = check_features("in_features", in_features)
-        self.out_features = check_features("out_features", out_features)
+        super().__init__(in_features, out_features)
         policy = as_policy(policy, rank, rank_ratio, energy, param_ratio, required=False)
         if policy is not None:  # fits this shape: checked now, not at the switch epochs later
             policy.resolve(out_features, in_features, row_scales=balance != "none")
         check_choice("balance", balance, BALANCE_MODES)
         self.default_policy: RankPolicy | None = policy
         self.default_balance: str = balance
-        self.dense_weight_reads = 0
         kw = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         if bias:
@@ -150,7 +133,7 @@ class AdaptiveLowRankLinear(nn.Module):
     def reset_parameters(self) -> None:
         """``nn.Linear``'s initialisation when dense; ``LowRankLinear``'s after the switch."""
         if self.is_lowrank:
-            init_factors_(self.U, self.S, self.Vh.t(), self.D, self.bias)
+            super().reset_parameters()
             return
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
@@ -180,24 +163,18 @@ class AdaptiveLowRankLinear(nn.Module):
         if weight is not None:
             return weight
         if self.is_lowrank:
-            return lazy_weight(self)
+            return super().weight
         # registering: nn.Module.register_parameter asks hasattr(self, "weight") first
         raise AttributeError(f"'{type(self).__name__}' object has no attribute 'weight'")
 
-    def weight_factors(
+    def _active_factors(
         self,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(U, S, V, D)`` as the forward uses them (not detached); only after the switch."""
+        """All factors after the switch; before it there are none (``weight_factors()`` and
+        ``factors()`` raise)."""
         if not self.is_lowrank:
-            raise RuntimeError(
-                "weight_factors: the layer is still dense; call switch_to_lowrank first"
-            )
-        return self.U, self.S, self.Vh.t(), self.D
-
-    @property
-    def V(self) -> torch.Tensor:
-        """After the switch, ``Vhᵀ``, ``(in_features, rank)``: a view of the parameter ``Vh``."""
-        return self.Vh.mT
+            raise RuntimeError("the layer is still dense; call switch_to_lowrank first")
+        return super()._active_factors()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.is_lowrank:
@@ -267,16 +244,8 @@ class AdaptiveLowRankLinear(nn.Module):
             weight.detach(), policy, method=method, balance=balance, generator=generator
         )
         error = relative_error(weight, factors)
-        grad = weight.requires_grad
-        new = {
-            name: nn.Parameter(tensor.contiguous(), requires_grad=grad)
-            for name, tensor in zip(
-                FACTOR_NAMES, (factors.U, factors.S, factors.V.mT, factors.D), strict=True
-            )
-            if tensor is not None
-        }
-        new.setdefault("D", None)  # type: ignore[arg-type]
-        replace_parameters(self, new)  # drops `weight`
+        self.restructure(factors.rank, row_scales=factors.D is not None)  # drops `weight`
+        copy_factors_(self, factors, None)
         return SwitchResult(
             rank=factors.rank,
             relative_error=error,
@@ -340,23 +309,12 @@ class AdaptiveLowRankLinear(nn.Module):
         """The ``(out_features, in_features)`` weight (detached), in either phase."""
         if not self.is_lowrank:
             return self.weight.detach()
-        with torch.no_grad():
-            return dense_from_factors(self.factors())
-
-    def factors(self) -> Factors:
-        """The current factors (detached); only after the switch."""
-        if not self.is_lowrank:
-            raise RuntimeError("factors: the layer is still dense; call switch_to_lowrank first")
-        D = None if self.D is None else self.D.detach()
-        return Factors(self.U.detach(), self.S.detach(), self.Vh.detach().mT, D)
-
-    def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with the layer's current (dense or multiplied-out) weight."""
-        return make_linear(self.dense_weight(), self.bias)
+        return super().dense_weight()
 
     def restructure(self, rank: int, *, row_scales: bool) -> None:
-        """Turn a dense-phase layer into an (uninitialised) low-rank one of this rank, for
-        loaders that fill the factors next (``load_state_dict``, ``load_lowrank``)."""
+        """Turn a dense-phase layer into an (uninitialised) low-rank one of this rank, with
+        the dense weight's device, dtype and ``requires_grad``, for what fills the factors
+        next (:meth:`switch_to_lowrank`, ``load_state_dict``, ``load_lowrank``)."""
         ref = self.weight
         new = new_factor_params(
             self.out_features,
@@ -369,10 +327,9 @@ class AdaptiveLowRankLinear(nn.Module):
         )
         replace_parameters(self, new)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        upgrade_state_dict_(state_dict, prefix)
+    def _match_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """A low-rank state dict restructures a dense-phase layer to its rank, a dense one
+        a switched layer back to dense."""
         has_factors = prefix + "U" in state_dict and prefix + "S" in state_dict
         has_weight = prefix + "weight" in state_dict
         ref = next(t for t in self._parameters.values() if t is not None)
@@ -385,14 +342,11 @@ class AdaptiveLowRankLinear(nn.Module):
         elif has_weight and not has_factors and self.is_lowrank:
             weight = nn.Parameter(torch.empty(self.out_features, self.in_features, **kw), grad)
             replace_parameters(self, {"weight": weight})
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         phase = f"rank={self.rank}" if self.is_lowrank else "dense"
-        balance = f", row_scales={self.D is not None}" if self.is_lowrank else ""
+        row_scales = f", row_scales={self.D is not None}" if self.is_lowrank else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, {phase}, "
-            f"bias={self.bias is not None}{balance}"
+            f"bias={self.bias is not None}{row_scales}"
         )

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from .common import InputError, as_integer, check_fraction
-from .factorize import Balance, Factors, Method, factorize, promote
-from .linear import (
-    check_features,
-    check_linear,
-    copy_factors_,
-    dense_from_factors,
-    factored_linear,
-    init_factors_,
-    make_linear,
-    policy_rank,
-    register_lowrank_params,
-    stored_factors,
-    upgrade_state_dict_,
-)
+from .factorize import Balance, Method, factorize, promote
+from .layer_base import FactoredLinearBase, check_linear, policy_rank, register_lowrank_params
+from .linear import factored_linear, stored_factors
 from .policy import RankPolicy, ratio_rank, select_rank
-from .readers import lazy_weight
 
 __all__ = ["DynamicLowRankLinear", "ParamSwap", "RankScheduler"]
 
@@ -50,7 +38,7 @@ def _check_rank(name: str, value: object, max_rank: int) -> int:
     return value
 
 
-class DynamicLowRankLinear(nn.Module):
+class DynamicLowRankLinear(FactoredLinearBase):
     r"""A low-rank linear layer whose rank can change during training.
 
     It holds ``max_rank`` components ``U (out, max_rank)``, ``S (max_rank,)``,
@@ -94,14 +82,6 @@ class DynamicLowRankLinear(nn.Module):
         torch.Size([3, 512])
     """
 
-    __constants__: ClassVar[list[str]] = ["in_features", "out_features"]
-    # TorchScript compiles properties; the lazy weight is for eager Python code only
-    __jit_unused_properties__: ClassVar[list[str]] = ["weight", "V"]
-    __jit_ignored_attributes__: ClassVar[list[str]] = ["dense_weight_reads", "_dense_weight_warned"]
-
-    in_features: int
-    out_features: int
-
     def __init__(
         self,
         in_features: int,
@@ -115,9 +95,7 @@ class DynamicLowRankLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features = check_features("in_features", in_features)
-        self.out_features = check_features("out_features", out_features)
+        super().__init__(in_features, out_features)
         if max_rank is not None and max_rank_ratio is not None:
             raise InputError(
                 f"give max_rank or max_rank_ratio, not both; got max_rank={max_rank}, "
@@ -135,7 +113,6 @@ class DynamicLowRankLinear(nn.Module):
         self._rank = (
             max_rank if active_rank is None else _check_rank("active_rank", active_rank, max_rank)
         )
-        self.dense_weight_reads = 0
         register_lowrank_params(
             self,
             out_features,
@@ -147,10 +124,6 @@ class DynamicLowRankLinear(nn.Module):
             dtype=dtype,
         )
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """As :class:`~lowrank_layers.LowRankLinear`, with the scale set for the active rank."""
-        init_factors_(self.U, self.S, self.Vh.t(), self.D, self.bias, active_rank=self._rank)
 
     @property
     def rank(self) -> int:
@@ -170,27 +143,13 @@ class DynamicLowRankLinear(nn.Module):
             U, S, Vh, D, bias = stored_factors(self)
             return factored_linear(input, U[:, :r], S[:r], Vh[:r], D, bias)
 
-    @property
-    def V(self) -> torch.Tensor:
-        """``Vhᵀ``, ``(in_features, max_rank)``: a view of the parameter ``Vh`` (not a leaf)."""
-        return self.Vh.mT
-
-    def weight_factors(
+    def _active_factors(
         self,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The active ``(U, S, V, D)`` as the forward uses them (not detached)."""
+        """The first ``rank`` components: ``weight``, ``factors()`` and ``dense_weight()``
+        are at the current rank, as the forward is."""
         r = self._rank
-        return self.U[:, :r], self.S[:r], self.Vh[:r].t(), self.D
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The ``(out, in)`` weight at the current rank, as a lazy tensor.
-
-        As :attr:`LowRankLinear.weight <lowrank_layers.LowRankLinear.weight>`: metadata is
-        free, computing with it forms the dense weight from the active factors (counted in
-        ``dense_weight_reads``, warned once). Not a parameter, not in the state dict.
-        """
-        return lazy_weight(self)
+        return self.U[:, :r], self.S[:r], self.Vh[:r], self.D
 
     # ----------------------------------------------------------------------------------
     # changing the rank
@@ -333,34 +292,7 @@ class DynamicLowRankLinear(nn.Module):
                 cross_cov=cross_cov,
                 generator=generator,
             )
-            w = linear.weight
-            layer = cls(
-                f.in_features,
-                f.out_features,
-                max_rank=f.rank,
-                active_rank=active_rank,
-                bias=linear.bias is not None,
-                row_scales=f.D is not None,
-                device="meta",
-                dtype=w.dtype,
-            ).to_empty(device=w.device)
-            copy_factors_(layer, f, linear.bias)
-        return layer
-
-    def factors(self) -> Factors:
-        """The active factors (detached)."""
-        r = self._rank
-        D = None if self.D is None else self.D.detach()
-        return Factors(self.U[:, :r].detach(), self.S[:r].detach(), self.Vh[:r].detach().mT, D)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The ``(out_features, in_features)`` weight at the current rank (detached)."""
-        with torch.no_grad():
-            return dense_from_factors(self.factors())
-
-    def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` holding the weight at the current rank."""
-        return make_linear(self.dense_weight(), self.bias)
+            return cls._from_factors(f, linear.bias, max_rank=f.rank, active_rank=active_rank)
 
     def get_extra_state(self) -> dict[str, int]:
         return {"rank": self._rank}
@@ -368,18 +300,12 @@ class DynamicLowRankLinear(nn.Module):
     def set_extra_state(self, state: dict[str, int]) -> None:
         self._rank = _check_rank("rank", int(state["rank"]), self.max_rank)
 
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ) -> None:
-        upgrade_state_dict_(state_dict, prefix)
-        # a pruned checkpoint (fewer components) loads into a fresh layer by pruning it first
+    def _match_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        """A pruned checkpoint (fewer components) loads into a fresh layer by pruning it first."""
         saved = state_dict.get(prefix + "S")
         if saved is not None and saved.shape[0] < self.max_rank:
             self._rank = saved.shape[0]
             self.prune()
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
 
     def extra_repr(self) -> str:
         return (

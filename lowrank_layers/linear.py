@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import InputError, InputTypeError, as_integer
+from .common import InputError, as_integer
 from .factorize import Balance, Factors, Method, factorize
+from .layer_base import (
+    FACTOR_NAMES,
+    FactoredLinearBase,
+    check_features,
+    check_linear,
+    make_linear,
+    policy_rank,
+    register_lowrank_params,
+    upgrade_state_dict_,
+)
 from .policy import RankPolicy
-from .readers import lazy_weight
 
 __all__ = [
-    "FACTOR_NAMES",
+    "FACTOR_NAMES",  # re-exported from layer_base (heal, offline, convert import it here)
     "LowRankLinear",
-    "check_features",
-    "check_linear",
-    "copy_factors_",
-    "dense_from_factors",
+    "check_features",  # re-exported from layer_base (factory imports it here)
     "factored_linear",
-    "init_factors_",
     "lowrank_linear",
-    "make_linear",
-    "policy_rank",
+    "make_linear",  # re-exported from layer_base (checkpoint imports it here)
     "stored_factors",
-    "upgrade_state_dict_",
+    "upgrade_state_dict_",  # re-exported from layer_base (checkpoint imports it here)
 ]
 
 # Two regimes, chosen from the shapes alone (so torch.compile sees no branch on data):
@@ -48,8 +51,6 @@ __all__ = [
 # a few percent of each other at 256-512 tokens, where the switch lies.
 RANK_ALIGNMENT = 8
 FOLD_MIN_TOKENS = 512
-# the parameters a low-rank layer holds besides its bias (D may be None)
-FACTOR_NAMES = ("U", "S", "Vh", "D")
 # oneDNN serves these on CPU: its kernels want a contiguous (out, in) F.linear weight
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -166,158 +167,7 @@ def stored_factors(
         return layer.U, layer.S, layer.Vh, layer.D, layer.bias
 
 
-def policy_rank(policy: RankPolicy, out_f: int, in_f: int, *, row_scales: bool) -> int:
-    """The rank a policy gives a layer built without a weight (``energy`` needs one)."""
-    rank = policy.resolve(out_f, in_f, row_scales=row_scales)
-    if rank is None:
-        raise InputError(
-            f"{policy} needs a weight's spectrum; a layer built from its sizes takes rank=, "
-            "rank_ratio= or param_ratio= (or use from_linear)"
-        )
-    return rank
-
-
-def check_features(name: str, value: object) -> int:
-    """Validate a layer size: a positive int."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_linear(linear: object) -> nn.Linear:
-    """Validate the source of a ``from_linear`` conversion."""
-    if not isinstance(linear, nn.Linear):
-        raise InputTypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-    return linear
-
-
-def new_factor_params(
-    out_features: int,
-    in_features: int,
-    rank: int,
-    *,
-    row_scales: bool,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    requires_grad: bool = True,
-) -> dict[str, nn.Parameter | None]:
-    """Uninitialised parameters ``U (out, r)``, ``S (r,)``, ``Vh (r, in)``, ``D (out,)`` or None.
-
-    ``Vh`` is ``Vᵀ``, stored as the weight of the first linear map, like ``nn.Linear``'s
-    ``(out, in)`` weight (and ``torch.linalg.svd``'s ``Vh``); ``U`` is the second's.
-    """
-    kw = {"device": device, "dtype": dtype}
-    shapes = {"U": (out_features, rank), "S": (rank,), "Vh": (rank, in_features)}
-    if row_scales:
-        shapes["D"] = (out_features,)
-    params: dict[str, nn.Parameter | None] = {
-        name: nn.Parameter(torch.empty(shape, **kw), requires_grad=requires_grad)
-        for name, shape in shapes.items()
-    }
-    params.setdefault("D", None)
-    return params
-
-
-def register_lowrank_params(
-    module: nn.Module,
-    out_features: int,
-    in_features: int,
-    rank: int,
-    *,
-    row_scales: bool,
-    bias: bool,
-    device: torch.device | str | None,
-    dtype: torch.dtype | None,
-) -> None:
-    """Register ``U``, ``S``, ``Vh``, ``D`` (or None) and ``bias`` (or None) on ``module``."""
-    for name, param in new_factor_params(
-        out_features, in_features, rank, row_scales=row_scales, device=device, dtype=dtype
-    ).items():
-        module.register_parameter(name, param)
-    b = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
-    module.register_parameter("bias", b)
-
-
-@torch.no_grad()
-def copy_factors_(layer: nn.Module, factors: Factors, bias: torch.Tensor | None) -> None:
-    """Copy ``factors`` (and ``bias``) into a layer's ``U``, ``S``, ``Vh``, ``D``, ``bias``."""
-    layer.U.copy_(factors.U)
-    layer.S.copy_(factors.S)
-    layer.Vh.copy_(factors.V.mT)
-    if factors.D is not None:
-        layer.D.copy_(factors.D)
-    if bias is not None:
-        layer.bias.copy_(bias)
-
-
-def upgrade_state_dict_(state_dict: dict[str, torch.Tensor], prefix: str) -> None:
-    """Rename a format-1 ``<prefix>V`` ``(in, r)`` entry to ``<prefix>Vh`` ``(r, in)``, in place.
-
-    Before checkpoint format 2 the layers stored ``V``; its transpose is ``Vh``. The three
-    layer kinds call this from ``_load_from_state_dict``, so state dicts saved by earlier
-    versions load.
-    """
-    old, new = prefix + "V", prefix + "Vh"
-    value = state_dict.get(old)
-    if isinstance(value, torch.Tensor) and value.dim() == 2 and new not in state_dict:
-        state_dict[new] = value.mT.contiguous()
-        del state_dict[old]
-
-
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    """An ``nn.Linear`` holding copies of ``weight`` (out, in) and ``bias``, on their device."""
-    out_features, in_features = weight.shape
-    linear = nn.Linear(
-        in_features, out_features, bias=bias is not None, device="meta", dtype=weight.dtype
-    ).to_empty(device=weight.device)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        if bias is not None:
-            linear.bias.copy_(bias)
-    return linear
-
-
-@torch.no_grad()
-def init_factors_(
-    U: torch.Tensor,
-    S: torch.Tensor,
-    V: torch.Tensor,
-    D: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    *,
-    active_rank: int | None = None,
-) -> None:
-    """Fill factors in place so the layer starts at ``nn.Linear``'s output scale.
-
-    ``U`` and ``V`` get orthonormal columns (QR of a Gaussian, drawn in float32 as QR
-    has no half-precision kernels), ``S = sqrt(out / (3·active_rank))``, ``D = 1``, and
-    the bias ``nn.Linear``'s ``U(-1/sqrt(in), 1/sqrt(in))``. ``nn.Linear``'s weight has
-    ``E‖W‖_F² = out/3``; orthonormal factors give ``‖W‖_F² = active_rank·S²``, the same.
-    Tensors on the ``meta`` device are left alone.
-    """
-    out_features, rank = U.shape
-    in_features = V.shape[0]
-    active_rank = rank if active_rank is None else active_rank
-    for factor in (U, V):
-        if factor.device.type != "meta":
-            tmp = torch.empty(factor.shape, device=factor.device, dtype=torch.float32)
-            factor.copy_(nn.init.orthogonal_(tmp))
-    S.fill_(math.sqrt(out_features / (3 * active_rank)))
-    if D is not None:
-        D.fill_(1.0)
-    if bias is not None:
-        bound = 1 / math.sqrt(in_features)
-        nn.init.uniform_(bias, -bound, bound)
-
-
-def dense_from_factors(factors: Factors) -> torch.Tensor:
-    """``diag(D)·U·diag(S)·Vᵀ`` formed in float32 (or float64) and cast to the factors' dtype."""
-    dtype = factors.U.dtype
-    compute = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    return factors.to(compute).dense().to(dtype)
-
-
-class LowRankLinear(nn.Module):
+class LowRankLinear(FactoredLinearBase):
     r"""A linear layer whose weight is held as low-rank factors.
 
     .. math::
@@ -373,10 +223,8 @@ class LowRankLinear(nn.Module):
     """
 
     __constants__: ClassVar[list[str]] = ["in_features", "out_features", "rank"]
-    # TorchScript compiles properties; the lazy weight is for eager Python code only
-    __jit_unused_properties__: ClassVar[list[str]] = ["weight", "V"]
-    __jit_ignored_attributes__: ClassVar[list[str]] = ["dense_weight_reads", "_dense_weight_warned"]
 
+    # TorchScript reads the annotations of the class itself, not of its bases
     in_features: int
     out_features: int
     rank: int
@@ -392,9 +240,7 @@ class LowRankLinear(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self.in_features = check_features("in_features", in_features)
-        self.out_features = check_features("out_features", out_features)
+        super().__init__(in_features, out_features)
         max_rank = min(in_features, out_features)
         if isinstance(rank, RankPolicy):
             rank = policy_rank(rank, out_features, in_features, row_scales=row_scales)
@@ -405,7 +251,6 @@ class LowRankLinear(nn.Module):
                 f"weight, got {rank!r}"
             )
         self.rank = rank
-        self.dense_weight_reads = 0
         register_lowrank_params(
             self,
             out_features,
@@ -418,47 +263,11 @@ class LowRankLinear(nn.Module):
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """Orthonormal ``U``, ``V``; ``S = sqrt(out / (3·rank))``; ``D = 1``; bias as ``nn.Linear``.
-
-        ``nn.Linear``'s default weight has entries ``U(-1/√in, 1/√in)``, so
-        ``E‖W‖_F² = out/3``; with orthonormal factors ``‖W‖_F² = rank·S²``, which gives
-        the same value for this ``S``.
-        """
-        init_factors_(self.U, self.S, self.Vh.t(), self.D, self.bias)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return factored_linear(input, self.U, self.S, self.Vh, self.D, self.bias)
         else:  # TorchScript compiles only the branch above
             return factored_linear(input, *stored_factors(self))
-
-    @property
-    def V(self) -> torch.Tensor:
-        """``Vhᵀ``, ``(in_features, rank)``: a view of the parameter ``Vh`` (not a leaf)."""
-        return self.Vh.mT
-
-    def weight_factors(
-        self,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(U, S, V, D)`` as the forward uses them (not detached; ``V`` a view of ``Vh``)."""
-        return self.U, self.S, self.Vh.t(), self.D
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        upgrade_state_dict_(state_dict, prefix)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The ``(out, in)`` weight as a lazy tensor, a :class:`~.readers.FactoredWeight`.
-
-        Metadata (``dtype``, ``shape``, ``device``, ``isinstance(w, torch.Tensor)``) costs
-        nothing; computing with it forms the dense weight from the factors on every use,
-        which warns once (``DenseWeightWarning``) and counts in ``dense_weight_reads``.
-        The layer's own forward never reads it. Use :meth:`dense_weight` for a detached
-        copy.
-        """
-        return lazy_weight(self)
 
     # ----------------------------------------------------------------------------------
     # conversion
@@ -493,8 +302,9 @@ class LowRankLinear(nn.Module):
             rank, rank_ratio, energy, param_ratio: (exactly one, as
                 :func:`~lowrank_layers.factorize`).
             method: ``"svd"`` (exact, default) or ``"randomized"``.
-            balance: ``"none"`` (default), ``"rownorm"`` or ``"rowsum"``; a balanced layer
-                holds ``D``.
+            balance: ``"none"`` (default), ``"rownorm"`` or ``"rowsum"``, the mode of
+                :func:`~lowrank_layers.factorize`; any but ``"none"`` gives the layer row
+                scales ``D`` (``row_scales=True``).
             input_cov: ``(in, in)`` second moment ``E[x xᵀ]`` of the layer's inputs: the
                 factorization then minimises the output error on such inputs (SVD-LLM).
             cross_cov: with ``input_cov``, ``E[x x̂ᵀ]`` between the original and the
@@ -531,35 +341,7 @@ class LowRankLinear(nn.Module):
     @classmethod
     def from_factors(cls, factors: Factors, *, bias: torch.Tensor | None = None) -> LowRankLinear:
         """A layer holding copies of ``factors`` (and of ``bias`` when given)."""
-        ref = factors.U
-        layer = cls(
-            factors.in_features,
-            factors.out_features,
-            factors.rank,
-            bias=bias is not None,
-            row_scales=factors.D is not None,
-            device="meta",
-            dtype=ref.dtype,
-        ).to_empty(device=ref.device)
-        copy_factors_(layer, factors, bias)
-        return layer
-
-    def factors(self) -> Factors:
-        """The current parameters as detached :class:`~lowrank_layers.Factors`."""
-        D = None if self.D is None else self.D.detach()
-        return Factors(self.U.detach(), self.S.detach(), self.Vh.detach().mT, D)
-
-    def dense_weight(self) -> torch.Tensor:
-        """The ``(out_features, in_features)`` weight this layer represents (detached).
-
-        The product is formed in float32 (or float64) and cast to the layer's dtype.
-        """
-        with torch.no_grad():
-            return dense_from_factors(self.factors())
-
-    def to_linear(self) -> nn.Linear:
-        """An ``nn.Linear`` with weight ``diag(D)·U·diag(S)·Vᵀ`` and a copy of the bias."""
-        return make_linear(self.dense_weight(), self.bias)
+        return cls._from_factors(factors, bias, rank=factors.rank)
 
     def extra_repr(self) -> str:
         return (

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_layers import LowRankLinear, factorize, relative_error
+from lowrank_layers import LowRankLinear, factorize
+from lowrank_layers.factorize import relative_error
 
 from .helpers import rel_err
 
