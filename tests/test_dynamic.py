@@ -9,21 +9,21 @@ from lowrank_layers import DynamicLowRankLinear, RankScheduler, factorize
 from .helpers import rel_err
 
 
-def _perturbed_layer(gen: torch.Generator, balance: bool) -> DynamicLowRankLinear:
+def _perturbed_layer(gen: torch.Generator, row_scales: bool) -> DynamicLowRankLinear:
     """A layer whose factors training has moved: not orthonormal, not sorted."""
-    layer = DynamicLowRankLinear(60, 50, max_rank=20, row_scales=balance)
+    layer = DynamicLowRankLinear(60, 50, max_rank=20, row_scales=row_scales)
     with torch.no_grad():
         layer.U.add_(0.5 * torch.randn(layer.U.shape, generator=gen))
         layer.V.add_(0.5 * torch.randn(layer.V.shape, generator=gen))
         layer.S.copy_(torch.rand(20, generator=gen))  # unsorted
-        if balance:
+        if row_scales:
             layer.D.copy_(0.5 + torch.rand(50, generator=gen))
     return layer
 
 
-@pytest.mark.parametrize("balance", [False, True])
-def test_shrink_keeps_the_top_singular_directions(balance, gen):
-    layer = _perturbed_layer(gen, balance)
+@pytest.mark.parametrize("row_scales", [False, True])
+def test_shrink_keeps_the_top_singular_directions(row_scales, gen):
+    layer = _perturbed_layer(gen, row_scales)
     W = layer.dense_weight().double()
     layer.set_rank(6)
     best = factorize(W, rank=6).dense()  # Eckart–Young: the best rank-6 approximation
@@ -35,7 +35,7 @@ def test_shrink_keeps_the_top_singular_directions(balance, gen):
 
 
 def test_reorthonormalize_keeps_the_weight_and_sorts(gen):
-    layer = _perturbed_layer(gen, balance=True)
+    layer = _perturbed_layer(gen, row_scales=True)
     W = layer.dense_weight()
     sigma = layer.reorthonormalize()
     assert rel_err(layer.dense_weight(), W) < 1e-5
@@ -44,7 +44,7 @@ def test_reorthonormalize_keeps_the_weight_and_sorts(gen):
 
 
 def test_grow_after_shrink_restores_the_weight(gen):
-    layer = _perturbed_layer(gen, balance=False)
+    layer = _perturbed_layer(gen, row_scales=False)
     x = torch.randn(7, 60, generator=gen)
     before = layer(x).detach()
     layer.set_rank(5)
@@ -88,7 +88,7 @@ def test_from_linear_full_rank_reproduces_and_active_rank(gen):
 
 
 def test_prune_drops_unused_components_and_keeps_output(gen):
-    layer = _perturbed_layer(gen, balance=False)
+    layer = _perturbed_layer(gen, row_scales=False)
     layer.set_rank(7)
     x = torch.randn(4, 60, generator=gen)
     before = layer(x).detach()
@@ -99,7 +99,7 @@ def test_prune_drops_unused_components_and_keeps_output(gen):
 
 
 def test_state_dict_round_trip_keeps_rank_and_loads_pruned(gen):
-    layer = _perturbed_layer(gen, balance=True)
+    layer = _perturbed_layer(gen, row_scales=True)
     layer.set_rank(9)
     fresh = DynamicLowRankLinear(60, 50, max_rank=20, row_scales=True)
     fresh.load_state_dict(layer.state_dict())
