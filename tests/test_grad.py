@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_layers import GradientProjector
+from lowrank_layers.grad import GradientProjector
 
 from .helpers import rel_err
 

@@ -8,15 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_layers import (
-    SpeedModel,
-    compress,
-    convert_model,
-    expected_speedup,
-    measure_speed_model,
-)
+from lowrank_layers import compress, convert_model
 from lowrank_layers.linear import FOLD_MIN_TOKENS
-from lowrank_layers.speed import SpeedRule
+from lowrank_layers.speed import SpeedModel, SpeedRule, expected_speedup, measure_speed_model
 
 
 def limit(in_f: int, out_f: int, rank: int) -> float:
