@@ -304,24 +304,29 @@ def _evaluate(
     return total / max(weight, 1.0)
 
 
-def _train_end_to_end(
-    student: nn.Module,
-    teacher: nn.Module,
-    batches: Sequence[Any],
-    objective: str,
-    trainer: _Trainer,
-    order: _BatchOrder,
-    steps: int | None,
-    seconds: float | None,
-) -> list[float]:
+@dataclass
+class _Run:
+    """What each training mode of :func:`heal` needs: the models, the training batches in
+    their seeded order, a trainer for given parameters and the step or time budget."""
+
+    student: nn.Module
+    teacher: nn.Module
+    batches: Sequence[Any]
+    order: _BatchOrder
+    make_trainer: Callable[[list[nn.Parameter]], _Trainer]
+    steps: int | None
+    seconds: float | None
+
+
+def _train_end_to_end(run: _Run, objective: str, params: list[nn.Parameter]) -> list[float]:
     def loss_fn() -> torch.Tensor:
-        batch = batches[order.next()]
+        batch = run.batches[run.order.next()]
         with torch.no_grad():
-            t = main_output(run_batch(teacher, batch))
-        s = main_output(run_batch(student, batch))
+            t = main_output(run_batch(run.teacher, batch))
+        s = main_output(run_batch(run.student, batch))
         return distillation_loss(s, t, objective, padding_mask(batch))
 
-    return trainer.run(loss_fn, steps, seconds)
+    return run.make_trainer(params).run(loss_fn, run.steps, run.seconds)
 
 
 def _blocks_of(
@@ -374,19 +379,13 @@ def _block_name(container: str, index: int) -> str:
 
 
 def _train_blockwise(
-    student: nn.Module,
-    teacher: nn.Module,
-    batches: Sequence[Any],
+    run: _Run,
     blocks: tuple[str, list[nn.Module], list[nn.Module]],
     chosen: dict[int, nn.Parameter],
-    make_trainer: Callable[[list[nn.Parameter]], _Trainer],
-    order: _BatchOrder,
-    steps: int | None,
-    seconds: float | None,
 ) -> list[float]:
     container, mine, theirs = blocks
-    ours = _chain(student, "student", container, mine, batches)
-    target = _chain(teacher, "teacher", container, theirs, batches)
+    ours = _chain(run.student, "student", container, mine, run.batches)
+    target = _chain(run.teacher, "teacher", container, theirs, run.batches)
     s_stream, t_stream = ours.hidden, target.hidden  # advanced in place, block by block
     trained = [
         k for k, block in enumerate(mine) if any(id(p) in chosen for p in block.parameters())
@@ -394,24 +393,24 @@ def _train_blockwise(
     losses: list[float] = []
     for k, (s_block, t_block) in enumerate(zip(mine, theirs, strict=True)):
         with torch.no_grad():
-            for i in range(len(batches)):
+            for i in range(len(run.batches)):
                 t_stream[i] = target.run(t_block, i, t_stream[i])
         if k in trained:
             j = trained.index(k)
             block_steps = None
-            if steps is not None:
-                block_steps = steps // len(trained) + int(j < steps % len(trained))
-            block_seconds = None if seconds is None else seconds / len(trained)
+            if run.steps is not None:
+                block_steps = run.steps // len(trained) + int(j < run.steps % len(trained))
+            block_seconds = None if run.seconds is None else run.seconds / len(trained)
 
             def loss_fn(block: nn.Module = s_block) -> torch.Tensor:
-                i = order.next()
+                i = run.order.next()
                 out = ours.run(block, i, s_stream[i])
                 return distillation_loss(out, t_stream[i], "mse", ours.masks[i])
 
             params = [p for p in s_block.parameters() if id(p) in chosen]
-            losses += make_trainer(params).run(loss_fn, block_steps, block_seconds)
+            losses += run.make_trainer(params).run(loss_fn, block_steps, block_seconds)
         with torch.no_grad():
-            for i in range(len(batches)):
+            for i in range(len(run.batches)):
                 s_stream[i] = ours.run(s_block, i, s_stream[i])
     return losses
 
@@ -523,30 +522,6 @@ def _held_out(
     return None if eval_batches is None else _evaluate(student, teacher, eval_batches, objective)
 
 
-def _train(
-    student: nn.Module,
-    teacher: nn.Module,
-    batches: Sequence[Any],
-    objective: str,
-    blocks: tuple[str, list[nn.Module], list[nn.Module]] | None,
-    chosen: dict[int, nn.Parameter],
-    make_trainer: Callable[[list[nn.Parameter]], _Trainer],
-    order: _BatchOrder,
-    steps: int | None,
-    seconds: float | None,
-) -> list[float]:
-    """The training losses of :func:`heal`'s mode: end to end (``blocks`` None) or
-    block by block."""
-    if blocks is None:
-        trainer = make_trainer(list(chosen.values()))
-        return _train_end_to_end(
-            student, teacher, batches, objective, trainer, order, steps, seconds
-        )
-    return _train_blockwise(
-        student, teacher, batches, blocks, chosen, make_trainer, order, steps, seconds
-    )
-
-
 def heal(
     student: nn.Module,
     teacher: nn.Module,
@@ -656,19 +631,20 @@ def heal(
         for p in student.parameters():
             p.requires_grad_(id(p) in chosen)
         before = _held_out(student, teacher, eval_batches, objective)
-        start = time.perf_counter()
-        losses = _train(
+        run = _Run(
             student,
             teacher,
             batches,
-            objective,
-            blocks,
-            chosen,
-            lambda ps: _Trainer(ps, lr, max_grad_norm, bar),
             _BatchOrder(len(batches), seed),
+            lambda ps: _Trainer(ps, lr, max_grad_norm, bar),
             steps,
             seconds,
         )
+        start = time.perf_counter()
+        if blocks is None:
+            losses = _train_end_to_end(run, objective, list(chosen.values()))
+        else:
+            losses = _train_blockwise(run, blocks, chosen)
         elapsed = time.perf_counter() - start
         after = _held_out(student, teacher, eval_batches, objective)
     return HealReport(
