@@ -47,11 +47,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table, paired_median_times
+from common import (
+    forward_latencies_ms,
+    load_bbc_news,
+    load_minilm,
+    machine_description,
+    markdown_table,
+    paired_median_times,
+)
 from conversion_quality import load_smollm2
 
 from lowrank_layers import convert_model, inference_layout_
-from lowrank_layers.demo import _latencies_ms, _load_minilm, load_bbc_news
 from lowrank_layers.linear import LowRankLinear
 
 PROMPT_TOKENS, NEW_TOKENS, PREFILL = 64, 32, (8, 256)
@@ -232,7 +238,7 @@ def smollm2(
 
 
 def minilm(ratios: list[float], repeats: int) -> list[list[str]]:
-    original, tokenizer = _load_minilm()
+    original, tokenizer = load_minilm()
     texts, _ = load_bbc_news()
     models = {"original": original}
     for ratio in ratios:
@@ -245,8 +251,8 @@ def minilm(ratios: list[float], repeats: int) -> list[list[str]]:
     )
     single = tokenizer(texts[:1], return_tensors="pt", truncation=True, max_length=128)
     names = list(models)
-    many = _latencies_ms([models[n] for n in names], dict(batch), max(repeats, 5) * 3)
-    one = _latencies_ms([models[n] for n in names], dict(single), max(repeats, 5) * 10)
+    many = forward_latencies_ms([models[n] for n in names], dict(batch), max(repeats, 5) * 3)
+    one = forward_latencies_ms([models[n] for n in names], dict(single), max(repeats, 5) * 10)
     return [
         [
             name,

@@ -40,11 +40,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table
+from common import knn_accuracy, load_bbc_news, machine_description, markdown_table
 
 from lowrank_layers import compress, convert_model, heal
 from lowrank_layers.calibrate import collect_input_stats
-from lowrank_layers.demo import knn_accuracy, load_bbc_news
 from lowrank_layers.hf import text_batches
 
 ALL_METHODS = ["svd", "rowsum", "rownorm", "aware", "aware+budget", "aware+greedy",

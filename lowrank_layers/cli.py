@@ -1,4 +1,4 @@
-"""The ``lowrank-layers`` command line: ``convert``, ``inspect``, ``demo``.
+"""The ``lowrank-layers`` command line: ``convert``, ``inspect``.
 
 Exit codes (docs/cli.md): 0 done; 2 a user mistake (a missing file, a file that is not
 safetensors, an out-of-range value, conflicting flags, an existing DST without
@@ -80,8 +80,6 @@ _fraction = _typed(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
 _positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 _non_negative_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _typed(float, lambda v: v > 0.0, "a number > 0")
-_non_negative_float = _typed(float, lambda v: v >= 0.0, "a number >= 0")
-DEMO_HEAL_SECONDS = 60.0
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -188,48 +186,6 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--energies", type=_fraction, nargs="+", default=[0.9, 0.95, 0.99], metavar="E"
     )
-
-    demo = sub.add_parser(
-        "demo",
-        help="compress the real all-MiniLM-L6-v2 and measure it (the main job)",
-        description="Convert the pretrained all-MiniLM-L6-v2 at a few parameter ratios (plain "
-        "SVD) and global budgets (calibrated compress) and report parameters, latency, "
-        "embedding cosine, BBC News kNN accuracy and the save/load round trip.",
-    )
-    demo.add_argument("--out", type=Path, default=Path("out/demo"), help="report folder")
-    demo.add_argument(
-        "--param-ratios",
-        type=_fraction,
-        nargs="+",
-        default=[0.75, 0.5],
-        metavar="P",
-        help="one plain row each: convert_model(param_ratio=P), every Linear keeping at most "
-        "P of its weights (default 0.75 0.5)",
-    )
-    demo.add_argument(
-        "--compress-budgets",
-        type=_fraction,
-        nargs="+",
-        metavar="B",
-        help="one calibrated row each: compress(budget=B), at most B of all the Linear "
-        "weights (default: the --param-ratios values)",
-    )
-    demo.add_argument("--per-class", type=_positive_int, default=100)
-    demo.add_argument(
-        "--calibration-per-class",
-        type=_non_negative_int,
-        default=13,
-        help="BBC articles per class to calibrate the activation-aware rows (0: none)",
-    )
-    demo.add_argument(
-        "--heal-seconds",
-        type=_non_negative_float,
-        default=DEMO_HEAL_SECONDS,
-        help="add a row compressed at the first compress budget and healed this long (0: none)",
-    )
-    demo.add_argument("--max-length", type=_positive_int, default=128)
-    demo.add_argument("--method", choices=["svd", "randomized"], default="randomized")
-    demo.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -441,24 +397,6 @@ def _run_inspect(args: argparse.Namespace) -> None:
         print(f"wrote {args.plot}")
 
 
-def _run_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
-
-    result = run_demo(
-        args.out,
-        param_ratios=tuple(args.param_ratios),
-        compress_budgets=None if args.compress_budgets is None else tuple(args.compress_budgets),
-        per_class=args.per_class,
-        calibration_per_class=args.calibration_per_class,
-        heal_seconds=args.heal_seconds,
-        max_length=args.max_length,
-        method=args.method,
-        seed=args.seed,
-        log=lambda line: print(line, file=sys.stderr, flush=True),
-    )
-    print(result.markdown)
-
-
 def _on_signal(signum: int, frame: object) -> None:
     signal.signal(signum, signal.SIG_DFL)  # a second one ends the process at once
     raise _Terminated(signum)
@@ -511,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # run as the program (console script, python -m): this process is ours to tune;
             # main([...]) called from Python leaves the caller's process as it is
             args.whole_process = argv is None
-            commands = {"convert": _run_convert, "inspect": _run_inspect, "demo": _run_demo}
+            commands = {"convert": _run_convert, "inspect": _run_inspect}
             commands[args.command](args)
     except (UsageError, InputError, InputTypeError, ImportError) as exc:
         print(f"lowrank-layers: error: {_one_line(exc)}", file=sys.stderr)
