@@ -23,6 +23,7 @@ from .factory import make_efficient_linear
 from .grad import GradientProjector
 from .heal import HealReport, heal
 from .hf import load_pretrained, mark_lowrank_config
+from .lazy_weight import DenseWeightWarning
 from .linear import LowRankLinear, lowrank_linear
 from .offline import convert_checkpoint
 from .pipeline import CompressionReport, compress
@@ -33,7 +34,6 @@ from .policy import (
     factor_parameters,
     select_rank,
 )
-from .readers import DenseWeightWarning
 from .speed import SpeedModel, expected_speedup, measure_speed_model
 from .tools import LowRankSummary, lowrank_summary, merge_to_dense
 

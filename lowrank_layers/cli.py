@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import __version__
+from .atomic import destination_of, named_path
 from .common import InputError, InputTypeError
 from .policy import RankPolicy, as_policy
-from .safetensors_io import destination_of, named_path
 
 __all__ = ["main"]
 

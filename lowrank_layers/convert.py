@@ -34,6 +34,7 @@ from .factorize import (
     relative_error,
     truncated_spectrum,
 )
+from .hf_quantizer import mark_lowrank_config
 from .linear import FACTOR_NAMES, HALF_DTYPES, LowRankLinear
 from .linears import as_linear, features, is_conv1d, is_linear_like
 from .policy import (
@@ -607,8 +608,6 @@ def convert_model(
     report.propagation = propagation
     report.model_params_after = parameter_count(model)
     if report.converted:
-        from .hf import mark_lowrank_config  # hf imports this module
-
         mark_lowrank_config(model)  # a transformers model's save_pretrained keeps low rank
     if not report.converted:
         examples = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
@@ -1066,8 +1065,6 @@ def switch_to_lowrank(
         if optimizer is not None:
             new = tuple(p for n, p in layer.named_parameters() if n in FACTOR_NAMES)
             apply_param_swaps(optimizer, [ParamSwap(old, new)])
-    from .hf import mark_lowrank_config  # hf imports this module
-
     mark_lowrank_config(model)
     return results
 

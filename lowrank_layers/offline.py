@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
+from .atomic import atomic_destination, clean_leftovers, commit, named_path, remove, temp_path
+from .checkpoint import copy_model_folder, write_config_entry
+from .checkpoint_format import (
     FORMAT_NAME,
     check_format,
-    copy_model_folder,
     format_metadata,
     guard,
     guard_key,
     lowrank_quantization_config,
     open_checkpoint,
-    write_config_entry,
 )
 from .common import InputError, all_finite, check_choice, progress_bar
 from .convert import ConversionReport, LayerReport
@@ -65,15 +65,9 @@ from .safetensors_io import (
     CheckpointFiles,
     ShardWriter,
     TensorReader,
-    atomic_destination,
-    clean_leftovers,
-    commit,
     header_reserve,
-    named_path,
     read_header,
-    remove,
     shard_names,
-    temp_path,
     tensor_names,
     write_file,
     write_index,

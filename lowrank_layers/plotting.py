@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_destination
 from .common import InputError, InputTypeError, check_int
-from .safetensors_io import atomic_destination
 
 __all__ = ["ENERGY_GUIDES", "plot_spectra"]
 

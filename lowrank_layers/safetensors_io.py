@@ -1,4 +1,4 @@
-"""Streaming safetensors files and atomic writes: the file layer under ``checkpoint.py``.
+"""Streaming safetensors files: the file layer under ``checkpoint.py``.
 
 Nothing here knows the lowrank-layers format. It holds:
 
@@ -7,54 +7,42 @@ Nothing here knows the lowrank-layers format. It holds:
   ``.index.json`` or a model folder);
 - writing: :class:`ShardWriter` and :func:`write_file` (tensors streamed into a file whose
   header is written last), :func:`shard_names` and :func:`write_index` (transformers'
-  naming of shards and their index);
-- atomic writes: :func:`atomic_destination` (a temporary sibling renamed over a file or
-  folder at the end; also what ``plot_spectra`` and the demo write through),
-  :func:`files_into_folder` (some files of a folder replaced, the others kept), and the
-  removal of temporaries left by writers that died.
+  naming of shards and their index, :data:`OWN_FILES`).
+
+The files are written under temporary names and renamed into place by
+:mod:`lowrank_layers.atomic`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import socket
 import struct
-import uuid
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
 import torch
 
+from .atomic import scratch_path
 from .common import InputError, InputTypeError
 
 __all__ = [
     "FLOAT_DTYPES",
     "INDEX_FILE",
+    "OWN_FILES",
     "SINGLE_FILE",
     "CheckpointError",
     "CheckpointFiles",
     "ShardWriter",
     "TensorReader",
-    "atomic_destination",
-    "clean_leftovers",
-    "commit",
-    "destination_of",
     "file_metadata",
-    "files_into_folder",
     "header_reserve",
     "locate_files",
-    "named_path",
     "read_header",
-    "remove",
     "shard_names",
-    "temp_path",
     "tensor_names",
     "write_file",
     "write_index",
@@ -62,6 +50,9 @@ __all__ = [
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+OWN_FILES = r"model(?:-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
+"""The names of a checkpoint's files in transformers' naming (a regex): the single file,
+the shards and their index."""
 
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64",
@@ -178,7 +169,7 @@ class ShardWriter(_OpenFile):
 
 def _rewrite_with_header(path: Path, raw: bytes, data_start: int, data_len: int) -> None:
     size = _align8(len(raw))
-    tmp = path.with_name(path.name + ".rewrite")
+    tmp = scratch_path(path)
     with open(path, "rb") as src, open(tmp, "wb") as dst:
         dst.write(struct.pack("<Q", size) + raw + b" " * (size - len(raw)))
         src.seek(data_start)
@@ -379,252 +370,3 @@ def _open_index(index: Path) -> CheckpointFiles:
         folder,
         index,
     )
-
-
-# ------------------------------------------------------------------------------------------
-# atomic writes
-# ------------------------------------------------------------------------------------------
-
-# Temporary names: ``.<name>.tmp-<host>-<pid>-<hex8>`` beside the file or folder ``<name>``
-# they become (``.old-`` for a replaced folder on its way out). The host and pid name the
-# writer, so that the next write to the same destination can remove what a writer killed
-# outright (SIGKILL, power loss) left behind: on this host, a pid that no longer runs.
-_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "localhost"
-# our own file names in a folder files_into_folder writes into (transformers' naming)
-_OWN_FILES = r"model(?:-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json"
-
-
-def temp_path(dst: Path, kind: str = "tmp") -> Path:
-    """A hidden sibling of ``dst`` naming this host and process (see ``_HOST``).
-
-    Not ``tempfile.mkstemp``: its files are 0600, and the rename would carry that mode to
-    ``dst``; a file created at this name gets the usual mode.
-    """
-    return dst.with_name(f".{dst.name}.{kind}-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _temp_pattern(names: str) -> re.Pattern[str]:
-    """Temporary names of writes to ``names`` (a regex); groups: name, host, pid."""
-    return re.compile(
-        rf"\.(?P<name>{names})\.(?:tmp|old)-(?:(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>\d+)-)?"
-        r"[0-9a-f]{8}(?:\.rewrite)?"
-    )
-
-
-def destination_of(path: str | os.PathLike) -> Path:
-    """``path`` with every temporary component replaced by the name it is written for."""
-    pattern = _temp_pattern(".+")
-    parts = [m.group("name") if (m := pattern.fullmatch(p)) else p for p in Path(path).parts]
-    return Path(*parts) if parts else Path(path)
-
-
-def _writer_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host runs (True when that cannot be told)."""
-    if os.name != "posix":
-        return True  # os.kill(pid, 0) would send CTRL_C_EVENT on Windows
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: another user's process, alive
-        return True
-    return True
-
-
-def clean_leftovers(folder: Path, names: str) -> None:
-    """Remove the temporaries of writes to ``folder/<names>`` whose writer died; warn naming them.
-
-    A temporary of this host whose pid no longer runs is removed; one of another host or a
-    live process is left alone (a write in progress); one without a pid (written before
-    pids were part of the name) is named in a warning and left for the user to remove.
-    The warnings point at the caller of the public function that began the write, four
-    frames above this one (that function, a ``with`` statement's ``__enter__``, the
-    context manager calling this).
-    """
-    try:
-        entries = sorted(os.scandir(folder), key=lambda e: e.name)
-    except OSError:  # no folder yet: nothing left over
-        return
-    pattern = _temp_pattern(names)
-    removed: list[str] = []
-    unknown: list[str] = []
-    for entry in entries:
-        m = pattern.fullmatch(entry.name)
-        if m is None:
-            continue
-        if m.group("pid") is None:
-            unknown.append(entry.path)
-        elif (
-            m.group("host") == _HOST
-            and not _writer_alive(int(m.group("pid")))
-            and remove(Path(entry.path))
-        ):
-            removed.append(entry.path)
-    if removed:
-        warnings.warn(
-            f"removed {len(removed)} temporary file(s) left by interrupted writes whose process "
-            f"no longer runs: {', '.join(removed)}",
-            stacklevel=5,  # the caller of save_lowrank, convert_checkpoint, plot_spectra...
-        )
-    if unknown:
-        warnings.warn(
-            f"{', '.join(unknown)}: temporary file(s) of an interrupted write (or of one still "
-            "running) by an earlier version of lowrank-layers; remove them if no write is "
-            "in progress",
-            stacklevel=5,  # the caller of save_lowrank, convert_checkpoint, plot_spectra...
-        )
-
-
-def named_path(path: Path) -> Path:
-    """``path``, resolved when it has no name of its own (``.``, ``..``, ``a/..``)."""
-    return path.resolve() if path.name in ("", "..") else path
-
-
-def _make_folder(folder: Path, target: Path | None = None) -> Path | None:
-    """Create ``folder`` (for ``target``) and its missing parents; the topmost created, or None."""
-    missing: list[Path] = []
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        missing.append(existing)
-        existing = existing.parent
-    if not existing.is_dir():
-        raise NotADirectoryError(
-            f"cannot write {target or folder}: {existing} is a file, not a folder"
-        )
-    if missing:
-        folder.mkdir(parents=True, exist_ok=True)
-    return missing[-1] if missing else None
-
-
-def _remove_created(folder: Path, top: Path | None) -> None:
-    """Remove the empty folders ``_make_folder`` created, ``folder`` up to ``top``."""
-    if top is None:
-        return
-    for path in (folder, *folder.parents):
-        try:
-            path.rmdir()
-        except OSError:
-            return
-        if path == top:
-            return
-
-
-@contextmanager
-def atomic_destination(
-    dst: Path, *, is_dir: bool = False, overwrite: bool = True
-) -> Iterator[Path]:
-    """A temporary sibling of ``dst`` that replaces ``dst`` whole only if the block succeeds.
-
-    The one atomic write of the library: checkpoints, converted folders, the figures of
-    ``plot_spectra`` and the demo's report are all written through it. The block writes a
-    file at the path it is given (or files into it, with ``is_dir``: it is then an empty
-    folder); on success it is renamed over ``dst`` (an existing ``dst`` folder is replaced
-    with all of its files), on any exception it is removed, with the folders above ``dst``
-    this call created. :func:`files_into_folder` writes some files into a folder and keeps
-    the others. Temporaries of earlier writes to ``dst`` whose process died are removed
-    first.
-
-    Raises:
-        FileExistsError: ``dst`` exists and ``overwrite`` is False.
-        IsADirectoryError: ``dst`` is a folder and ``is_dir`` is False.
-        NotADirectoryError: a folder above ``dst`` is a file.
-        ValueError: ``dst`` is a folder that holds the current folder.
-    """
-    dst = named_path(Path(dst))
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass overwrite=True to replace it)")
-    if dst.is_dir() and not is_dir:
-        raise IsADirectoryError(f"{dst} is a folder; a file cannot replace it")
-    if dst.is_dir() and Path.cwd().resolve().is_relative_to(dst.resolve()):
-        raise InputError(
-            f"{dst} is the current folder or holds it, and would be replaced whole: "
-            "write into a new folder"
-        )
-    created = _make_folder(dst.parent, dst)
-    clean_leftovers(dst.parent, re.escape(dst.name))
-    tmp = temp_path(dst)
-    if is_dir:
-        tmp.mkdir()
-    try:
-        yield tmp
-        commit(tmp, dst)
-    except BaseException:
-        _remove_temporary(tmp)
-        _remove_created(dst.parent, created)
-        raise
-
-
-@contextmanager
-def files_into_folder(
-    folder: Path, names: Sequence[str], *, overwrite: bool
-) -> Iterator[dict[str, Path]]:
-    """Temporary paths in ``folder`` for ``names``, each renamed over its name at the end.
-
-    The folder's other files stay, except our own checkpoint files (``_OWN_FILES``) that
-    ``names`` leave out — the shards, single file or index of an earlier save — which are
-    removed once the new files are in place (a stale index first: it would be read instead
-    of a new ``model.safetensors``). Each file is replaced atomically; the renames at the
-    end take milliseconds. With ``overwrite=False`` any own file present is an error.
-    """
-    folder = named_path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise NotADirectoryError(f"cannot write into {folder}: it is a file, not a folder")
-    own = re.compile(_OWN_FILES)
-    present = sorted(  # files only: a folder of such a name is not ours to remove
-        p.name
-        for p in (folder.iterdir() if folder.is_dir() else ())
-        if own.fullmatch(p.name) and not p.is_dir()
-    )
-    for name in names:
-        if (folder / name).is_dir():
-            raise IsADirectoryError(f"{folder / name} is a folder; a file cannot replace it")
-    if present and not overwrite:
-        raise FileExistsError(
-            f"{folder / present[0]} already exists (pass overwrite=True to replace it)"
-        )
-    stale = [n for n in present if n not in names]
-    created = _make_folder(folder)
-    clean_leftovers(folder, _OWN_FILES)
-    temps = {name: temp_path(folder / name) for name in names}
-    try:
-        yield temps
-        if INDEX_FILE in stale:  # first, or fail: left behind, it would be read instead
-            (folder / INDEX_FILE).unlink(missing_ok=True)
-        for name in sorted(names, key=lambda n: n == INDEX_FILE):  # the index last
-            os.replace(temps[name], folder / name)
-        for name in stale:  # unreferenced now: one left behind would not be read
-            remove(folder / name)
-    except BaseException:
-        for tmp in temps.values():
-            _remove_temporary(tmp)
-        _remove_created(folder, created)
-        raise
-
-
-def commit(tmp: Path, dst: Path) -> None:
-    """Rename ``tmp`` to ``dst``: a file in one atomic step, a folder over an old one in two."""
-    if dst.exists() and (dst.is_dir() or tmp.is_dir()):  # a link to a folder: the link goes
-        trash = temp_path(dst, "old")
-        os.replace(dst, trash)
-        os.replace(tmp, dst)
-        remove(trash)
-    else:
-        os.replace(tmp, dst)
-
-
-def remove(path: Path) -> bool:
-    """Remove a file or folder if it is there; never raises (a cleanup). Whether it is gone."""
-    try:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
-    except OSError:
-        return False
-    return True
-
-
-def _remove_temporary(tmp: Path) -> None:
-    """Remove a temporary and the copy ``_rewrite_with_header`` may have begun beside it."""
-    remove(tmp)
-    remove(tmp.with_name(tmp.name + ".rewrite"))

@@ -1,4 +1,4 @@
-"""Checkpoints: bit-identical round trips, conversion without model code, atomic writes."""
+"""Checkpoints: bit-identical round trips, conversion without model code, destinations."""
 
 import json
 import os
@@ -25,6 +25,7 @@ from lowrank_layers import (
 from lowrank_layers import safetensors_io as sio
 from lowrank_layers.checkpoint import (
     CheckpointError,
+    copy_model_folder,
     load_lowrank,
     read_metadata,
     save_lowrank,
@@ -794,85 +795,30 @@ def test_workers_write_one_file_for_a_safetensors_dst(tiny, tmp_path):
     assert torch.allclose(two.eval()(IDS), one.eval()(IDS), atol=1e-4)
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
+# ------------------------------------------------------------------------------------------
+# model folders: the files beside the weights
+# ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(os.name != "posix", reason="liveness of a pid is checked with os.kill(pid, 0)")
-def test_leftovers_of_dead_writers_are_removed_by_the_next_write(tiny, tmp_path):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    dead, host = _dead_pid(), sio._HOST
-    dead_file = folder / f".model.safetensors.tmp-{host}-{dead}-0123abcd"
-    dead_shard = folder / f".model-00002-of-00003.safetensors.tmp-{host}-{dead}-4567cdef"
-    live = folder / f".model.safetensors.tmp-{host}-{os.getpid()}-89abcdef"  # in progress
-    elsewhere = folder / f".model.safetensors.tmp-other-host-{dead}-0123abcd"  # not ours
-    unrelated = folder / f".config.json.tmp-{host}-{dead}-0123abcd"  # not a name we write
-    old_style = folder / ".model.safetensors.tmp-0123abcd"  # before pids: unknown writer
-    for path in (dead_file, dead_shard, live, elsewhere, unrelated, old_style):
-        path.write_bytes(b"partial")
-    with pytest.warns(UserWarning) as rec:
-        save_lowrank(tiny, folder)
-    removed, named = (str(w.message) for w in rec)
-    assert removed.startswith("removed 2 temporary file(s) left by interrupted writes whose")
-    assert removed.endswith(f"{dead_shard}, {dead_file}")  # sorted by name
-    assert named.startswith(f"{old_style}: temporary file(s) of an interrupted write")
-    assert "earlier version of lowrank-layers; remove them if no write is" in named
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["model.safetensors", live.name, elsewhere.name, unrelated.name, old_style.name]
-    )
-    # a whole-destination write (one file, a whole folder) cleans beside its destination
-    dead_dir = tmp_path / f".out.tmp-{host}-{dead}-0123abcd"
-    (dead_dir / "sub").mkdir(parents=True)
-    src = tmp_path / "dense.safetensors"
-    _dense_checkpoint(tiny, src)
-    with pytest.warns(UserWarning, match=r"left by interrupted writes .*\.out\.tmp-"):
-        convert_checkpoint(src, tmp_path / "out", rank=4)
-    assert not dead_dir.exists() and (tmp_path / "out" / "model.safetensors").is_file()
-
-
-def test_temporary_names_map_back_to_their_destination():
-    tmp = sio.temp_path(Path("/data/out.safetensors"))
-    assert tmp.parent == Path("/data") and tmp.name.startswith(".out.safetensors.tmp-")
-    assert sio.destination_of(tmp) == Path("/data/out.safetensors")
-    inner = sio.temp_path(Path("/data/out")) / "model-00001-of-00002.safetensors"
-    assert sio.destination_of(inner) == Path("/data/out/model-00001-of-00002.safetensors")
-    assert sio.destination_of("/data/.hidden") == Path("/data/.hidden")
-
-
-@pytest.mark.skipif(os.name != "posix", reason="file modes")
-def test_atomic_destination_replaces_a_file_whole_with_the_usual_mode(tmp_path):
-    umask = os.umask(0o022)
-    os.umask(umask)
-    dst = tmp_path / "report.md"
-    with sio.atomic_destination(dst) as tmp:
-        assert tmp.parent == tmp_path and not dst.exists()
-        tmp.write_text("first")
-    assert dst.read_text() == "first"
-    assert dst.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-    with pytest.raises(RuntimeError, match="midway"), sio.atomic_destination(dst) as tmp:
-        tmp.write_text("second")
-        raise RuntimeError("midway")
-    assert dst.read_text() == "first" and os.listdir(tmp_path) == ["report.md"]
-
-
-def test_the_checkpoint_modules_import_one_way():
-    """safetensors_io <- checkpoint <- offline: none imports a module above it (and the
-    I/O module only the dependency-free helpers)."""
-    import ast
-
-    root = Path(lowrank_layers.__file__).parent
-
-    def imported(module: str) -> set[str]:
-        tree = ast.parse((root / f"{module}.py").read_text(encoding="utf-8"))
-        return {
-            node.module or ""
-            for node in ast.walk(tree)
-            if isinstance(node, ast.ImportFrom) and node.level == 1
-        }
-
-    assert imported("safetensors_io") == {"common"}
-    assert "offline" not in imported("checkpoint")
-    assert {"checkpoint", "safetensors_io"} <= imported("offline")
+def test_copy_model_folder_skips_only_the_converted_weights(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    files = [
+        "config.json", "tokenizer.json", "modules.json", ".gitattributes",
+        "model.safetensors", "pytorch_model.bin", "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json", "1_Pooling/config.json",
+        "2_Dense/model.safetensors", "2_Dense/config.json", "onnx/model.onnx",
+    ]  # fmt: skip
+    for name in files:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_text(name)
+    dst.mkdir()
+    copied = copy_model_folder(src, dst)
+    got = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert got == sorted([
+        ".gitattributes", "1_Pooling/config.json", "2_Dense/config.json",
+        "2_Dense/model.safetensors", "config.json", "modules.json", "tokenizer.json",
+    ])  # fmt: skip
+    assert (dst / "2_Dense" / "model.safetensors").read_text() == "2_Dense/model.safetensors"
+    assert "onnx" not in copied
+    with pytest.raises(NotADirectoryError, match="src must be a model folder"):
+        copy_model_folder(src / "config.json", dst)

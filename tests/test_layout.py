@@ -1,6 +1,6 @@
-"""The package's import structure: no cycles among module-level imports, no module
-importing another's private names, and the rank arithmetic and name matching not taken
-from convert.py."""
+"""The package's import structure: no import cycle, counting the imports inside functions;
+the storage and transformers modules layered one way; no module importing another's
+private names; and the rank arithmetic and name matching not taken from convert.py."""
 
 import ast
 from pathlib import Path
@@ -15,8 +15,94 @@ def relative_imports(tree: ast.Module, *, top_level_only: bool) -> list[ast.Impo
     return [n for n in nodes if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module]
 
 
+def _type_checking_only(node: ast.AST) -> bool:
+    test = node.test if isinstance(node, ast.If) else None
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def runtime_imports(tree: ast.Module) -> set[str]:
+    """The package modules ``tree`` imports when it runs: at module level and inside
+    functions alike, leaving out ``if TYPE_CHECKING:`` blocks (never executed)."""
+    found: set[str] = set()
+    todo: list[ast.AST] = [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.ImportFrom) and node.level == 1:  # from .x import / from . import x
+            found.update([node.module] if node.module else [a.name for a in node.names])
+        todo.extend(
+            child
+            for child in ast.iter_child_nodes(node)
+            if not (_type_checking_only(node) and child in node.body)
+        )
+    return found
+
+
 def parsed() -> dict[str, ast.Module]:
     return {p.stem: ast.parse(p.read_text()) for p in sorted(PACKAGE.glob("*.py"))}
+
+
+def import_graph(trees: dict[str, ast.Module]) -> dict[str, set[str]]:
+    graph = {name: runtime_imports(tree) for name, tree in trees.items()}
+    graph.pop("__init__", None)  # it imports every module; none imports it back
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as ``[a, b, ..., a]``, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return [*path, node, nxt]
+            if nxt not in state and (cycle := visit(nxt, [*path, node])) is not None:
+                return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node, [])) is not None:
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle_counting_imports_inside_functions():
+    cycle = find_cycle(import_graph(parsed()))
+    assert cycle is None, f"import cycle: {' -> '.join(cycle or [])}"
+
+
+def test_the_cycle_check_sees_imports_inside_functions_but_not_type_checking_blocks():
+    trees = {
+        "a": ast.parse("from .b import f\n"),
+        "b": ast.parse("def f():\n    from .c import g\n    return g()\n"),
+        "c": ast.parse(
+            "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import x\n"
+        ),
+    }
+    assert import_graph(trees) == {"a": {"b"}, "b": {"c"}, "c": set()}
+    assert find_cycle(import_graph(trees)) is None
+    trees["c"] = ast.parse("def g():\n    from .a import x\n    return x\n")
+    assert find_cycle(import_graph(trees)) == ["a", "b", "c", "a"]
+
+
+def test_the_storage_and_transformers_modules_import_one_way():
+    """atomic <- safetensors_io <- checkpoint_format <- hf_quantizer <- checkpoint <- offline,
+    hf; the lower ones import only the dependency-free helpers and the layers."""
+    graph = import_graph(parsed())
+    assert graph["atomic"] == {"common"}
+    assert graph["safetensors_io"] == {"atomic", "common"}
+    assert graph["text"] == {"common"}
+    assert graph["lazy_weight"] == set()
+    assert graph["readers"] == {"common"}
+    layers = {"adaptive", "common", "dynamic", "linear", "linears", "safetensors_io", "selection"}
+    assert graph["checkpoint_format"] <= layers
+    assert graph["hf_quantizer"] <= {"checkpoint_format", "common", "safetensors_io"}
+    assert {"checkpoint_format", "hf_quantizer", "safetensors_io"} <= graph["checkpoint"]
+    assert "offline" not in graph["checkpoint"] and "hf" not in graph["checkpoint"]
+    assert {"checkpoint", "checkpoint_format", "safetensors_io"} <= graph["offline"]
 
 
 def test_no_module_imports_another_modules_private_names():
@@ -28,27 +114,6 @@ def test_no_module_imports_another_modules_private_names():
         if alias.name.startswith("_") or (alias.asname or "").startswith("_")
     ]
     assert offenders == []
-
-
-def test_module_level_imports_have_no_cycle():
-    graph = {
-        name: {node.module for node in relative_imports(tree, top_level_only=True)}
-        for name, tree in parsed().items()
-    }
-    graph.pop("__init__")
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for nxt in graph.get(node, ()):
-            assert state.get(nxt) != 1, f"import cycle: {' -> '.join([*path, node, nxt])}"
-            if nxt not in state:
-                visit(nxt, [*path, node])
-        state[node] = 2
-
-    for node in graph:
-        if node not in state:
-            visit(node, [])
 
 
 def test_rank_arithmetic_and_selection_are_not_taken_from_convert():

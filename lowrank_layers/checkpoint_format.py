@@ -1,0 +1,289 @@
+"""The lowrank-layers checkpoint format: the description of a model's low-rank layers.
+
+A checkpoint (see docs/checkpoints.md) is ordinary safetensors files whose tensors are the
+model's state dict — a low-rank layer ``name`` stores ``name.U`` (out, r), ``name.S``
+(r,), ``name.Vh`` (r, in), optionally ``name.D`` (out,), and ``name.bias`` — and whose
+header metadata holds::
+
+    format          "lowrank-layers"
+    format_version  "2"   ("1": the same, with ``name.V`` (in, r) = Vhᵀ; still read)
+    layers          JSON {name: {"type", "in_features", "out_features", "rank",
+                                 "balance", "bias", ["active_rank"]}}
+    aliases         JSON {key: key stored instead} (tied tensors are stored once)
+
+The same ``layers`` description is a transformers model folder's ``quantization_config``
+(:func:`lowrank_quantization_config`). This module describes a model's layers
+(:func:`lowrank_layers_of`), reads and checks a checkpoint's metadata
+(:func:`read_metadata`, :func:`check_format`), and rebuilds the described layers in a
+dense model (:func:`restructure`). Saving and loading the tensors is
+:mod:`lowrank_layers.checkpoint`; the transformers round trip,
+:mod:`lowrank_layers.hf_quantizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adaptive import AdaptiveLowRankLinear
+from .common import InputTypeError
+from .dynamic import DynamicLowRankLinear
+from .linear import LowRankLinear, make_linear
+from .linears import features
+from .safetensors_io import CheckpointError, CheckpointFiles, file_metadata, locate_files
+from .selection import module_holders
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "QUANT_METHOD",
+    "READABLE_VERSIONS",
+    "CheckpointError",
+    "check_format",
+    "format_metadata",
+    "guard",
+    "guard_key",
+    "lowrank_layers_of",
+    "lowrank_quantization_config",
+    "open_checkpoint",
+    "read_metadata",
+    "restructure",
+]
+
+FORMAT_NAME = "lowrank-layers"
+FORMAT_VERSION = 2
+# format 1 stored V (in, r) where format 2 stores Vh = Vᵀ (r, in); load_lowrank reads both
+READABLE_VERSIONS = ("1", "2")
+
+QUANT_METHOD = "lowrank-layers"
+"""The ``quant_method`` of a low-rank model's ``quantization_config`` in ``config.json``."""
+
+_LAYER_TYPES: dict[str, type[nn.Module]] = {
+    "LowRankLinear": LowRankLinear,
+    "AdaptiveLowRankLinear": AdaptiveLowRankLinear,
+    "DynamicLowRankLinear": DynamicLowRankLinear,
+}
+
+
+# ------------------------------------------------------------------------------------------
+# describing a model's layers
+# ------------------------------------------------------------------------------------------
+
+
+def _layer_entry(module: nn.Module) -> dict[str, Any] | None:
+    """The format's description of a low-rank layer; None for any other module."""
+    if isinstance(module, AdaptiveLowRankLinear) and not module.is_lowrank:
+        return None  # dense phase: an ordinary Linear-shaped weight
+    if not isinstance(module, (LowRankLinear, AdaptiveLowRankLinear, DynamicLowRankLinear)):
+        return None
+    entry: dict[str, Any] = {
+        "type": type(module).__name__,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "rank": int(module.S.shape[0]),
+        "balance": module.D is not None,
+        "bias": module.bias is not None,
+    }
+    if isinstance(module, DynamicLowRankLinear):
+        entry["active_rank"] = module.rank
+    return entry
+
+
+def lowrank_layers_of(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The checkpoint format's description of every low-rank layer of ``model``, by name."""
+    layers = {}
+    for name, module in model.named_modules():
+        entry = _layer_entry(module)
+        if entry is not None:
+            layers[name] = entry
+    return layers
+
+
+def lowrank_quantization_config(
+    model_or_layers: nn.Module | Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    """The ``quantization_config`` entry of ``config.json`` describing a low-rank model.
+
+    ``{"quant_method": "lowrank-layers", "format": "lowrank-layers", "format_version": 2,
+    "layers": {name: {"type", "in_features", "out_features", "rank", "balance", "bias",
+    ["active_rank"]}}}``: the ``layers`` of the checkpoint format (docs/checkpoints.md), for
+    a model (its current layers) or a ``layers`` mapping as read from a checkpoint.
+    """
+    if isinstance(model_or_layers, nn.Module):
+        layers = lowrank_layers_of(model_or_layers)
+    elif isinstance(model_or_layers, Mapping):
+        layers = {str(k): dict(v) for k, v in model_or_layers.items()}
+    else:
+        raise InputTypeError(
+            "model_or_layers must be an nn.Module or a mapping of layer descriptions, got "
+            f"{type(model_or_layers).__name__}"
+        )
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "layers": dict(sorted(layers.items())),
+    }
+
+
+def format_metadata(layers: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, str]:
+    """The header metadata of a checkpoint holding ``layers`` with tied ``aliases``."""
+    return {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "layers": json.dumps(layers, sort_keys=True),
+        "aliases": json.dumps(aliases, sort_keys=True),
+    }
+
+
+def guard_key(layer_name: str) -> str:
+    """The ``<layer>.weight`` key under which an empty guard tensor is stored (see
+    :func:`save_lowrank`)."""
+    return f"{layer_name}.weight" if layer_name else "weight"
+
+
+def guard(dtype: torch.dtype) -> torch.Tensor:
+    """An empty ``(0,)`` tensor: stored as ``<layer>.weight`` beside a low-rank layer's
+    factors, it makes a dense loader (``load_state_dict``, ``from_pretrained`` without
+    lowrank-layers) fail on the shape instead of leaving that layer's weight random."""
+    return torch.empty(0, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# reading and checking a checkpoint's description
+# ------------------------------------------------------------------------------------------
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a safetensors file, or the merged metadata of a checkpoint folder."""
+    return open_checkpoint(Path(path)).metadata
+
+
+def open_checkpoint(path: Path) -> CheckpointFiles:
+    """The files of a checkpoint (see :func:`~lowrank_layers.safetensors_io.locate_files`)
+    and their metadata: for an index written by others, which does not repeat the
+    format's metadata, the shards' metadata merged."""
+    ckpt = locate_files(path)
+    if ckpt.index is not None and "layers" not in ckpt.metadata:
+        ckpt.metadata = _merge_metadata([file_metadata(f) for f in ckpt.files])
+    return ckpt
+
+
+def _merge_metadata(parts: Sequence[dict[str, str]]) -> dict[str, str]:
+    layers: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    merged: dict[str, str] = {}
+    for meta in parts:
+        merged.update(meta)
+        layers.update(json.loads(meta.get("layers", "{}")))
+        aliases.update(json.loads(meta.get("aliases", "{}")))
+    if any("format" in m for m in parts):
+        merged["layers"] = json.dumps(layers, sort_keys=True)
+        merged["aliases"] = json.dumps(aliases, sort_keys=True)
+    return merged
+
+
+def check_format(meta: Mapping[str, str], where: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The ``layers`` and ``aliases`` of a checkpoint's metadata, once its format and
+    version are checked (a :class:`CheckpointError` naming ``where`` otherwise)."""
+    if meta.get("format") != FORMAT_NAME:
+        raise CheckpointError(
+            f"{where} is not a {FORMAT_NAME} checkpoint (metadata format="
+            f"{meta.get('format')!r}): a folder saved by save_pretrained from a converted model "
+            "reloads with lowrank_layers.load_pretrained(folder); a dense checkpoint loads "
+            "with load_state_dict or transformers' from_pretrained"
+        )
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{where} has format_version {version!r}; this version of lowrank-layers reads "
+            f"format_version {' or '.join(READABLE_VERSIONS)}"
+        )
+    try:
+        return json.loads(meta["layers"]), json.loads(meta.get("aliases", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{where}: malformed layers metadata ({exc})") from exc
+
+
+# ------------------------------------------------------------------------------------------
+# rebuilding the described layers in a model
+# ------------------------------------------------------------------------------------------
+
+
+def restructure(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], where: str) -> None:
+    """Replace each listed module of ``model`` (on any device, ``meta`` too) by the low-rank
+    layer its entry describes, before the tensors are loaded (``where`` names the source in
+    errors)."""
+    holders = module_holders(model)
+    for name, entry in layers.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(
+                f"{where}: layer {name!r} ({entry.get('type')}) is not in the model"
+            ) from None
+        new = _layer_for(module, dict(entry), name, Path(where))
+        if isinstance(new, DynamicLowRankLinear) and "active_rank" in entry:
+            new.set_extra_state({"rank": int(entry["active_rank"])})
+        if new is not module:
+            for parent, child_name, _ in holders.get(id(module), []):
+                setattr(parent, child_name, new)
+
+
+def _layer_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) -> nn.Module:
+    kind = entry.get("type")
+    cls = _LAYER_TYPES.get(kind)  # type: ignore[arg-type]
+    if cls is None:
+        raise CheckpointError(f"{path}: layer {name!r} has unknown type {kind!r}")
+    rank = int(entry["rank"])
+    if (
+        type(module) is cls
+        and isinstance(module, (LowRankLinear, DynamicLowRankLinear))
+        and module.S.shape[0] == rank
+        and (module.D is not None) == entry["balance"]
+    ):
+        return module
+    if isinstance(module, AdaptiveLowRankLinear) and cls is AdaptiveLowRankLinear:
+        if module.rank != rank or (
+            module.is_lowrank and (module.D is not None) != entry["balance"]
+        ):
+            if module.is_lowrank:
+                module.load_state_dict(make_linear(module.dense_weight(), module.bias).state_dict())
+            module.restructure(rank, row_scales=entry["balance"])
+        return module
+    ref = next(iter(module.parameters()), None)
+    sizes = features(module)  # GPT-2's Conv1D included (weight stored (in, out))
+    if ref is not None and sizes is not None:
+        in_f, out_f = sizes
+    else:
+        raise CheckpointError(
+            f"{path}: layer {name!r} is a {type(module).__name__} in the model, which cannot "
+            f"hold a {kind}"
+        )
+    if (in_f, out_f) != (entry["in_features"], entry["out_features"]):
+        raise CheckpointError(
+            f"{path}: layer {name!r} is {entry['out_features']}x{entry['in_features']} in the "
+            f"checkpoint but {out_f}x{in_f} in the model"
+        )
+    kw = {"bias": entry["bias"], "device": ref.device, "dtype": ref.dtype}
+    if cls is LowRankLinear:
+        return LowRankLinear(
+            entry["in_features"], entry["out_features"], rank, row_scales=entry["balance"], **kw
+        )
+    if cls is DynamicLowRankLinear:
+        return DynamicLowRankLinear(
+            entry["in_features"],
+            entry["out_features"],
+            max_rank=rank,
+            row_scales=entry["balance"],
+            **kw,
+        )
+    layer = AdaptiveLowRankLinear(entry["in_features"], entry["out_features"], **kw)
+    layer.restructure(rank, row_scales=entry["balance"])
+    return layer
