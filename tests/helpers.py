@@ -78,3 +78,55 @@ def perturbed_layer(
         for p in layer.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return layer
+
+
+def tiny_gpt2(seed: int = 0):
+    """A small transformers ``GPT2LMHeadModel`` (its projections are ``Conv1D``), in eval
+    mode; skips the test without transformers."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def tiny_mixtral(seed: int = 0):
+    """A small transformers ``MixtralForCausalLM`` (4 experts), in eval mode."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=64, num_local_experts=4, num_experts_per_tok=2,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def tiny_bart(seed: int = 0):
+    """A small transformers ``BartForConditionalGeneration``, in eval mode."""
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BartConfig(
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64,
+        max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return transformers.BartForConditionalGeneration(config).eval()
+
+
+def tokens(gen: torch.Generator, shape=(2, 8), vocab: int = 64) -> torch.Tensor:
+    """Random token ids in ``[1, vocab)``."""
+    return torch.randint(1, vocab, shape, generator=gen)
+
+
+def saved(model: nn.Module, folder) -> str:
+    """``model.save_pretrained(folder)``; the folder's path."""
+    model.save_pretrained(folder)
+    return str(folder)

@@ -20,7 +20,7 @@ from lowrank_layers.cli import main
 from lowrank_layers.policy import layer_seed
 from lowrank_layers.safetensors_io import ShardWriter
 
-from .helpers import eckart_young, matrix_with_spectrum, rel_err
+from .helpers import eckart_young, matrix_with_spectrum, rel_err, saved, tiny_gpt2
 
 
 @pytest.fixture
@@ -541,3 +541,19 @@ def test_a_bug_is_not_passed_off_as_a_usage_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(offline, "convert_checkpoint", refused)
     assert main(["convert", str(src), str(tmp_path / "o.safetensors"), "--rank", "4"]) == 2
+
+
+def test_the_cli_converts_gpt2_the_right_way_round(tmp_path, capsys):
+    src = saved(tiny_gpt2(), tmp_path / "gpt2")
+    assert main(["convert", src, str(tmp_path / "out"), "--rank", "4", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("transformer.h.0.mlp.c_fc"))
+    assert row.split()[1:4] == ["LowRankLinear", "32", "128"]
+    bare = tmp_path / "bare" / "gpt2.safetensors"  # no config.json beside it
+    bare.parent.mkdir()
+    bare.write_bytes((Path(src) / "model.safetensors").read_bytes())
+    bare = str(bare)
+    assert main(["convert", bare, str(tmp_path / "x.safetensors"), "--rank", "4"]) == 2
+    assert "named like a GPT-2 Conv1D weight" in capsys.readouterr().err
+    out = str(tmp_path / "y.safetensors")
+    assert main(["convert", bare, out, "--rank", "4", "--conv1d", "gpt2", "--no-progress"]) == 0

@@ -15,8 +15,9 @@ from lowrank_layers import (
     convert_model,
     register_weight_reader,
 )
+from lowrank_layers.factorize import NONFINITE_REASON
 
-from .helpers import rel_err
+from .helpers import rel_err, tiny_bart, tiny_llama, tokens
 
 
 class Block(nn.Module):
@@ -263,3 +264,53 @@ def test_randomized_conversion_is_seeded_per_layer():
     c = Net()
     convert_model(c, rank=8, method="randomized", seed=6, include=["blocks.1.mlp.0"])
     assert not torch.equal(c.blocks[1].mlp[0].U, b.blocks[1].mlp[0].U)  # another seed
+
+
+# ------------------------------------------------------------------------------------------
+# transformers models, non-finite weights, failures
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("build", [tiny_bart, tiny_llama], ids=["bart", "llama"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_converted_transformers_models_run_forward_and_backward(gen, build, mode):
+    model = build()
+    getattr(model, mode)()
+    report = convert_model(model, param_ratio=0.5)
+    assert report.converted
+    x = tokens(gen)
+    out = model(input_ids=x, labels=x)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [m.U.grad for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_a_nonfinite_weight_is_skipped_by_the_rule_convert_checkpoint_uses(gen):
+    for kwargs in ({"rank": 2}, {"budget": 0.5}):
+        model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16))
+        with torch.no_grad():
+            model[1].weight[3, 4] = float("nan")
+        report = convert_model(model, **kwargs)
+        assert [r.reason for r in report.layers] == [None, NONFINITE_REASON, None]
+        assert type(model[1]) is nn.Linear
+        assert isinstance(model[0], LowRankLinear) and isinstance(model[2], LowRankLinear)
+
+
+def test_a_failure_midway_leaves_the_model_untouched(monkeypatch):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16))
+    originals = list(model)
+    calls = []
+    real = LowRankLinear.from_linear.__func__
+
+    def failing(cls, linear, **kwargs):
+        calls.append(linear)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(cls, linear, **kwargs)
+
+    monkeypatch.setattr(LowRankLinear, "from_linear", classmethod(failing))
+    with pytest.raises(RuntimeError, match="simulated"):
+        convert_model(model, rank=2)
+    assert len(calls) == 2
+    assert all(a is b for a, b in zip(model, originals, strict=True))

@@ -1,14 +1,17 @@
 """The factorization engine against its optimum: Eckart–Young, randomized SVD, balancing."""
 
 import math
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from lowrank_layers import (
     Factors,
+    LowRankLinear,
     balance_rows,
     break_even_rank,
     factor_parameters,
@@ -401,3 +404,12 @@ def test_relative_error_matches_the_direct_computation(rank, balance, dtype, gen
     assert relative_error(W, f) == pytest.approx(direct, rel=1e-6, abs=1e-9)
     zero = Factors(torch.zeros(3, 1), torch.ones(1), torch.zeros(2, 1))
     assert relative_error(torch.zeros(3, 2), zero) == 0.0
+
+
+def test_factorize_of_a_parameter_carries_no_graph():
+    layer = nn.Linear(12, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        factors = factorize(layer.weight, rank=4)
+        LowRankLinear.from_factors(factors, bias=layer.bias.detach())
+    assert all(t.grad_fn is None and not t.requires_grad for t in (factors.U, factors.S, factors.V))

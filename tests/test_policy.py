@@ -15,7 +15,7 @@ from lowrank_layers import (
     convert_model,
     factorize,
 )
-from lowrank_layers.policy import as_policy, factor_parameters, resolve_rank
+from lowrank_layers.policy import allocate_ranks, as_policy, factor_parameters, resolve_rank
 
 
 def test_a_policy_is_validated_when_made_without_a_shape():
@@ -134,3 +134,44 @@ def test_make_efficient_linear_takes_a_policy_and_the_converter_rule():
         make_efficient_linear(1024, 1024, RankPolicy(rank=4), rank_ratio=0.5)
     with pytest.raises(ValueError, match=r"energy=0\.5 needs a weight's spectrum"):
         make_efficient_linear(1024, 1024, RankPolicy(energy=0.5))
+
+
+# ------------------------------------------------------------------------------------------
+# integer ranks of any integer type; allocate_ranks' inputs
+# ------------------------------------------------------------------------------------------
+
+
+def test_ranks_may_be_numpy_or_tensor_integers(gen):
+    W = torch.randn(16, 12, generator=gen)
+    expected = factorize(W, rank=4)
+    for rank in (np.int64(4), torch.tensor(4), np.int32(4)):
+        assert resolve_rank(16, 12, rank=rank) == 4
+        got = factorize(W, rank=rank)
+        assert torch.equal(got.U, expected.U)
+        report = convert_model(nn.Sequential(nn.Linear(12, 16)), rank=rank)
+        assert report.converted[0].rank == 4
+        assert LowRankLinear(12, 16, rank).rank == 4
+        dynamic = DynamicLowRankLinear(12, 16, active_rank=rank, max_rank=np.int64(8))
+        assert (dynamic.rank, dynamic.max_rank) == (4, 8)
+        dynamic.set_rank(rank - 1)
+        assert dynamic.rank == 3 and type(dynamic.rank) is int
+    for bad in (torch.tensor(4.0), torch.tensor([4]), np.float64(4.0), True):
+        with pytest.raises(TypeError, match=r"rank must be an int >= 1, got"):
+            resolve_rank(16, 12, rank=bad)
+
+
+def test_allocate_ranks_takes_weights_and_names_a_bad_entry(gen):
+    W = torch.randn(32, 16, generator=gen)
+    from_weight = allocate_ranks({"a": W}, 0.5)
+    from_spectrum = allocate_ranks({"a": (torch.linalg.svdvals(W), 32, 16)}, 0.5)
+    assert from_weight == from_spectrum
+    expected = r"spectra\['a'\] must be \(singular values as a 1-D tensor, out, in\) or a 2-D"
+    with pytest.raises(TypeError, match=expected + r" weight, got a tensor of shape \(4,\)"):
+        allocate_ranks({"a": torch.ones(4)}, 0.5)
+    with pytest.raises(TypeError, match=r"spectra\['b'\] must be .* got \(1, 2\)"):
+        allocate_ranks({"b": (1, 2)}, 0.5)
+    with pytest.raises(ValueError, match=r"allocation must be one of 'minimax', 'greedy', got 'x'"):
+        allocate_ranks({"a": W}, 0.5, allocation="x")
+    with pytest.raises(ValueError, match=r"allocation must be one of 'minimax', 'greedy', "
+                       r"got 'x'"):  # fmt: skip
+        convert_model(nn.Sequential(nn.Linear(8, 8)), budget=0.5, allocation="x")

@@ -157,3 +157,39 @@ def test_switch_in_a_dense_model_built_with_adaptive_layers_matches_linear(digit
     reference.load_state_dict(model.state_dict())  # same keys, same shapes
     assert torch.equal(reference(x[:10]), model(x[:10]))
     assert all(isinstance(m, AdaptiveLowRankLinear) for m in (model[0], model[2]))
+
+
+# ------------------------------------------------------------------------------------------
+# the optimizer check
+# ------------------------------------------------------------------------------------------
+
+
+def adaptive_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(AdaptiveLowRankLinear(16, 16, rank=4), nn.ReLU(),
+                         AdaptiveLowRankLinear(16, 16, rank=4))  # fmt: skip
+
+
+def test_switch_refuses_an_optimizer_without_the_layers_and_switches_nothing():
+    model = adaptive_model()
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"the optimizer holds no weight of 2 of the 2 layers "
+                       r"to switch \(0, 2\): their factors would never train"):  # fmt: skip
+        switch_to_lowrank(model, other)
+    assert not model[0].is_lowrank and not model[2].is_lowrank
+    partial = torch.optim.SGD(model[0].parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"no weight of 1 of the 2 layers to switch \(2\)"):
+        switch_to_lowrank(model, partial)
+    with pytest.raises(TypeError, match=r"optimizer must be a torch.optim.Optimizer or None, "
+                       r"got list"):  # fmt: skip
+        switch_to_lowrank(model, [model[0].weight])
+
+
+def test_switch_accepts_frozen_layers_left_out_of_the_optimizer():
+    model = adaptive_model()
+    model[2].requires_grad_(False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    results = switch_to_lowrank(model, opt)
+    assert set(results) == {"0", "2"}
+    held = {id(p) for p in opt.param_groups[0]["params"]}
+    assert id(model[0].U) in held and id(model[2].U) not in held
