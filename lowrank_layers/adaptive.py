@@ -219,9 +219,10 @@ class AdaptiveLowRankLinear(FactoredLinearBase):
 
         Without balancing (``balance="none"``, the default) the weight is truncated by SVD
         (``method="svd"``) or randomized SVD and there is no ``D``; with ``"rownorm"`` or
-        ``"rowsum"``, ``W = diag(D)·W̃`` with ``D`` from :func:`~lowrank_layers.balance_rows`
-        and ``W̃`` truncated. ``U``, ``S``, ``Vh`` (and ``D``) become new parameters (same
-        device, dtype and ``requires_grad`` as the weight), the weight is deleted. Exactly
+        ``"rowsum"``, ``W = diag(D)·W̃`` with ``D`` from
+        :func:`~lowrank_layers.factorize.balance_rows` and ``W̃`` truncated. ``U``, ``S``,
+        ``Vh`` (and ``D``) become new parameters (same device, dtype and ``requires_grad``
+        as the weight), the weight is deleted. Exactly
         one rank policy (a :class:`~lowrank_layers.RankPolicy` or its keyword form), or none
         to use the one given at construction; ``balance=None`` uses the layer's.
 

@@ -24,12 +24,12 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from .atomic import destination_of, named_path
 from .common import InputError, InputTypeError
-from .policy import RankPolicy, as_policy
+from .config import ConversionConfig, HealConfig
 
 __all__ = ["main"]
 
@@ -87,6 +87,12 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    _add_convert(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def _add_convert(sub: Any) -> None:
     convert = sub.add_parser(
         "convert",
         help="factorize the Linear weights of a safetensors checkpoint",
@@ -95,7 +101,25 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("src", type=Path, help=".safetensors file, .index.json, or folder")
     convert.add_argument("dst", type=Path, help="output .safetensors file or folder")
-    policy = convert.add_mutually_exclusive_group(required=True)
+    _add_rule_flags(convert)
+    _add_config_flags(convert)
+    _add_compress_flags(convert)
+    convert.add_argument(
+        "--conv1d",
+        choices=["auto", "gpt2", "none"],
+        default="auto",
+        help="which weights are stored (in, out) like GPT-2's Conv1D: 'auto' (from SRC's "
+        "config.json; refused without one when names look like GPT-2's), 'gpt2' (c_attn, "
+        "c_proj, c_fc, q_attn), 'none'",
+    )
+    convert.add_argument("--workers", type=_positive_int, default=1)
+    convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
+    """The rank rule: one of the policy flags or --budget, and how a budget is shared."""
+    policy = parser.add_mutually_exclusive_group(required=True)
     policy.add_argument("--rank", type=_positive_int, help="the same rank for every layer")
     policy.add_argument("--rank-ratio", type=_fraction, help="rank = ratio * min(in, out)")
     policy.add_argument("--energy", type=_fraction, help="keep this fraction of sum(sigma^2)")
@@ -108,61 +132,37 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep at most this fraction of all converted weights, ranks chosen per layer "
         "(needs a transformers model folder as SRC; see --allocation)",
     )
-    convert.add_argument("--method", choices=["svd", "randomized"], default="svd")
-    convert.add_argument("--balance", choices=["none", "rownorm", "rowsum"], default="none")
-    convert.add_argument("--include", help="regex on the module name (full match)")
-    convert.add_argument("--exclude", help="regex on the module name (full match)")
-    convert.add_argument(
-        "--include-embeddings",
-        action="store_true",
-        help="also factorize embedding matrices (exclude_embeddings=False)",
-    )
-    convert.add_argument(
-        "--conv1d",
-        choices=["auto", "gpt2", "none"],
-        default="auto",
-        help="which weights are stored (in, out) like GPT-2's Conv1D: 'auto' (from SRC's "
-        "config.json; refused without one when names look like GPT-2's), 'gpt2' (c_attn, "
-        "c_proj, c_fc, q_attn), 'none'",
-    )
-    convert.add_argument("--threshold", type=_non_negative_int, default=0)
-    convert.add_argument("--workers", type=_positive_int, default=1)
-    convert.add_argument(
-        "--calibrate",
-        type=Path,
-        metavar="TEXT",
-        help="activation-aware conversion calibrated on this text file or folder of .txt "
-        "files (needs a transformers model folder as SRC)",
-    )
-    convert.add_argument("--calib-docs", type=_positive_int, default=64)
-    convert.add_argument("--calib-max-length", type=_positive_int, default=256)
-    convert.add_argument(
+    parser.add_argument(
         "--allocation",
-        choices=["loss", "uniform", "minimax", "greedy"],
-        help="how --budget is shared: 'loss' (default with --calibrate: ranks from each "
-        "layer's estimated effect on the output, layers may stay dense), 'uniform' (the same "
-        "ratio everywhere), 'minimax' / 'greedy' (from the spectra; the default without "
-        "--calibrate)",
+        choices=["auto", "loss", "uniform", "minimax", "greedy"],
+        default="auto",
+        help="how --budget is shared: 'loss' (needs --calibrate: ranks from each layer's "
+        "estimated effect on the output, layers may stay dense), 'uniform' (the same ratio "
+        "everywhere), 'minimax' / 'greedy' (from the spectra, without --calibrate); 'auto': "
+        "'loss' with --calibrate, else 'minimax'",
     )
-    convert.add_argument(
-        "--no-propagate",
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The rest of ConversionConfig's fields, spelled like them."""
+    parser.add_argument("--method", choices=["svd", "randomized"], default="svd")
+    parser.add_argument("--balance", choices=["none", "rownorm", "rowsum"], default="none")
+    parser.add_argument("--include", help="regex on the module name (full match)")
+    parser.add_argument("--exclude", help="regex on the module name (full match)")
+    parser.add_argument(
+        "--embeddings",
         action="store_true",
-        help="with --calibrate --budget: factorize every layer from the original model's "
-        "inputs instead of propagating through the converted layers",
+        help="also factorize weights named like embeddings (embed_tokens, wte, shared, ...)",
     )
-    convert.add_argument(
-        "--heal-steps", type=_positive_int, help="then distil towards the original this long"
-    )
-    convert.add_argument("--heal-seconds", type=_positive_float, help="or this many seconds")
-    convert.add_argument("--heal-mode", choices=["end_to_end", "blockwise"], default="end_to_end")
-    convert.add_argument(
+    parser.add_argument("--threshold", type=_non_negative_int, default=0)
+    parser.add_argument(
         "--min-speedup",
         type=_positive_float,
         metavar="X",
         help="keep dense every layer whose factorized forward is not expected to be at least "
         "X times as fast as nn.Linear at --speedup-tokens tokens per call",
     )
-    convert.add_argument(
+    parser.add_argument(
         "--speedup-tokens",
         type=_positive_int,
         default=1,
@@ -170,10 +170,35 @@ def _build_parser() -> argparse.ArgumentParser:
         help="tokens per call (batch x sequence) --min-speedup is judged at (default 1: "
         "decoding one sequence)",
     )
-    convert.add_argument("--seed", type=int, default=0)
-    convert.add_argument("--overwrite", action="store_true", help="replace an existing DST")
-    convert.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--seed", type=int, default=0)
 
+
+def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
+    """Calibration text (then the model goes through compress) and healing."""
+    parser.add_argument(
+        "--calibrate",
+        type=Path,
+        metavar="TEXT",
+        help="compress the model (loss-aware ranks, propagated activation-aware "
+        "factorization, optional healing) calibrated on this text file or folder of .txt "
+        "files (needs a transformers model folder as SRC)",
+    )
+    parser.add_argument("--calib-docs", type=_positive_int, default=64)
+    parser.add_argument("--calib-max-length", type=_positive_int, default=256)
+    parser.add_argument(
+        "--no-propagate",
+        action="store_true",
+        help="with --calibrate: factorize every layer from the original model's inputs "
+        "instead of propagating through the converted layers",
+    )
+    parser.add_argument(
+        "--heal-steps", type=_positive_int, help="then distil towards the original this long"
+    )
+    parser.add_argument("--heal-seconds", type=_positive_float, help="or this many seconds")
+    parser.add_argument("--heal-mode", choices=["end_to_end", "blockwise"], default="end_to_end")
+
+
+def _add_inspect(sub: Any) -> None:
     inspect = sub.add_parser(
         "inspect",
         help="singular-value energy of every weight in a checkpoint",
@@ -186,7 +211,6 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "--energies", type=_fraction, nargs="+", default=[0.9, 0.95, 0.99], metavar="E"
     )
-    return parser
 
 
 def _check_writable(path: Path, flag: str, *, create: bool) -> None:
@@ -219,117 +243,87 @@ def _check_destination(dst: Path, overwrite: bool) -> None:
     _check_writable(named_path(dst), "DST", create=True)
 
 
+def _config(args: argparse.Namespace) -> ConversionConfig:
+    """The run's one ConversionConfig, from the flags spelled like its fields (argparse
+    checked each flag's range, ConversionConfig the rest)."""
+    return ConversionConfig(
+        rank=args.rank,
+        rank_ratio=args.rank_ratio,
+        energy=args.energy,
+        param_ratio=args.param_ratio,
+        budget=args.budget,
+        allocation=args.allocation,
+        include=args.include,
+        exclude=args.exclude,
+        threshold=args.threshold,
+        embeddings=args.embeddings,
+        method=args.method,
+        balance=args.balance,
+        seed=args.seed,
+        min_speedup=args.min_speedup,
+        speedup_tokens=args.speedup_tokens,
+    )
+
+
 def _run_convert(args: argparse.Namespace) -> None:
+    """Three routes, by what the flags need: with --calibrate, compress (the model runs on
+    the text); with --budget, the model's spectra (convert_model); else the tensors alone
+    (convert_checkpoint)."""
     from .offline import convert_checkpoint, pin_mmap_threshold
 
     _check_destination(args.dst, args.overwrite)
-
-    # the one rank policy of the run (argparse checked each flag's range, RankPolicy the
-    # rest); None with --budget, which replaces it
-    given = {
-        "rank": args.rank,
-        "rank_ratio": args.rank_ratio,
-        "energy": args.energy,
-        "param_ratio": args.param_ratio,
-    }
-    policy = as_policy(required=False, **given)
+    config = _config(args)
     staged = {
-        "--allocation": args.allocation is not None,
         "--no-propagate": args.no_propagate,
         "--heal-steps": args.heal_steps is not None,
         "--heal-seconds": args.heal_seconds is not None,
     }
-    if args.budget is None and any(staged.values()):
+    if args.calibrate is None and any(staged.values()):
         flags = ", ".join(flag for flag, given in staged.items() if given)
-        raise UsageError(f"{flags} need --budget (and --calibrate TEXT)")
+        raise UsageError(f"{flags} need --calibrate TEXT")
     if args.calibrate is not None or args.budget is not None:
-        _run_convert_with_model(args, policy)
+        _run_convert_with_model(args, config)
         return
     if args.whole_process:  # the process only converts: freed temporaries go back to the OS
         pin_mmap_threshold()
     report = convert_checkpoint(
         args.src,
         args.dst,
-        policy,
-        include=args.include,
-        exclude=args.exclude,
-        exclude_embeddings=not args.include_embeddings,
+        config,
         conv1d={"auto": None, "gpt2": True, "none": False}[args.conv1d],
-        threshold=args.threshold,
-        method=args.method,
-        balance=args.balance,
-        seed=args.seed,
         workers=args.workers,
         overwrite=args.overwrite,
-        min_speedup=args.min_speedup,
-        speedup_tokens=args.speedup_tokens,
         progress=not args.no_progress and args.workers == 1 and sys.stderr.isatty(),
     )
     print(report)
     print(f"wrote {args.dst}")
 
 
-def _run_convert_with_model(args: argparse.Namespace, policy: RankPolicy | None) -> None:
-    from .hf import convert_pretrained, read_texts
+def _run_convert_with_model(args: argparse.Namespace, config: ConversionConfig) -> None:
+    from .hf import convert_pretrained
+    from .text import read_texts
 
     if not args.src.is_dir():
         raise UsageError(
             f"--calibrate and --budget need a transformers model folder as SRC, got {args.src}"
         )
-    if args.workers != 1 or args.include_embeddings:
-        raise UsageError(
-            "--workers and --include-embeddings apply to conversion without model code"
-        )
+    if args.workers != 1:
+        raise UsageError("--workers applies to conversion without model code")
     texts = None
     if args.calibrate is not None:
         texts = read_texts(args.calibrate, limit=args.calib_docs)
-    allocation = args.allocation
-    if allocation is None:
-        allocation = "loss" if texts is not None else "minimax"
     healing = args.heal_steps is not None or args.heal_seconds is not None
-    pipeline = args.budget is not None and allocation in ("loss", "uniform")
-    if (pipeline or healing or args.no_propagate) and texts is None:
-        raise UsageError(
-            "--allocation loss/uniform, --no-propagate and --heal-* need --calibrate TEXT"
-        )
-    if (healing or args.no_propagate) and not pipeline:
-        raise UsageError(
-            f"--heal-* and --no-propagate apply to --allocation loss or uniform, not {allocation}"
-        )
-    if pipeline:
-        options: dict = {
-            "compress_options": {
-                "budget": args.budget,
-                "allocation": allocation,
-                "propagate": not args.no_propagate,
-                "heal_steps": args.heal_steps,
-                "heal_seconds": args.heal_seconds,
-                "heal_mode": args.heal_mode,
-                "min_speedup": args.min_speedup,
-                "speedup_tokens": args.speedup_tokens,
-                "progress": not args.no_progress and sys.stderr.isatty(),
-            }
-        }
-    else:
-        rule = (
-            {"policy": policy}
-            if args.budget is None
-            else {"budget": args.budget, "allocation": allocation}
-        )
-        options = {
-            "threshold": args.threshold, "method": args.method, "balance": args.balance,
-            "min_speedup": args.min_speedup, "speedup_tokens": args.speedup_tokens, **rule,
-        }  # fmt: skip
+    heal = HealConfig(args.heal_steps, args.heal_seconds, args.heal_mode) if healing else None
     report = convert_pretrained(
         args.src,
         args.dst,
+        config,
         calibration_texts=texts,
         max_length=args.calib_max_length,
+        heal=heal,
+        propagate=not args.no_propagate,
         overwrite=args.overwrite,
-        include=args.include,
-        exclude=args.exclude,
-        seed=args.seed,
-        **options,
+        progress=not args.no_progress and sys.stderr.isatty(),
     )
     print(report)
     print(f"wrote {args.dst}")
@@ -388,7 +382,8 @@ def _run_inspect(args: argparse.Namespace) -> None:
     print(
         f"{len(spectra)} weights; 'kept' is the fraction of a weight's parameters its factors "
         "hold at that rank (above 100%: no saving); 'x@N' the expected speed-up of the "
-        "forward over nn.Linear at N tokens per call (lowrank_layers.expected_speedup, a model)"
+        "forward over nn.Linear at N tokens per call (lowrank_layers.speed.expected_speedup, "
+        "a model)"
     )
     if args.plot is not None:
         from .plotting import plot_spectra

@@ -69,7 +69,7 @@ class DynamicLowRankLinear(FactoredLinearBase):
         - Output: ``(*, out_features)``, whatever the active rank
 
     ``weight`` is a read-only lazy tensor at the active rank, for code that reads
-    ``layer.weight`` (see :class:`~lowrank_layers.readers.FactoredWeight`). Under
+    ``layer.weight`` (see :class:`~lowrank_layers.lazy_weight.FactoredWeight`). Under
     ``torch.jit.script`` the active rank is fixed when the module is scripted.
 
     Example:

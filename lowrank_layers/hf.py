@@ -17,15 +17,16 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from .atomic import atomic_destination
 from .checkpoint import copy_model_folder, save_lowrank, write_config_entry
 from .checkpoint_format import QUANT_METHOD, lowrank_quantization_config
-from .common import InputError
-from .convert import ConversionReport, convert_model
+from .common import InputError, InputTypeError
+from .config import ConversionConfig, HealConfig
+from .convert import check_convert_config, convert_model
 from .hf_quantizer import load_pretrained, mark_lowrank_config, register_with_transformers
-from .pipeline import CompressionReport, compress
+from .pipeline import CompressionReport, check_compress_config, compress
+from .report import ConversionReport
 from .safetensors_io import SINGLE_FILE
 from .text import read_texts, text_batches
 
@@ -44,25 +45,34 @@ __all__ = [
 def convert_pretrained(
     src: str | os.PathLike,
     dst: str | os.PathLike,
+    config: ConversionConfig,
     *,
     calibration_texts: Sequence[str] | None = None,
     max_length: int = 256,
+    heal: HealConfig | None = None,
+    propagate: bool = True,
     overwrite: bool = False,
-    compress_options: dict[str, Any] | None = None,
-    **convert_kwargs: Any,
+    progress: bool = False,
 ) -> ConversionReport | CompressionReport:
-    """Load a transformers model folder, convert it, save it to ``dst``.
+    """Load a transformers model folder, convert it as ``config`` says, save it to ``dst``.
 
-    ``calibration_texts`` (tokenized with the folder's tokenizer, ``max_length`` tokens
-    each) makes the conversion activation-aware. Without ``compress_options``,
-    ``convert_kwargs`` go to :func:`~lowrank_layers.convert_model` (a rank policy or
-    ``budget=``, ``include``, ``method``, ...). With them (a dict, possibly empty), the
-    model goes through :func:`~lowrank_layers.compress` (loss-aware allocation,
-    propagation, optional healing), with ``compress_options`` and ``convert_kwargs`` as its
-    keyword arguments; this needs ``calibration_texts``. ``dst`` gets ``model.safetensors``
-    (see :func:`save_lowrank`) and copies of the folder's other files except its weights;
-    written atomically.
+    With ``calibration_texts`` (tokenized with the folder's tokenizer, ``max_length``
+    tokens each) the model goes through :func:`~lowrank_layers.compress` (loss-aware
+    allocation, ``propagate``, optional ``heal``); without, through
+    :func:`~lowrank_layers.convert_model` (a rank policy, or a budget shared from the
+    spectra). ``dst`` gets ``model.safetensors`` (see :func:`save_lowrank`) and copies of
+    the folder's other files except its weights; written atomically.
     """
+    if not isinstance(config, ConversionConfig):
+        raise InputTypeError(
+            f"convert_pretrained: config must be a ConversionConfig, got {type(config).__name__}"
+        )
+    if calibration_texts is None and (heal is not None or not propagate):
+        raise InputError("convert_pretrained: heal and propagate=False need calibration_texts")
+    if calibration_texts is not None:
+        check_compress_config(config)
+    else:
+        check_convert_config(config, calibrated=False)
     try:
         import transformers
     except ImportError as exc:
@@ -75,8 +85,8 @@ def convert_pretrained(
             "budget need the model's code to run"
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = transformers.AutoConfig.from_pretrained(src)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    model_config = transformers.AutoConfig.from_pretrained(src)
+    causal = any(a.endswith("ForCausalLM") for a in (model_config.architectures or []))
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     model = cls.from_pretrained(src).eval()
     batches = None
@@ -84,14 +94,10 @@ def convert_pretrained(
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
         batches = text_batches(tokenizer, calibration_texts, max_length=max_length)
     report: ConversionReport | CompressionReport
-    if compress_options is not None:
-        if batches is None:
-            raise InputError("compress_options need calibration_texts")
-        report = compress(model, batches, **compress_options, **convert_kwargs)
+    if batches is not None:
+        report = compress(model, batches, config, heal=heal, propagate=propagate, progress=progress)
     else:
-        if batches is not None:
-            convert_kwargs["calibration"] = batches
-        report = convert_model(model, **convert_kwargs)
+        report = convert_model(model, config, progress=progress)
     with atomic_destination(dst, is_dir=True, overwrite=overwrite) as tmp:
         save_lowrank(model, tmp / SINGLE_FILE)
         copy_model_folder(src, tmp)

@@ -232,7 +232,7 @@ class FactoredLinearBase(nn.Module):
         in_features, out_features: the layer's sizes.
         V: ``Vhᵀ``, ``(in_features, r)``, a read-only view of the parameter ``Vh``
             (all components held, active or not).
-        weight: the lazy ``(out, in)`` weight, a :class:`~lowrank_layers.readers.FactoredWeight`
+        weight: the lazy ``(out, in)`` weight, a :class:`~lowrank_layers.lazy_weight.FactoredWeight`
             (see :attr:`LowRankLinear.weight <lowrank_layers.LowRankLinear.weight>`).
         dense_weight_reads: how many times ``weight`` was formed densely.
 
@@ -290,7 +290,7 @@ class FactoredLinearBase(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The ``(out, in)`` weight as a lazy tensor, a :class:`~.readers.FactoredWeight`.
+        """The ``(out, in)`` weight as a lazy tensor, a :class:`~.lazy_weight.FactoredWeight`.
 
         Metadata (``dtype``, ``shape``, ``device``, ``isinstance(w, torch.Tensor)``) costs
         nothing; computing with it forms the dense weight from the factors in use on every

@@ -188,7 +188,7 @@ class LowRankLinear(FactoredLinearBase):
         rank: number of components ``r``, in ``[1, min(in_features, out_features)]``, or a
             :class:`~lowrank_layers.RankPolicy` (``rank``, ``rank_ratio`` or
             ``param_ratio``) resolved for these sizes. Ranks at or above
-            :func:`~lowrank_layers.break_even_rank` are allowed but save nothing.
+            :func:`~lowrank_layers.policy.break_even_rank` are allowed but save nothing.
         bias: if ``False``, the layer has no additive bias.
         row_scales: if ``True``, the layer holds a trainable row scale ``D`` (the original
             design's DBC vector), initialised to ones.
@@ -200,7 +200,7 @@ class LowRankLinear(FactoredLinearBase):
         ``nn.Linear``'s ``(out, in)`` layout (the one CPU and GPU kernels read fastest;
         see docs/design.md, "Storage layout").  V: ``Vhᵀ``, a read-only view.
         D: ``(out_features,)`` or ``None``.  bias: ``(out_features,)`` or ``None``.
-        weight: a read-only :class:`~lowrank_layers.readers.FactoredWeight`, for code
+        weight: a read-only :class:`~lowrank_layers.lazy_weight.FactoredWeight`, for code
             written for ``nn.Linear`` that reads ``layer.weight``: its metadata is free,
             any computation with it forms ``diag(D)·U·diag(S)·Vᵀ`` (differentiably) and
             counts it in ``dense_weight_reads``. Not a parameter, not in the state dict.

@@ -4,8 +4,9 @@
 (a file, a sharded checkpoint's index, or a transformers model folder) into a
 lowrank-layers checkpoint, one tensor at a time, in worker processes or the ranks of a
 ``torch.distributed`` job; :func:`weight_spectra` reads the singular values of every weight
-of a checkpoint. Built on :mod:`lowrank_layers.checkpoint` (the format) and
-:mod:`lowrank_layers.safetensors_io` (the files).
+of a checkpoint. Built on :mod:`lowrank_layers.checkpoint_format` (the format),
+:mod:`lowrank_layers.safetensors_io` (the files) and :mod:`lowrank_layers.layer_plan` (the
+per-layer decision :func:`~lowrank_layers.convert_model` shares).
 """
 
 from __future__ import annotations
@@ -36,27 +37,13 @@ from .checkpoint_format import (
     lowrank_quantization_config,
     open_checkpoint,
 )
-from .common import InputError, all_finite, check_choice, progress_bar
-from .convert import ConversionReport, LayerReport
-from .factorize import (
-    BALANCE_MODES,
-    METHODS,
-    NONFINITE_REASON,
-    Balance,
-    Method,
-    factorize,
-    relative_error,
-)
+from .common import InputError, all_finite, progress_bar
+from .config import ConversionConfig, config_from
+from .factorize import NONFINITE_REASON, factorize, relative_error
+from .layer_plan import Shape, check_rank, converted_report, plan_layer
 from .linear import FACTOR_NAMES
-from .policy import (
-    RankPolicy,
-    as_policy,
-    break_even_reason,
-    factor_parameters,
-    layer_seed,
-    saves_parameters,
-    select_rank,
-)
+from .policy import factor_parameters, layer_seed, select_rank
+from .report import ConversionReport, LayerReport, skipped_report
 from .safetensors_io import (
     FLOAT_DTYPES,
     INDEX_FILE,
@@ -73,20 +60,15 @@ from .safetensors_io import (
     write_index,
 )
 from .selection import check_patterns, name_matches
-from .speed import SpeedRule, report_speedups, speed_rule
 
 __all__ = [
     "CONV1D_MODEL_TYPES",
     "CONV1D_NAMES",
     "WeightSpectrum",
     "convert_checkpoint",
-    "is_embedding_name",
     "pin_mmap_threshold",
     "weight_spectra",
 ]
-
-# module names treated as embeddings by convert_checkpoint (excluded by default)
-_EMBEDDING_COMPONENT = re.compile(r"(.*embed.*|emb|.*_emb|wte|wpe|shared)")
 
 
 @dataclass(frozen=True)
@@ -96,20 +78,10 @@ class _Job:
     src: str
     keys: tuple[str, ...]
     out: str
-    policy: RankPolicy
+    config: ConversionConfig
     selected: frozenset[str]
-    threshold: int
-    method: str
-    balance: str
-    seed: int
     threads: int
-    speed: SpeedRule | None = None
     transposed: frozenset[str] = frozenset()  # Conv1D weights, stored (in, out)
-
-
-def is_embedding_name(module_name: str) -> bool:
-    """Whether a module name looks like an embedding (excluded by default by convert_checkpoint)."""
-    return any(_EMBEDDING_COMPONENT.fullmatch(part) for part in module_name.split("."))
 
 
 # transformers model types whose projections are Conv1D, with the modules' names
@@ -207,37 +179,29 @@ def _expert_report(key: str, info: dict[str, Any]) -> LayerReport:
 def convert_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    policy: RankPolicy | None = None,
+    config: ConversionConfig | None = None,
     *,
-    rank: int | None = None,
-    rank_ratio: float | None = None,
-    energy: float | None = None,
-    param_ratio: float | None = None,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    exclude_embeddings: bool = True,
     conv1d: bool | str | Sequence[str] | None = None,
-    threshold: int = 0,
-    method: Method = "svd",
-    balance: Balance = "none",
-    seed: int = 0,
     workers: int = 1,
     overwrite: bool = False,
-    min_speedup: float | None = None,
-    speedup_tokens: int = 1,
     progress: bool = False,
+    **options: Any,
 ) -> ConversionReport:
     """Factorize the 2-D weights of a safetensors checkpoint, without model code.
+
+    What to convert is a :class:`~lowrank_layers.ConversionConfig` (``config``) or its
+    fields as keywords (``convert_checkpoint(src, dst, param_ratio=0.5)``), not both; its
+    rank rule is a rank policy (a budget or a plan needs the model: use
+    :func:`~lowrank_layers.compress` or :func:`~lowrank_layers.convert_model`).
 
     ``src`` is a ``.safetensors`` file, a sharded checkpoint's ``.index.json``, or a
     folder (a transformers model folder: its other files — config, tokenizer — are copied
     to ``dst``). Each tensor ``<module>.weight`` that is 2-D, floating point, selected by
     ``include`` / ``exclude`` (matched against ``<module>`` as in
-    :func:`~lowrank_layers.convert_model`), not an embedding (unless
-    ``exclude_embeddings=False``), above ``threshold``, saving parameters at its rank and
-    (with ``min_speedup``, as in :func:`~lowrank_layers.convert_model`) expected to run at
-    least that much faster at ``speedup_tokens`` tokens per call is read, factorized and
-    written as ``<module>.U/.S/.Vh(/.D)``; every other tensor is copied
+    :func:`~lowrank_layers.convert_model`), not an embedding (unless ``embeddings=True``),
+    and given a rank by the rule every conversion shares
+    (:func:`~lowrank_layers.layer_plan.plan_layer`: threshold, break-even, speed) is read,
+    factorized and written as ``<module>.U/.S/.Vh(/.D)``; every other tensor is copied
     bit for bit. Tensors are read and written one at a time: peak memory stays near the
     largest tensor and its factors, not the checkpoint: for 4096x8192 float32 weights,
     1.8x one weight above the import in the CLI or in worker processes (which return freed
@@ -269,10 +233,6 @@ def convert_checkpoint(
     layers (see :func:`~lowrank_layers.load_pretrained`). Fused 3-D expert tensors
     (``...experts.gate_up_proj``) are copied and reported as not converted.
 
-    The rank policy is ``policy`` (a :class:`~lowrank_layers.RankPolicy`) or its keyword
-    form (``rank``, ``rank_ratio``, ``energy``, ``param_ratio``), validated once and
-    resolved per weight.
-
     Work is shared by ``workers`` processes on this machine, or, when called inside an
     initialised ``torch.distributed`` job (torchrun), by its ranks: each rank converts its
     share of the files into a common temporary folder and rank 0 writes the index and
@@ -284,62 +244,21 @@ def convert_checkpoint(
         NotADirectoryError: a folder above ``dst`` is a file.
         ValueError, TypeError: bad options (named, with the value and what is allowed).
     """
-    policy = as_policy(policy, rank, rank_ratio, energy, param_ratio)
-    check_choice("method", method, METHODS)
-    check_choice("balance", balance, BALANCE_MODES)
-    check_patterns("include", include)
-    check_patterns("exclude", exclude)
-    for name, value, low in (("threshold", threshold, 0), ("workers", workers, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InputError(f"{name} must be an int >= {low}, got {value!r}")
-    speed = speed_rule(min_speedup, speedup_tokens)
+    config = config_from(config, options, caller="convert_checkpoint")
+    _check_config(config)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers must be an int >= 1, got {workers!r}")
     if conv1d is not None and not isinstance(conv1d, bool):
         check_patterns("conv1d", conv1d)
     src, dst = Path(src), named_path(Path(dst))
     ckpt = open_checkpoint(src)
     if ckpt.metadata.get("format") == FORMAT_NAME:
         raise CheckpointError(f"{src} is already a {FORMAT_NAME} checkpoint")
-
     headers = {f: read_header(f)[0] for f in ckpt.files}
-    conversions = _load_time_conversions(_folder_config(ckpt.folder or src.parent))
-    selected: set[str] = set()
     report = ConversionReport()
-    for f in ckpt.files:
-        for key, info in headers[f].items():
-            if key == "__metadata__":
-                continue
-            report.model_params_before += math.prod(info["shape"])
-            module = key[: -len(".weight")] if key.endswith(".weight") else None
-            if _is_expert_tensor(key, info):
-                report.layers.append(_expert_report(key, info))
-                continue
-            if (
-                module is None
-                or len(info["shape"]) != 2
-                or info["dtype"] not in FLOAT_DTYPES
-                or (include is not None and not name_matches(module, include))
-                or (exclude is not None and name_matches(module, exclude))
-                or (exclude_embeddings and is_embedding_name(module))
-            ):
-                continue
-            reason = _conversion_reason(key, conversions)
-            if reason is not None:
-                n = math.prod(info["shape"])
-                out_f, in_f = info["shape"]
-                report.layers.append(
-                    LayerReport(module, "Linear", in_f, out_f, None, n, n, None, 0.0, reason)
-                )
-                continue
-            selected.add(key)
-    if not selected:
-        raise InputError(
-            f"convert_checkpoint: no 2-D weight of {src} matched (include={include!r}, "
-            f"exclude={exclude!r}, exclude_embeddings={exclude_embeddings})"
-        )
+    selected = _select_tensors(ckpt, headers, config, report, src)
     transposed = _conv1d_keys(selected, conv1d, ckpt.folder or src.parent)
-
-    distributed = _dist_world()
-    world, rank_id = distributed
+    world, rank_id = _dist_world()
     one_file = len(ckpt.files) == 1 and dst.suffix == ".safetensors"
     if one_file and world > 1:
         raise InputError(
@@ -347,15 +266,7 @@ def convert_checkpoint(
             "torch.distributed conversion write a folder (one shard per rank): pass a folder"
         )
     single_out = one_file and workers == 1  # else the workers' parts are merged into dst
-    if len(ckpt.files) > 1:
-        plan = [(f, tuple(tensor_names(headers[f])), f.name) for f in ckpt.files]
-    else:
-        f = ckpt.files[0]
-        keys = tensor_names(headers[f])
-        groups = _balance(keys, headers[f], max(workers, world))
-        names = [SINGLE_FILE] if single_out else shard_names(len(groups))
-        plan = [(f, tuple(g), n) for g, n in zip(groups, names, strict=True)]
-
+    plan = _output_plan(ckpt, headers, max(workers, world), single_out)
     total_threads = torch.get_num_threads()
     threads = max(1, total_threads // max(1, min(workers, len(plan))))
 
@@ -365,14 +276,9 @@ def convert_checkpoint(
                 str(f),
                 keys,
                 str(folder / name) if not single_out else str(folder),
-                policy,
+                config,
                 frozenset(selected & set(keys)),
-                threshold,
-                method,
-                balance,
-                seed,
                 threads if workers > 1 else total_threads,
-                speed,
                 frozenset(transposed & set(keys)),
             )
             for f, keys, name in plan
@@ -392,8 +298,7 @@ def convert_checkpoint(
                 remove(parts)
     else:
         with atomic_destination(dst, is_dir=not single_out, overwrite=overwrite) as tmp:
-            jobs = jobs_in(tmp)
-            results = _run_jobs(jobs, workers, progress)
+            results = _run_jobs(jobs_in(tmp), workers, progress)
             if not single_out:
                 _finish_folder(tmp, ckpt, results, plan)
     for layer_reports, _, _, _ in results:
@@ -403,6 +308,62 @@ def convert_checkpoint(
         r.params_before - r.params_after for r in report.converted
     )
     return report
+
+
+def _select_tensors(
+    ckpt: CheckpointFiles,
+    headers: Mapping[Path, Mapping[str, Any]],
+    config: ConversionConfig,
+    report: ConversionReport,
+    src: Path,
+) -> set[str]:
+    """The weights ``config`` selects; counts every tensor's parameters into ``report`` and
+    reports fused experts and weights that transformers converts on load."""
+    conversions = _load_time_conversions(_folder_config(ckpt.folder or src.parent))
+    selected: set[str] = set()
+    for f in ckpt.files:
+        for key, info in headers[f].items():
+            if key == "__metadata__":
+                continue
+            report.model_params_before += math.prod(info["shape"])
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            if _is_expert_tensor(key, info):
+                report.layers.append(_expert_report(key, info))
+                continue
+            if (
+                module is None
+                or len(info["shape"]) != 2
+                or info["dtype"] not in FLOAT_DTYPES
+                or not config.selects(module)
+                or config.keeps_embedding(module)
+            ):
+                continue
+            reason = _conversion_reason(key, conversions)
+            if reason is not None:
+                out_f, in_f = info["shape"]
+                n = out_f * in_f
+                report.layers.append(skipped_report(module, "Linear", in_f, out_f, n, reason))
+                continue
+            selected.add(key)
+    if not selected:
+        raise InputError(
+            f"convert_checkpoint: no 2-D weight of {src} matched (include={config.include!r}, "
+            f"exclude={config.exclude!r}, embeddings={config.embeddings})"
+        )
+    return selected
+
+
+def _output_plan(
+    ckpt: CheckpointFiles, headers: Mapping[Path, Mapping[str, Any]], parts: int, single: bool
+) -> list[tuple[Path, tuple[str, ...], str]]:
+    """``(source file, its tensors, output name)`` per job: a sharded source's shards, or a
+    single file's tensors balanced into ``parts`` (one output file when ``single``)."""
+    if len(ckpt.files) > 1:
+        return [(f, tuple(tensor_names(headers[f])), f.name) for f in ckpt.files]
+    f = ckpt.files[0]
+    groups = _balance(tensor_names(headers[f]), headers[f], parts)
+    names = [SINGLE_FILE] if single else shard_names(len(groups))
+    return [(f, tuple(g), n) for g, n in zip(groups, names, strict=True)]
 
 
 def _merge_parts(out: Path, parts: Sequence[Path], results: Sequence[tuple]) -> None:
@@ -453,7 +414,6 @@ def _run_jobs(jobs: list[_Job], workers: int, progress: bool) -> list[tuple]:
 def _convert_job(job: _Job, progress: bool = False) -> tuple:
     """Convert one job's tensors into its output file; returns (reports, keys, layers, bytes)."""
     torch.set_num_threads(job.threads)
-    policy = job.policy
     header, _ = read_header(Path(job.src))
     out_keys: list[str] = []
     for key in job.keys:
@@ -496,12 +456,7 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
             conv1d = key in job.transposed  # (in, out): factorize its (out, in) view
             W = tensor.t() if conv1d else tensor
             entry = _factorize_tensor(
-                module,
-                W,
-                policy,
-                job,
-                bias=module in bias_of,
-                kind="Conv1D" if conv1d else "Linear",
+                module, W, job.config, bias=module in bias_of, kind="Conv1D" if conv1d else "Linear"
             )
             del W
             if isinstance(entry, LayerReport):  # skipped: copy the weight unchanged
@@ -583,8 +538,7 @@ def _release_free_heap() -> None:
 def _factorize_tensor(
     module: str,
     W: torch.Tensor,
-    policy: RankPolicy,
-    job: _Job,
+    config: ConversionConfig,
     *,
     bias: bool,
     kind: str = "Linear",
@@ -592,35 +546,28 @@ def _factorize_tensor(
     """Factorize one ``(out, in)`` weight ``W`` (a transposed view for a ``Conv1D``), or the
     report of why it stays as it is."""
     out_f, in_f = W.shape
+    shape = Shape(out_f, in_f, bias, W.dtype)
 
     def skipped(reason: str) -> LayerReport:
-        return LayerReport(module, kind, in_f, out_f, None, W.numel(), W.numel(), None, 0.0, reason)
+        return skipped_report(module, kind, in_f, out_f, W.numel(), reason)
 
-    keep_d = job.balance != "none"
-    planned, reason = policy.plan(out_f, in_f, threshold=job.threshold, row_scales=keep_d)
-    if reason is None and planned is not None and job.speed is not None:
-        reason = job.speed.reason(out_f, in_f, planned, row_scales=keep_d, bias=bias, dtype=W.dtype)
-    if reason is not None:
-        return skipped(reason)
+    rule, reason = plan_layer(shape, config.policy, config)  # type: ignore[arg-type]
+    if rule is None:
+        return skipped(reason)  # type: ignore[arg-type]
     if not all_finite(W):  # two scalars; torch.isfinite(W) built 1.75·W of temporaries
         return skipped(NONFINITE_REASON)
-    generator = torch.Generator().manual_seed(layer_seed(job.seed, module))
+    generator = torch.Generator().manual_seed(layer_seed(config.seed, module))
     # beside W: the randomized SVD's (·, rank + 10) working matrices, at most an iterate,
     # its LU basis and the next (≤ 55 MiB for 4096x8192 at rank 410, ~0.4·W, factors
     # included); or the exact SVD's U, S, Vh. No float32 copy of a float32 W.
-    factors = factorize(W, policy, method=job.method, balance=job.balance, generator=generator)  # type: ignore[arg-type]
+    factors = factorize(W, rule, method=config.method, balance=config.balance, generator=generator)
     # the SVD's freed working matrices may stay in the heap, fragmented: give their pages
     # back before relative_error allocates its own (float64 (·, rank) matrices and blocks
     # of rows: ≤ 45 MiB for 4096x8192 at rank 410, ≤ 60 MiB when the error is below 10%)
     _release_free_heap()
-    if not saves_parameters(out_f, in_f, factors.rank, row_scales=keep_d):
-        return skipped(break_even_reason(factors.rank))
-    if job.speed is not None and planned is None:  # energy: the rank is known only now
-        reason = job.speed.reason(
-            out_f, in_f, factors.rank, row_scales=keep_d, bias=bias, dtype=W.dtype
-        )
-        if reason is not None:
-            return skipped(reason)
+    reason = check_rank(shape, factors.rank, rule, config)
+    if reason is not None:
+        return skipped(reason)
     tensors = {
         "U": factors.U.contiguous(),
         "S": factors.S.contiguous(),
@@ -628,14 +575,10 @@ def _factorize_tensor(
     }
     if factors.D is not None:
         tensors["D"] = factors.D.contiguous()
-    after = factor_parameters(out_f, in_f, factors.rank, row_scales=keep_d)
-    report = LayerReport(
-        module, "LowRankLinear", in_f, out_f, factors.rank, W.numel(), after,
-        relative_error(W, factors), 0.0,
+    report = converted_report(
+        module, "LowRankLinear", shape, factors.rank, row_scales=config.row_scales,
+        relative_error=relative_error(W, factors),
     )  # fmt: skip
-    report.speedup_few, report.speedup_many = report_speedups(
-        in_f, out_f, factors.rank, row_scales=keep_d, bias=bias, dtype=W.dtype
-    )
     entry = {
         "type": "LowRankLinear",
         "in_features": in_f,
@@ -645,6 +588,28 @@ def _factorize_tensor(
         "bias": bias,
     }
     return tensors, report, entry
+
+
+def _check_config(config: ConversionConfig) -> None:
+    """What a conversion without model code can do: a rank policy for ``LowRankLinear``
+    layers, selected by name."""
+    if config.policy is None:
+        what = "no rank rule" if config.rule is None else config.rule
+        raise InputError(
+            f"convert_checkpoint takes a rank policy (rank, rank_ratio, energy or param_ratio), "
+            f"got {what}: a budget or a rank plan needs the model to run (compress, "
+            "convert_model)"
+        )
+    if config.filter_fn is not None:
+        raise InputError(
+            "convert_checkpoint selects weights by name (include, exclude); filter_fn needs "
+            "the modules: use convert_model"
+        )
+    if config.layer != "lowrank":
+        raise InputError(
+            f"convert_checkpoint writes LowRankLinear layers, got layer={config.layer!r}: "
+            "convert the loaded model with convert_model"
+        )
 
 
 def _finish_folder(tmp: Path, ckpt: CheckpointFiles, results: list[tuple], plan: list) -> None:

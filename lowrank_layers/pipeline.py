@@ -14,22 +14,25 @@ The stages, each usable on its own:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from .allocate import collect_sensitivity, loss_aware_ranks
-from .common import InputError, check_choice, check_fraction
-from .convert import ConversionReport, convert_model, convertible_layers
-from .heal import check_heal_options, heal
-from .speed import speed_rule
+from .calibrate import batch_tokens
+from .common import InputError, InputTypeError
+from .config import ConversionConfig, HealConfig, config_from
+from .convert import convert_model
+from .heal import OBJECTIVES, heal
+from .policy import threshold_reason
+from .report import ConversionReport
+from .targets import convertible_layers
 
-__all__ = ["CompressionReport", "compress"]
-
-ALLOCATIONS: tuple[str, ...] = ("loss", "uniform")
+__all__ = ["CompressionReport", "check_compress_config", "compress"]
 
 
 @dataclass
@@ -59,33 +62,13 @@ class CompressionReport:
         return "\n".join(lines)
 
 
-def _batch_tokens(batch: Any) -> int:
-    """Tokens in one batch: its unmasked ``attention_mask`` entries, else the leading
-    dimensions of its first tensor (``input_ids``: batch x length; features: all but the
-    last dimension)."""
-    import torch
-
-    if isinstance(batch, Mapping):
-        mask = batch.get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            return int(mask.sum())
-        batch = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
-    elif isinstance(batch, (tuple, list)):
-        batch = next((v for v in batch if isinstance(v, torch.Tensor)), None)
-    if not isinstance(batch, torch.Tensor) or batch.dim() == 0:
-        return 1
-    if batch.is_floating_point():
-        return batch.numel() // max(1, batch.shape[-1])
-    return batch.numel()
-
-
 def _first_tokens(batches: Sequence[Any], tokens: int | None) -> Sequence[Any]:
     """The shortest prefix of ``batches`` holding at least ``tokens`` tokens."""
     if tokens is None:
         return batches
     total = 0
     for i, batch in enumerate(batches):
-        total += _batch_tokens(batch)
+        total += batch_tokens(batch)
         if total >= tokens:
             return batches[: i + 1]
     return batches
@@ -94,38 +77,40 @@ def _first_tokens(batches: Sequence[Any], tokens: int | None) -> Sequence[Any]:
 def compress(
     model: nn.Module,
     calibration: Sequence[Any],
+    config: ConversionConfig | None = None,
     *,
-    budget: float = 0.8,
-    allocation: str = "loss",
+    heal: HealConfig | None = None,
+    heal_batches: Sequence[Any] | None = None,
+    teacher: nn.Module | None = None,
     propagate: bool = True,
     sensitivity_tokens: int | None = 2048,
     objective: str = "auto",
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     eval_batches: Sequence[Any] | None = None,
-    heal_steps: int | None = None,
-    heal_seconds: float | None = None,
-    heal_batches: Sequence[Any] | None = None,
-    heal_mode: str = "end_to_end",
-    heal_lr: float = 1e-4,
-    teacher: nn.Module | None = None,
-    min_speedup: float | None = None,
-    speedup_tokens: int = 1,
-    seed: int = 0,
     progress: bool = False,
+    **options: Any,
 ) -> CompressionReport:
-    """Convert ``model`` in place to keep ``budget`` of its Linear parameters, at the best
-    quality this library knows: loss-aware ranks, propagated whitening, optional healing.
+    """Compress a pretrained ``model`` in place, at the best quality this library knows:
+    loss-aware ranks, propagated whitening, optional healing.
+
+    What to convert is a :class:`~lowrank_layers.ConversionConfig` (``config``) or its
+    fields as keywords (``compress(model, batches, budget=0.8, exclude=["lm_head"])``), not
+    both. Its rank rule is usually a ``budget``: the fraction (0, 1] of the converted
+    layers' weight parameters kept, shared by ``allocation`` — ``"loss"`` (the default:
+    each layer's rank from its estimated effect on the output, layers may stay dense) or
+    ``"uniform"`` (``param_ratio=budget`` everywhere). A rank policy or a ``ranks`` plan is
+    applied as given, with propagation and healing.
 
     Args:
         model: a pretrained model, changed in place.
         calibration: a list of batches the model takes (``model(**b)`` for a dict, see
             :func:`~lowrank_layers.calibrate.run_batch`); an ``attention_mask`` in a dict
             batch keeps padding out.
-        budget: the fraction (0, 1] of the converted layers' weight parameters kept.
-        allocation: ``"loss"`` (each layer's rank from its estimated effect on the output;
-            layers may stay dense) or ``"uniform"`` (``param_ratio=budget`` everywhere).
+        config: a :class:`~lowrank_layers.ConversionConfig`.
+        heal: a :class:`~lowrank_layers.HealConfig`: then distil towards the original
+            (:func:`~lowrank_layers.heal`); None: no healing.
+        heal_batches: the healing data (default: the calibration batches).
+        teacher: the original model for healing; by default a deep copy taken before
+            conversion (one more model in memory while healing).
         propagate: factorize each layer for the inputs of the partially converted model.
         sensitivity_tokens: the gradient pass of the loss-aware allocation uses the first
             calibration batches holding at least this many tokens (None: all of them); it
@@ -135,22 +120,11 @@ def compress(
         objective: the output the allocation and healing protect: ``"kl"`` (next-token
             distribution), ``"mse"`` / ``"cosine"`` (hidden states) or ``"auto"`` (``"kl"``
             when the model returns ``logits``).
-        include, exclude, filter_fn: which layers, as :func:`~lowrank_layers.convert_model`.
         eval_batches: held-out batches for the report's output errors and the healing's
             before/after metric; never the calibration data.
-        heal_steps, heal_seconds: heal (distil towards the original) for this many steps
-            and/or seconds; neither: no healing.
-        heal_batches: the healing data (default: the calibration batches).
-        heal_mode: ``"end_to_end"`` or ``"blockwise"`` (see :func:`~lowrank_layers.heal.heal`).
-        heal_lr: the healing learning rate.
-        teacher: the original model for healing; by default a deep copy taken before
-            conversion (one more model in memory while healing).
-        min_speedup, speedup_tokens: only ranks whose forward is expected to be at least
-            ``min_speedup`` times as fast as ``nn.Linear`` at ``speedup_tokens`` tokens per
-            call are candidates; the others keep their layer dense (see
-            :func:`~lowrank_layers.convert_model`).
-        seed: seeds the allocation's sampled probes, the sketches and the healing.
         progress: tqdm bars.
+        **options: the fields of :class:`~lowrank_layers.ConversionConfig`, instead of
+            ``config``.
 
     Returns:
         A :class:`CompressionReport`.
@@ -168,71 +142,95 @@ def compress(
         >>> report.conversion.params_after <= 0.6 * (32 * 64 * 2)
         True
     """
-    check_fraction("budget", budget)
-    check_choice("allocation", allocation, ALLOCATIONS)
+    config = config_from(config, options, caller="compress")
+    _check_options(config, calibration, heal, objective)
+    seconds: dict[str, float] = {}
+    if heal is not None and teacher is None:
+        teacher = copy.deepcopy(model)
+    plan = None
+    if config.budget is not None and config.allocation in ("auto", "loss"):
+        start = time.perf_counter()
+        plan = _loss_aware_plan(model, calibration, config, sensitivity_tokens, objective)
+        seconds["allocation"] = time.perf_counter() - start
+    if plan is not None:
+        config = dataclasses.replace(config, budget=None, ranks=plan, allocation="auto")
+    elif config.budget is not None:  # uniform, or no layer to rank (convert_model says why)
+        config = dataclasses.replace(config, budget=None, param_ratio=config.budget,
+                                     allocation="auto")  # fmt: skip
+    start = time.perf_counter()
+    conversion = convert_model(
+        model, config, calibration=calibration, propagate=propagate,
+        eval_batches=eval_batches, progress=progress,
+    )  # fmt: skip
+    seconds["conversion"] = time.perf_counter() - start
+    result = CompressionReport(conversion, plan, None, seconds)
+    if heal is not None:
+        start = time.perf_counter()
+        result.heal = _heal(
+            model, teacher, heal_batches if heal_batches is not None else calibration,
+            objective=objective, mode=heal.mode, steps=heal.steps, seconds=heal.seconds,
+            lr=heal.lr, eval_batches=eval_batches, seed=config.seed, progress=progress,
+        )  # fmt: skip
+        seconds["heal"] = time.perf_counter() - start
+    return result
+
+
+_heal = heal  # compress's ``heal`` argument shadows the function
+
+
+def _check_options(
+    config: ConversionConfig, calibration: Any, heal: HealConfig | None, objective: str
+) -> None:
+    """Refuse bad options before the model changes."""
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
         raise InputError(
             "compress: calibration must be a non-empty list of batches, got "
             f"{type(calibration).__name__}"
         )
-    healing = heal_steps is not None or heal_seconds is not None
-    if healing:  # refuse bad healing options before the model changes
-        check_heal_options(
-            objective=objective, mode=heal_mode, steps=heal_steps, seconds=heal_seconds,
-            lr=heal_lr,
-        )  # fmt: skip
-    elif objective not in ("auto", "kl", "cosine", "mse"):
+    check_compress_config(config)
+    if heal is not None and not isinstance(heal, HealConfig):
+        raise InputTypeError(f"compress: heal must be a HealConfig or None, got {heal!r}")
+    if objective not in OBJECTIVES:
         raise InputError(
-            f"objective must be one of 'auto', 'kl', 'cosine', 'mse', got {objective!r}"
+            f"objective must be one of {', '.join(map(repr, OBJECTIVES))}, got {objective!r}"
         )
-    speed = speed_rule(min_speedup, speedup_tokens)
-    seconds: dict[str, float] = {}
-    if healing and teacher is None:
-        teacher = copy.deepcopy(model)
-    layers = convertible_layers(model, include=include, exclude=exclude, filter_fn=filter_fn)
-    plan = None
-    policy: dict[str, Any]
-    if allocation == "loss" and layers:  # no layer to rank: convert_model reports why
-        start = time.perf_counter()
-        subset = _first_tokens(calibration, sensitivity_tokens)
-        probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
-        sens = collect_sensitivity(model, subset, layers, objective=probe, seed=seed)
-        plan, _ = loss_aware_ranks(layers, sens, budget, speed=speed)
-        seconds["allocation"] = time.perf_counter() - start
-        policy = {"ranks": plan}
-    else:
-        policy = {"param_ratio": budget}
-    start = time.perf_counter()
-    conversion = convert_model(
-        model,
-        include=include,
-        exclude=exclude,
-        filter_fn=filter_fn,
-        calibration=calibration,
-        propagate=propagate,
-        eval_batches=eval_batches,
-        min_speedup=min_speedup,
-        speedup_tokens=speedup_tokens,
-        seed=seed,
-        progress=progress,
-        **policy,
-    )
-    seconds["conversion"] = time.perf_counter() - start
-    result = CompressionReport(conversion, plan, None, seconds)
-    if healing:
-        start = time.perf_counter()
-        result.heal = heal(
-            model,
-            teacher,  # type: ignore[arg-type]
-            heal_batches if heal_batches is not None else calibration,
-            objective=objective,
-            mode=heal_mode,
-            steps=heal_steps,
-            seconds=heal_seconds,
-            lr=heal_lr,
-            eval_batches=eval_batches,
-            seed=seed,
-            progress=progress,
+
+
+def check_compress_config(config: ConversionConfig) -> None:
+    """Refuse a config :func:`compress` cannot follow (no rank rule, a spectral
+    allocation), before anything is loaded or changed."""
+    if config.rule is None:
+        raise InputError(
+            "compress needs a rank rule: budget= (for example budget=0.8), a rank policy "
+            "(rank, rank_ratio, energy, param_ratio) or ranks="
         )
-        seconds["heal"] = time.perf_counter() - start
-    return result
+    if config.allocation in ("minimax", "greedy"):
+        raise InputError(
+            f"compress: allocation={config.allocation!r} shares the budget from the weights' "
+            "spectra alone; with calibration data use 'loss' (the default) or 'uniform' "
+            f"(or convert_model(model, budget=..., allocation={config.allocation!r}) without "
+            "data)"
+        )
+
+
+def _loss_aware_plan(
+    model: nn.Module,
+    calibration: Sequence[Any],
+    config: ConversionConfig,
+    sensitivity_tokens: int | None,
+    objective: str,
+) -> dict[str, int | None] | None:
+    """Each layer's rank (None: dense) from one gradient pass (:mod:`~lowrank_layers.allocate`);
+    None when there is no layer to rank (``convert_model`` reports why)."""
+    layers = {
+        name: m
+        for name, m in convertible_layers(model, config).items()
+        if threshold_reason(m.out_features, m.in_features, config.threshold) is None
+    }
+    if not layers:
+        return None
+    subset = _first_tokens(calibration, sensitivity_tokens)
+    probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
+    sens = collect_sensitivity(model, subset, layers, objective=probe, seed=config.seed)
+    plan, _ = loss_aware_ranks(layers, sens, config.budget, speed=config.speed)  # type: ignore[arg-type]
+    return plan

@@ -139,7 +139,7 @@ def lowrank_seconds(
     model: SpeedModel,
     transposed_u: bool = False,
 ) -> float:
-    """Modelled time of :func:`~lowrank_layers.lowrank_linear`, in the regime it takes.
+    """Modelled time of :func:`~lowrank_layers.linear.lowrank_linear`, in the regime it takes.
 
     ``transposed_u``: ``U`` stored transposed (:func:`~lowrank_layers.inference_layout_`),
     so the few-token regime reads it in runs of ``out`` numbers instead of ``r``; the

@@ -1,9 +1,11 @@
-"""Whole-model tools: see what low rank a model holds, and merge it back to dense.
+"""Whole-model tools: see what low rank a model holds, merge it back to dense, lay it out
+for decoding.
 
 :func:`lowrank_summary` is the ``print_trainable_parameters`` of this library: kinds,
 ranks and parameters of every low-rank layer, for example right after loading a
 checkpoint. :func:`merge_to_dense` is peft's ``merge_and_unload``: every low-rank layer
-becomes the ``nn.Linear`` its factors multiply out to, in place.
+becomes the ``nn.Linear`` its factors multiply out to, in place. :func:`inference_layout_`
+stores float32 factors the way one-token decoding on CPU reads fastest.
 """
 
 from __future__ import annotations
@@ -19,12 +21,19 @@ from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
 from .common import InputError, InputTypeError, parameter_count, weight_parameter_count
-from .convert import LOWRANK_TYPES
 from .dynamic import DynamicLowRankLinear
+from .linear import HALF_DTYPES
 from .linears import is_linear_like
 from .selection import module_holders
+from .targets import LOWRANK_TYPES
 
-__all__ = ["LayerSummary", "LowRankSummary", "lowrank_summary", "merge_to_dense"]
+__all__ = [
+    "LayerSummary",
+    "LowRankSummary",
+    "inference_layout_",
+    "lowrank_summary",
+    "merge_to_dense",
+]
 
 
 @dataclass
@@ -206,3 +215,65 @@ def merge_to_dense(model: nn.Module) -> dict[str, int | None]:
         for parent, child_name, _ in holders[id(layer)]:
             setattr(parent, child_name, dense)
     return summary
+
+
+@torch.no_grad()
+def inference_layout_(model: nn.Module, enabled: bool = True) -> int:
+    """Lay float32 low-rank layers' ``U`` out in memory for decoding on CPU (opt-in).
+
+    Every layer stores its factors as the weights of its two linear maps, ``Vh (r, in)``
+    and ``U (out, r)``, both row-major like ``nn.Linear``'s weight: the layout oneDNN's
+    bfloat16/float16 kernels and GPU kernels need, and the one FSDP2 accepts. At one or a
+    few tokens per call in float32 (and float64), MKL reads the second product's weight
+    faster stored transposed (``Uᵀ`` row by row, strides ``(1, out)``): a matrix-vector
+    product over rows of ``r`` numbers is slower than one over columns of ``out``. This
+    stores ``U`` so. In bfloat16 and float16 it changes nothing (the transposed ``U`` is
+    2-9x slower there, measured). See docs/benchmarks.md, "LowRankLinear in inference", for the
+    gain per shape.
+
+    Shapes, values, names and outputs (to float rounding) are unchanged: only strides
+    change, through ``param.data``, so optimizers, hooks and references to the parameters
+    stay valid. Saving (:func:`~lowrank_layers.save_lowrank`, ``torch.save``, transformers'
+    ``save_pretrained``) works as before. Casting the model afterwards (``.to(dtype)``)
+    keeps the layout; call this again after a cast to half precision.
+
+    Not for training under FSDP2: ``fully_shard`` refuses non-contiguous parameters; call
+    ``inference_layout_(model, enabled=False)`` before it. Training otherwise works in
+    either layout.
+
+    Args:
+        model: a model holding low-rank layers (any other module is left alone).
+        enabled: ``False`` restores contiguous (row-major) factors.
+
+    Returns:
+        The number of layers whose factors were moved.
+
+    Example:
+        >>> from lowrank_layers import LowRankLinear
+        >>> model = nn.Sequential(LowRankLinear(64, 32, 8))
+        >>> inference_layout_(model)
+        1
+        >>> model[0].U.stride(), model[0].U.shape, model[0].Vh.stride()
+        ((1, 32), torch.Size([32, 8]), (64, 1))
+    """
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(enabled, bool):
+        raise InputTypeError(f"enabled must be a bool, got {enabled!r}")
+    moved = 0
+    for module in model.modules():
+        if not isinstance(module, LOWRANK_TYPES) or module._parameters.get("U") is None:
+            continue
+        changed = False
+        for name in ("U", "Vh"):
+            param = module._parameters[name]
+            data = param.data
+            if type(data) is not torch.Tensor or data.dim() != 2:  # DTensor shards and such
+                continue
+            transpose = enabled and name == "U" and data.dtype not in HALF_DTYPES
+            new = data.mT.contiguous().mT if transpose else data.contiguous()
+            if new.data_ptr() != data.data_ptr():
+                param.data = new
+                changed = True
+        moved += changed
+    return moved

@@ -20,8 +20,8 @@ from lowrank_layers.allocate import (
     solve_budget,
 )
 from lowrank_layers.calibrate import collect_input_stats
-from lowrank_layers.convert import allocate_ranks
 from lowrank_layers.factorize import factorize, truncated_spectrum
+from lowrank_layers.policy import allocate_ranks
 
 from .helpers import tiny_llama
 
@@ -221,7 +221,7 @@ def test_convert_model_follows_a_rank_plan():
         convert_model(nn.Sequential(nn.Linear(8, 8)), ranks={"9": 2})
     with pytest.raises(TypeError, match=r"ranks must be a mapping \{name: rank or None\}"):
         convert_model(nn.Sequential(nn.Linear(8, 8)), ranks=[2])
-    with pytest.raises(ValueError, match=r"give one of the three, got ranks=\{\.\.\.\} and rank=2"):
+    with pytest.raises(ValueError, match=r"give one rank rule .* got policy=rank=2 and ranks=\{"):
         convert_model(nn.Sequential(nn.Linear(8, 8)), ranks={"0": 2}, rank=2)
 
 
@@ -253,18 +253,11 @@ def mlp() -> nn.Sequential:
                          nn.Linear(128, 48))  # fmt: skip
 
 
-def test_convert_model_budget_is_allocate_ranks_on_the_whitened_spectra(gen):
+def test_convert_model_budget_is_allocate_ranks_on_the_spectra():
     model = mlp()
-    mix = torch.randn(48, 48, generator=gen) * torch.logspace(0, -2, 48)  # anisotropic inputs
-    calib = [torch.randn(64, 48, generator=gen) @ mix.mT for _ in range(3)]
-    stats = collect_input_stats(model, calib)
     expected = allocate_ranks(
         {
-            name: (
-                truncated_spectrum(m.weight.detach(), input_cov=stats[name].covariance),
-                m.out_features,
-                m.in_features,
-            )
+            name: (truncated_spectrum(m.weight.detach()), m.out_features, m.in_features)
             for name, m in model.named_children()
             if isinstance(m, nn.Linear)
         },
@@ -273,12 +266,30 @@ def test_convert_model_budget_is_allocate_ranks_on_the_whitened_spectra(gen):
     plans = []
     for _ in range(2):  # deterministic
         m = copy.deepcopy(model)
-        report = convert_model(m, budget=0.5, calibration=calib)
+        report = convert_model(m, budget=0.5)
         plans.append({layer.name: layer.rank for layer in report.converted})
         assert report.params_after <= 0.5 * report.params_before
         assert all(isinstance(m[int(name)], LowRankLinear) for name in plans[-1])
     assert plans[0] == plans[1] == expected
     assert len(set(expected.values())) > 1  # ranks differ by layer: chosen from spectra
+    uniform = convert_model(copy.deepcopy(model), budget=0.5, allocation="uniform")
+    by_ratio = convert_model(copy.deepcopy(model), param_ratio=0.5)
+    assert [x.rank for x in uniform.layers] == [x.rank for x in by_ratio.layers]
+
+
+def test_a_budget_with_calibration_data_is_compress_s_job(gen):
+    """The trap of the same words giving different results: convert_model refuses a budget
+    with calibration data (or statistics) and names compress; the model is unchanged."""
+    model = mlp()
+    calib = [torch.randn(64, 48, generator=gen) for _ in range(2)]
+    stats = collect_input_stats(model, calib)
+    for data in ({"calibration": calib}, {"input_stats": stats}):
+        trap = r"convert_model: a global budget with calibration data is compress's job"
+        with pytest.raises(ValueError, match=trap + r" .* call compress\(model, calibration"):
+            convert_model(model, budget=0.5, **data)
+    with pytest.raises(ValueError, match=r"allocation='loss' needs a gradient pass; .*compress"):
+        convert_model(model, budget=0.5, allocation="loss")
+    assert all(type(m) is not LowRankLinear for m in model)
 
 
 @pytest.mark.parametrize("allocation", ["minimax", "greedy"])

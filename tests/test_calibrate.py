@@ -229,12 +229,12 @@ def test_calibrated_conversion_lowers_output_error(gen):
 
 def test_budget_and_calibration_errors():
     with pytest.raises(
-        ValueError, match=r"budget and ranks replace the rank policy.*budget=0\.5 and rank=4"
+        ValueError, match=r"give one rank rule .* got policy=rank=4 and budget=0\.5"
     ):
         convert_model(Net(), rank=4, budget=0.5)
     with pytest.raises(
         ValueError,
-        match=r"calibration, input_stats, budget, ranks and propagate apply to layer='lowrank'",
+        match=r"calibration, input_stats and propagate apply to layer='lowrank'",
     ):
         convert_model(Net(), rank=4, layer="adaptive", calibration=[torch.zeros(1, 48)])
 

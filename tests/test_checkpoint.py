@@ -479,8 +479,16 @@ def test_failure_mid_conversion_leaves_nothing(tiny, tmp_path, monkeypatch):
 def test_convert_checkpoint_errors(tiny, tmp_path):
     src = tmp_path / "dense.safetensors"
     _dense_checkpoint(tiny, src)
-    with pytest.raises(ValueError, match=r"exactly one rank policy"):
+    with pytest.raises(ValueError, match=r"convert_checkpoint takes a rank policy .* got no rank"):
         convert_checkpoint(src, tmp_path / "o.safetensors")
+    with pytest.raises(ValueError, match=r"got budget=0\.5: a budget or a rank plan needs the"):
+        convert_checkpoint(src, tmp_path / "o.safetensors", budget=0.5)
+    with pytest.raises(ValueError, match=r"filter_fn needs the modules: use convert_model"):
+        convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, filter_fn=lambda m, n: True)
+    with pytest.raises(ValueError, match=r"writes LowRankLinear layers, got layer='dynamic'"):
+        convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, layer="dynamic")
+    with pytest.raises(TypeError, match=r"unexpected keyword 'exclude_embeddings'"):
+        convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, exclude_embeddings=False)
     with pytest.raises(ValueError, match=r"workers must be an int >= 1, got 0"):
         convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, workers=0)
     with pytest.raises(ValueError, match=r"no 2-D weight of .* matched \(include='nothing'"):
@@ -504,7 +512,7 @@ def test_skips_are_reported_and_weights_copied(tiny, tmp_path):
         "fc2": "rank 30 saves no parameters (break-even)",
     }
     report = convert_checkpoint(
-        src, tmp_path / "p.safetensors", rank=4, threshold=60, exclude_embeddings=False
+        src, tmp_path / "p.safetensors", rank=4, threshold=60, embeddings=True
     )
     reasons = {r.name: r.reason for r in report.skipped}
     assert reasons == {
@@ -515,7 +523,7 @@ def test_skips_are_reported_and_weights_copied(tiny, tmp_path):
     stored = _check_converted(tmp_path / "p.safetensors", src)
     assert torch.equal(stored["fc1.weight"], tiny.fc1.weight)  # skipped: copied unchanged
     report = convert_checkpoint(
-        src, tmp_path / "q.safetensors", rank=4, include=["emb"], exclude_embeddings=False
+        src, tmp_path / "q.safetensors", rank=4, include=["emb"], embeddings=True
     )
     assert [r.name for r in report.converted] == ["emb"]
 

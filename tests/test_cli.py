@@ -14,11 +14,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lowrank_layers import __version__, balance_rows, expected_speedup, factorize
+from lowrank_layers import __version__, factorize
 from lowrank_layers.checkpoint import load_lowrank, read_metadata
 from lowrank_layers.cli import main
+from lowrank_layers.factorize import balance_rows
 from lowrank_layers.policy import layer_seed
 from lowrank_layers.safetensors_io import ShardWriter
+from lowrank_layers.speed import expected_speedup
 
 from .helpers import eckart_young, matrix_with_spectrum, rel_err, saved, tiny_gpt2
 
@@ -247,7 +249,7 @@ def test_convert_include_embeddings_factorizes_the_embedding(blocks, tmp_path):
     layers, out = _convert(src, tmp_path / "a.safetensors", "--rank", "5")
     assert "embed_tokens" not in layers
     assert torch.equal(out["embed_tokens.weight"], dense["embed_tokens.weight"])
-    layers, out = _convert(src, tmp_path / "b.safetensors", "--rank", "5", "--include-embeddings")
+    layers, out = _convert(src, tmp_path / "b.safetensors", "--rank", "5", "--embeddings")
     assert sorted(layers) == sorted([*LAYERS, "embed_tokens"])
     assert (layers["embed_tokens"]["out_features"], layers["embed_tokens"]["in_features"]) == (
         100,
@@ -307,9 +309,9 @@ def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
         (["convert", "{src}", "{out}", "--budget", "0.5"], "need a transformers model folder"),
         (["convert", "{src}", "{out}", "--rank", "2", "--calibrate", "{missing}"], "model folder"),
         (["convert", "{src}", "{out}", "--rank", "2", "--budget", "0.5"], "not allowed with"),
-        (["convert", "{src}", "{out}", "--rank", "2", "--allocation", "loss"], "--allocation need"),
-        (["convert", "{src}", "{out}", "--rank", "2", "--heal-steps", "5"], "need --budget"),
-        (["convert", "{src}", "{out}", "--rank", "2", "--no-propagate"], "need --budget"),
+        (["convert", "{src}", "{out}", "--rank", "2", "--allocation", "loss"], "shares a budget"),
+        (["convert", "{src}", "{out}", "--rank", "2", "--heal-steps", "5"], "need --calibrate"),
+        (["convert", "{src}", "{out}", "--rank", "2", "--no-propagate"], "need --calibrate"),
         (["convert", "{src}", "{out}", "--budget", "0.5", "--heal-seconds", "0"], "a number > 0"),
         (["convert", "{tmp}", "{out}", "--budget", "0.5", "--heal-steps", "5"], "need --calibrate"),
         (
@@ -326,7 +328,11 @@ def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
                 "--heal-steps",
                 "5",
             ],
-            "apply to --allocation loss or uniform",
+            "compress: allocation='greedy' shares the budget from the weights' spectra",
+        ),
+        (
+            ["convert", "{tmp}", "{out}", "--budget", "0.5", "--allocation", "loss"],
+            "allocation='loss' needs a gradient pass",
         ),
         (["inspect", "{missing}"], "does not exist"),
         (["inspect", "{src}", "--plot", "{out}.jpg"], "--plot must name a .png file"),

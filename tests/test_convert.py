@@ -13,9 +13,9 @@ from lowrank_layers import (
     LowRankLinear,
     RankPolicy,
     convert_model,
-    register_weight_reader,
 )
 from lowrank_layers.factorize import NONFINITE_REASON
+from lowrank_layers.readers import register_weight_reader
 
 from .helpers import rel_err, tiny_bart, tiny_llama, tokens
 
@@ -234,7 +234,7 @@ def test_progress_bar(capsys):
         ({"rank": 4, "exclude": 3}, TypeError, r"exclude must be a regex string or a list"),
         ({"rank": 4, "filter_fn": "x"}, TypeError, r"filter_fn must be callable"),
         ({"rank": 4, "threshold": -2}, ValueError, r"threshold must be an int >= 0, got -2"),
-        ({}, ValueError, r"exactly one rank policy"),
+        ({}, ValueError, r"convert_model needs a rank rule"),
         ({"rank_ratio": 2.0}, ValueError, r"rank_ratio must be in \(0, 1\], got 2\.0"),
         ({"rank": 4, "balance": "x"}, ValueError, r"balance must be one of"),
         ({"rank": 4, "method": "x"}, ValueError, r"method must be one of"),
@@ -303,11 +303,11 @@ def test_a_failure_midway_leaves_the_model_untouched(monkeypatch):
     calls = []
     real = LowRankLinear.from_linear.__func__
 
-    def failing(cls, linear, **kwargs):
+    def failing(cls, linear, *args, **kwargs):
         calls.append(linear)
         if len(calls) == 2:
             raise RuntimeError("out of memory (simulated)")
-        return real(cls, linear, **kwargs)
+        return real(cls, linear, *args, **kwargs)
 
     monkeypatch.setattr(LowRankLinear, "from_linear", classmethod(failing))
     with pytest.raises(RuntimeError, match="simulated"):

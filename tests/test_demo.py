@@ -57,7 +57,7 @@ def demo():
         (["--eval-per-class", "0"], "argument --eval-per-class: expected an integer >= 1, got '0'"),
         (["--calibration-per-class", "-1"], "--calibration-per-class: expected an integer >= 0"),
         (["--eval-per-class", "380", "--calibration-per-class", "13"],
-         r"--eval-per-class \+ --calibration-per-class must be at most 386"),
+         r"--eval-per-class \+ --calibration-per-class must be at most 323 \(the distinct"),
         (["--heal-seconds", "-1"], "argument --heal-seconds: expected a number >= 0, got '-1'"),
         (["--max-length", "4"], r"--max-length: expected an integer in \[8, 512\], got '4'"),
         (["--repeats", "0"], "argument --repeats: expected an integer >= 1"),
@@ -160,17 +160,30 @@ def test_retrieval_scores_refuse_mismatched_shapes(demo, queries, documents):
 @needs_corpus
 def test_articles_split_into_headline_and_body_and_calibration_stays_apart(demo):
     articles = demo.read_articles(eval_per_class=3, calibration_per_class=2, seed=0)
-    texts, labels = demo.load_bbc_news(5, seed=0)
+    texts, labels = demo.load_bbc_news(seed=0)
     assert len(articles.headlines) == len(articles.bodies) == 15
     assert len(articles.calibration) == 10
     assert articles.classes == sorted(set(labels)) and len(articles.classes) == 5
-    for label in articles.classes:  # per class: 2 calibrate, the next 3 are evaluated
+    for k, label in enumerate(articles.classes):  # per class: 2 calibrate, the next 3 are scored
         members = [t for t, lab in zip(texts, labels, strict=True) if lab == label]
-        assert set(members[:2]) <= set(articles.calibration)
-        for text in members[2:]:
-            i = articles.headlines.index(text.split("\n", 1)[0].strip())
+        assert articles.calibration[2 * k : 2 * k + 2] == members[:2]  # no duplicate this early
+        for i, text in zip(range(3 * k, 3 * k + 3), members[2:5], strict=True):
             assert text == f"{articles.headlines[i]}\n\n{articles.bodies[i]}"
     assert demo.read_articles(3, 2, seed=0) == articles
+    assert demo.read_articles(3, 2, seed=1) != articles  # the seed picks the articles
+
+
+@needs_corpus
+def test_articles_skip_duplicates_up_to_the_smallest_class(demo):
+    texts, _ = demo.load_bbc_news(seed=0)
+    assert len(set(texts)) < len(texts)  # the corpus does hold duplicates
+    most = demo.SMALLEST_CLASS
+    articles = demo.read_articles(eval_per_class=most - 13, calibration_per_class=13, seed=0)
+    headlines = articles.headlines + [t.split("\n", 1)[0].strip() for t in articles.calibration]
+    bodies = articles.bodies + [t.split("\n", 1)[1].strip() for t in articles.calibration]
+    assert len(set(headlines)) == len(headlines) == len(set(bodies)) == 5 * most
+    with pytest.raises(ValueError, match=r"BBC class 'tech' has 323 distinct articles, fewer"):
+        demo.read_articles(eval_per_class=most - 12, calibration_per_class=13, seed=0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -224,7 +237,7 @@ def test_small_run_writes_the_report_with_every_row(small_run):
     assert code == 0 and stdout == text + "\n"  # the report is printed too
     assert list(rows) == ["original", "param_ratio=0.5", "compress(budget=0.5)",
                           "compress(budget=0.5) + heal 1 s"]  # fmt: skip
-    assert "10 articles, each split into its headline" in text
+    assert "10 articles (duplicates skipped), each split into its headline" in text
     assert (out / "spectra.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert sorted(p.name for p in out.iterdir()) == [
         "minilm-50-compress.safetensors",

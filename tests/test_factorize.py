@@ -9,18 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from lowrank_layers import (
-    Factors,
-    LowRankLinear,
-    balance_rows,
-    break_even_rank,
-    factor_parameters,
-    factorize,
-    randomized_svd,
-    relative_error,
-    select_rank,
-)
-from lowrank_layers.policy import resolve_rank
+from lowrank_layers import Factors, LowRankLinear, factorize
+from lowrank_layers.factorize import balance_rows, randomized_svd, relative_error
+from lowrank_layers.policy import break_even_rank, factor_parameters, resolve_rank, select_rank
 
 from .helpers import eckart_young, matrix_with_spectrum, rel_err
 

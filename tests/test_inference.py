@@ -18,12 +18,8 @@ import torch
 import torch._dynamo
 from torch import nn
 
-from lowrank_layers import (
-    AdaptiveLowRankLinear,
-    inference_layout_,
-    lowrank_linear,
-)
-from lowrank_layers.linear import FOLD_MIN_TOKENS
+from lowrank_layers import AdaptiveLowRankLinear, inference_layout_
+from lowrank_layers.linear import FOLD_MIN_TOKENS, lowrank_linear
 
 from .helpers import perturbed_layer as make
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_layers import LowRankLinear, compress
+from lowrank_layers import HealConfig, LowRankLinear, compress
 
 from . import helpers
 
@@ -76,7 +76,7 @@ def test_compress_heals(gen):
     calib, held_out = token_batches(8, gen), token_batches(2, gen)
     report = compress(
         model, calib, budget=0.5, allocation="uniform", exclude=["lm_head"],
-        eval_batches=held_out, heal_steps=30, heal_lr=1e-3,
+        eval_batches=held_out, heal=HealConfig(steps=30, lr=1e-3),
     )  # fmt: skip
     assert report.heal is not None and report.heal.steps == 30
     assert report.heal.after < report.heal.before
@@ -89,26 +89,34 @@ def test_compress_errors_leave_the_model_unchanged(gen):
     x = [torch.randn(64, 16, generator=gen)]
     with pytest.raises(ValueError, match=r"budget must be in \(0, 1\], got 1\.5"):
         compress(model, x, budget=1.5)
-    with pytest.raises(ValueError, match=r"allocation must be one of 'loss', 'uniform'"):
-        compress(model, x, allocation="greedy")
+    with pytest.raises(ValueError, match=r"compress: allocation='greedy' shares the budget from"):
+        compress(model, x, budget=0.5, allocation="greedy")
+    with pytest.raises(ValueError, match=r"compress needs a rank rule: budget="):
+        compress(model, x)
     with pytest.raises(ValueError, match=r"calibration must be a non-empty list of batches"):
-        compress(model, [])
+        compress(model, [], budget=0.5)
+    with pytest.raises(TypeError, match=r"compress: heal must be a HealConfig or None"):
+        compress(model, x, budget=0.5, heal={"steps": 3})
+    with pytest.raises(TypeError, match=r"compress got unexpected keyword 'heal_steps'"):
+        compress(model, x, budget=0.5, heal_steps=3)
     with pytest.raises(ValueError, match=r"budget=0\.02 keeps .* but the smallest candidate"):
         compress(model, x, budget=0.02)
     with pytest.raises(ValueError, match=r"heal: mode must be one of end_to_end, blockwise"):
-        compress(model, x, heal_steps=3, heal_mode="layerwise")
+        HealConfig(steps=3, mode="layerwise")
     with pytest.raises(ValueError, match=r"heal: steps must be a positive int or None, got 0"):
-        compress(model, x, heal_steps=0)
+        HealConfig(steps=0)
+    with pytest.raises(ValueError, match=r"heal: give steps, seconds or both"):
+        HealConfig()
     with pytest.raises(ValueError, match=r"objective must be one of 'auto', 'kl'"):
-        compress(model, x, objective="l1")
+        compress(model, x, budget=0.8, objective="l1")
     llama = tiny_llama()
     llama_state = copy.deepcopy(llama.state_dict())
     ids = torch.randint(0, 64, (2, 8), generator=gen)
     masked = [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}]
     with pytest.raises(ValueError, match=r"no token reached the layers"):
-        compress(llama, masked)
+        compress(llama, masked, budget=0.8)
     with pytest.raises(ValueError, match=r"yielded no tokens"):
-        compress(llama, masked, allocation="uniform")
+        compress(llama, masked, budget=0.8, allocation="uniform")
     assert all(isinstance(m, nn.Linear) for m in model if not isinstance(m, nn.GELU))
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, LowRankLinear) for m in llama.modules())
@@ -125,7 +133,7 @@ def test_compress_an_encoder_and_a_model_without_blocks(gen):
         mask = torch.ones_like(ids)
         mask[:2, 18:] = 0  # some padding
         batches.append({"input_ids": ids, "attention_mask": mask})
-    report = compress(bert, batches, budget=0.7, heal_steps=3)
+    report = compress(bert, batches, budget=0.7, heal=HealConfig(steps=3))
     after, before = linear_params(report.conversion)
     assert after <= 0.7 * before
     assert report.conversion.propagation.container == "encoder.layer"
@@ -137,14 +145,10 @@ def test_compress_an_encoder_and_a_model_without_blocks(gen):
 
 
 def test_first_tokens_takes_the_shortest_prefix():
-    from lowrank_layers.pipeline import _batch_tokens, _first_tokens
+    from lowrank_layers.pipeline import _first_tokens
 
     ids = torch.zeros(2, 8, dtype=torch.long)
     masked = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 8, [1] * 3 + [0] * 5])}
-    assert _batch_tokens(masked) == 11
-    assert _batch_tokens({"input_ids": ids}) == 16
-    assert _batch_tokens(torch.zeros(4, 5, 3)) == 20  # features: all but the last dim
-    assert _batch_tokens((ids,)) == 16
     batches = [masked, masked, masked]
     assert len(_first_tokens(batches, 11)) == 1
     assert len(_first_tokens(batches, 12)) == 2

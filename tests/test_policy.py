@@ -8,13 +8,14 @@ from torch import nn
 
 from lowrank_layers import (
     AdaptiveLowRankLinear,
+    ConversionConfig,
     DynamicLowRankLinear,
-    GradientProjector,
     LowRankLinear,
     RankPolicy,
     convert_model,
     factorize,
 )
+from lowrank_layers.grad import GradientProjector
 from lowrank_layers.policy import allocate_ranks, as_policy, factor_parameters, resolve_rank
 
 
@@ -89,15 +90,21 @@ def test_every_entry_point_accepts_the_object(gen):
     adaptive = AdaptiveLowRankLinear(32, 64, policy)
     assert adaptive.switch_to_lowrank().rank == 8
     assert AdaptiveLowRankLinear.from_linear(dense, policy).default_policy == policy
-    report = convert_model(nn.Sequential(nn.Linear(32, 64)), policy)
+    report = convert_model(nn.Sequential(nn.Linear(32, 64)), policy=policy)
     assert report.converted[0].rank == 8
+    config = ConversionConfig(policy=policy)
+    assert convert_model(nn.Sequential(nn.Linear(32, 64)), config).converted[0].rank == 8
     model = nn.Sequential(nn.Linear(32, 64))
     projector = GradientProjector(model, policy, update_every=1)
     model(torch.randn(4, 32, generator=gen)).sum().backward()
     assert projector.ranks == {"0.weight": 8}
     projector.remove()
     with pytest.raises(ValueError, match=r"give policy=rank_ratio=0\.25 or the keyword form"):
-        convert_model(nn.Sequential(nn.Linear(32, 64)), policy, rank=4)
+        convert_model(nn.Sequential(nn.Linear(32, 64)), policy=policy, rank=4)
+    with pytest.raises(ValueError, match=r"give config= or its fields as keywords, not both"):
+        convert_model(nn.Sequential(nn.Linear(32, 64)), config, rank=4)
+    with pytest.raises(TypeError, match=r"config must be a ConversionConfig, got RankPolicy"):
+        convert_model(nn.Sequential(nn.Linear(32, 64)), policy)
 
 
 def test_an_adaptive_conversion_refuses_what_it_would_drop():
@@ -172,6 +179,6 @@ def test_allocate_ranks_takes_weights_and_names_a_bad_entry(gen):
         allocate_ranks({"b": (1, 2)}, 0.5)
     with pytest.raises(ValueError, match=r"allocation must be one of 'minimax', 'greedy', got 'x'"):
         allocate_ranks({"a": W}, 0.5, allocation="x")
-    with pytest.raises(ValueError, match=r"allocation must be one of 'minimax', 'greedy', "
-                       r"got 'x'"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"allocation must be one of 'auto', 'loss', 'minimax', "
+                       r"'greedy', 'uniform', got 'x'"):  # fmt: skip
         convert_model(nn.Sequential(nn.Linear(8, 8)), budget=0.5, allocation="x")

@@ -124,8 +124,9 @@ def test_a_chain_that_does_not_compose_is_refused(gen):
     assert capture_chain(model, container, blocks, [correlated(2, gen)]) is None
     # convert_model still converts every layer, from the original statistics, and says why
     report = convert_model(
-        model, rank=4, calibration=[correlated(8, gen)], propagate=True, exclude=["head"]
-    )
+        model, rank=4, calibration=[correlated(8, gen)], propagate=True, exclude=["head"],
+        embeddings=True,
+    )  # fmt: skip
     assert len(report.converted) == 13
     assert report.propagation.propagated == []
     assert "cannot be run one at a time" in report.propagation.note

