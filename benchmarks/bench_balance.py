@@ -27,7 +27,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table
 
-from lowrank_layers import factorize, relative_error
+from lowrank_layers import factorize
+from lowrank_layers.factorize import relative_error
 
 
 def train_digits_mlp(*, hidden: int, epochs: int, seed: int) -> tuple[nn.Sequential, tuple]:

@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table
 
-from lowrank_layers import GradientProjector
+from lowrank_layers.grad import GradientProjector
 
 
 def make_model() -> nn.Sequential:

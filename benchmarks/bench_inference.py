@@ -39,7 +39,8 @@ from common import (
     paired_median_times,
 )
 
-from lowrank_layers import LowRankLinear, expected_speedup, inference_layout_
+from lowrank_layers import LowRankLinear, inference_layout_
+from lowrank_layers.speed import expected_speedup
 
 SHAPES = [(576, 576), (576, 1536), (1536, 576), (1024, 1024), (768, 3072), (3072, 768)]
 RATIOS = [0.9, 0.8, 0.5]

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table, paired_median_times
 
-from lowrank_layers import measure_speed_model
-from lowrank_layers.speed import fit_read_bandwidth
+from lowrank_layers.speed import fit_read_bandwidth, measure_speed_model
 
 ROWS = (128, 256, 512, 1024, 2048, 4096, 8192)
 ELEMENTS = 2 << 20  # 8 MiB of float32 per weight

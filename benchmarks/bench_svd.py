@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table, median_time
 
-from lowrank_layers import randomized_svd
+from lowrank_layers.factorize import randomized_svd
 
 
 def test_matrix(kind: str, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

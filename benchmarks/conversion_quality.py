@@ -14,7 +14,8 @@ calibration passes included):
 - `aware`: whitening by the calibration inputs (`compress(allocation="uniform",
   propagate=False)`, the same as `convert_model(param_ratio=p, calibration=...)`);
 - `aware+budget` / `aware+greedy`: whitening with `budget=p` allocated from the whitened
-  spectra (minimax / greedy);
+  spectra (minimax / greedy: `allocate_ranks` on `truncated_spectrum(W, input_cov=...)`,
+  passed to `convert_model` as a `ranks=` plan);
 - `aware+prop`: + propagated conversion (`compress(allocation="uniform")`);
 - `loss`: whitening with the loss-aware allocation, no propagation;
 - `loss+prop`: the full training-free pipeline, `compress(budget=p)` (the default preset);
@@ -42,9 +43,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import knn_accuracy, load_bbc_news, machine_description, markdown_table
 
-from lowrank_layers import compress, convert_model, heal
+from lowrank_layers import ConversionConfig, compress, convert_model, heal
 from lowrank_layers.calibrate import collect_input_stats
-from lowrank_layers.hf import text_batches
+from lowrank_layers.factorize import truncated_spectrum
+from lowrank_layers.policy import allocate_ranks
+from lowrank_layers.targets import convertible_layers
+from lowrank_layers.text import text_batches
 
 ALL_METHODS = ["svd", "rowsum", "rownorm", "aware", "aware+budget", "aware+greedy",
                "aware+prop", "loss", "loss+prop"]  # fmt: skip
@@ -60,9 +64,21 @@ def convert(model, method: str, budget: float, calib, stats, exclude) -> tuple[o
         balance = "none" if method == "svd" else method
         convert_model(converted, param_ratio=budget, balance=balance, exclude=exclude)
     elif method in ("aware+budget", "aware+greedy"):
+        # the whitened spectral allocation, as an explicit plan: convert_model refuses a
+        # budget with calibration data (compress's job), and these rows measure why
         allocation = "greedy" if method == "aware+greedy" else "minimax"
-        convert_model(converted, budget=budget, input_stats=stats, allocation=allocation,
-                      exclude=exclude)  # fmt: skip
+        layers = convertible_layers(converted, ConversionConfig(exclude=exclude))
+        covs = {n: s.covariance for n, s in stats.items() if s.tokens}
+        spectra = {
+            name: (
+                truncated_spectrum(m.weight.detach(), input_cov=covs.get(name)),
+                m.out_features,
+                m.in_features,
+            )
+            for name, m in layers.items()
+        }
+        ranks = allocate_ranks(spectra, budget, allocation=allocation)
+        convert_model(converted, ranks=ranks, input_stats=stats, exclude=exclude)
     else:
         compress(
             converted,

@@ -6,7 +6,8 @@ python examples/quickstart.py
 import torch
 from torch import nn
 
-from lowrank_layers import LowRankLinear, factorize, make_efficient_linear, relative_error
+from lowrank_layers import LowRankLinear, factorize, make_efficient_linear
+from lowrank_layers.factorize import relative_error
 
 torch.manual_seed(0)
 
