@@ -44,9 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import knn_accuracy, load_bbc_news, machine_description, markdown_table
 
 from lowrank_layers import ConversionConfig, compress, convert_model, heal
+from lowrank_layers.allocate import allocate_ranks
 from lowrank_layers.calibrate import collect_input_stats
 from lowrank_layers.factorize import truncated_spectrum
-from lowrank_layers.policy import allocate_ranks
 from lowrank_layers.targets import convertible_layers
 from lowrank_layers.text import text_batches
 

@@ -20,6 +20,7 @@ the squared error of hidden states), for encoders.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,14 +31,16 @@ from torch import nn
 
 from .blocks import has_logits, main_output
 from .calibrate import InputCache, linear_modules, padding_mask, run_batch, token_rows
-from .common import InputError, check_choice, check_fraction, restored_flags
+from .common import InputError, InputTypeError, check_choice, check_fraction, restored_flags
 from .factorize import whitening_factor
-from .policy import factor_parameters, resolve_rank
+from .policy import factor_parameters, resolve_rank, saves_parameters
 from .speed import SpeedRule
 
 __all__ = [
+    "SPECTRAL_ALLOCATIONS",
     "LayerOptions",
     "Sensitivity",
+    "allocate_ranks",
     "collect_sensitivity",
     "loss_aware_ranks",
     "rank_options",
@@ -425,3 +428,156 @@ def loss_aware_ranks(
             )
         plan.update(solve_budget(options, min(share, 1.0)))
     return {n: plan[n] for n in modules}, options
+
+
+# ------------------------------------------------------------------------------------------
+# spectral allocation: a budget shared from the singular values alone
+# ------------------------------------------------------------------------------------------
+
+
+SPECTRAL_ALLOCATIONS: tuple[str, ...] = ("minimax", "greedy")
+
+
+def allocate_ranks(
+    spectra: Mapping[str, tuple[torch.Tensor, int, int] | torch.Tensor],
+    budget: float,
+    *,
+    row_scales: bool = False,
+    allocation: str = "minimax",
+    max_ranks: Mapping[str, int] | None = None,
+) -> dict[str, int]:
+    """Per-layer ranks keeping at most ``budget`` of the layers' weight parameters.
+
+    ``spectra`` maps a layer to ``(singular values, out, in)`` of the matrix that will be
+    truncated, or to the ``(out, in)`` weight itself (its singular values are computed);
+    a layer's relative error at rank ``r`` is ``sqrt(Σ_{i>r} σᵢ² / Σ σᵢ²)``.
+
+    - ``"minimax"`` (default): the smallest common relative error every layer reaches within
+      the budget (a bisection on the error level, each layer taking the smallest rank that
+      reaches it), then the leftover budget filled greedily. No layer is sacrificed to
+      save parameters on another.
+    - ``"greedy"``: from rank 1 everywhere, add the component restoring the largest fraction
+      of its layer's energy per parameter it costs (``in + out + 1``), while the budget lasts.
+      It minimises the *sum* of relative squared errors, which lets a few layers fall to
+      very low ranks.
+
+    Every layer keeps at least rank 1, at most its ``max_ranks`` entry (when given), and
+    never reaches break-even. Ties go to the earlier
+    layer name: the result is deterministic. ``benchmarks/conversion_quality.py`` compares
+    the two on real models.
+
+    Raises:
+        ValueError: ``budget`` outside (0, 1], an unknown ``allocation``, or a budget too small
+            for rank 1 everywhere.
+    """
+    check_fraction("budget", budget)
+    check_choice("allocation", allocation, SPECTRAL_ALLOCATIONS)
+    spectra = {name: _spectrum_entry(name, value) for name, value in spectra.items()}
+    total = sum(out * inp for _, out, inp in spectra.values())
+    allowed = budget * total
+    names = sorted(spectra)
+    ranks = dict.fromkeys(names, 1)
+    used = sum(
+        factor_parameters(spectra[n][1], spectra[n][2], 1, row_scales=row_scales) for n in names
+    )
+    if used > allowed:
+        raise InputError(
+            f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but rank 1 in "
+            f"each of the {len(names)} layers already needs {used:,}"
+        )
+    energy: dict[str, list[float]] = {}
+    for n in names:
+        sq = spectra[n][0].detach().to(torch.float64).square()
+        energy[n] = (sq / sq.sum().clamp_min(1e-300)).tolist()
+    limit = {n: (max_ranks or {}).get(n, len(energy[n])) for n in names}
+    if allocation == "minimax":
+        ranks, used = _minimax_ranks(spectra, energy, allowed, row_scales, limit)
+    heap: list[tuple[float, int, str]] = []
+    for i, n in enumerate(names):
+        out, inp = spectra[n][1], spectra[n][2]
+        if len(energy[n]) > ranks[n]:
+            heapq.heappush(heap, (-energy[n][ranks[n]] / (out + inp + 1), i, n))
+    while heap:
+        _, i, n = heapq.heappop(heap)
+        _, out, inp = spectra[n]
+        r = ranks[n]
+        step = out + inp + 1
+        if (
+            used + step > allowed
+            or r + 1 > limit[n]
+            or not saves_parameters(out, inp, r + 1, row_scales=row_scales)
+        ):
+            continue
+        ranks[n] = r + 1
+        used += step
+        if r + 1 < len(energy[n]):
+            heapq.heappush(heap, (-energy[n][r + 1] / step, i, n))
+    return ranks
+
+
+def _spectrum_entry(name: str, value: object) -> tuple[torch.Tensor, int, int]:
+    """One ``allocate_ranks`` entry as ``(singular values, out, in)``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 2:
+        return torch.linalg.svdvals(value.detach().to(torch.float64)), *value.shape
+    ok = (
+        isinstance(value, tuple)
+        and len(value) == 3
+        and isinstance(value[0], torch.Tensor)
+        and value[0].dim() == 1
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value[1:])
+    )
+    if not ok:
+        got = (
+            f"a tensor of shape {tuple(value.shape)}"
+            if isinstance(value, torch.Tensor)
+            else repr(value)
+        )
+        raise InputTypeError(
+            f"spectra[{name!r}] must be (singular values as a 1-D tensor, out, in) or a 2-D "
+            f"weight, got {got}"
+        )
+    return value  # type: ignore[return-value]
+
+
+def _minimax_ranks(
+    spectra: dict[str, tuple[torch.Tensor, int, int]],
+    energy: dict[str, list[float]],
+    allowed: float,
+    row_scales: bool,
+    limit: Mapping[str, int],
+) -> tuple[dict[str, int], int]:
+    """Ranks reaching the smallest common residual-energy fraction within ``allowed``."""
+    import bisect
+    import itertools
+
+    residual = {}  # residual[n][r-1] = fraction of energy left at rank r (decreasing in r)
+    caps = {}
+    for n, (_, out, inp) in spectra.items():
+        kept = list(itertools.accumulate(energy[n]))
+        residual[n] = [max(0.0, 1.0 - k) for k in kept]
+        cap = max(1, min(len(kept), limit[n]))
+        while cap > 1 and not saves_parameters(out, inp, cap, row_scales=row_scales):
+            cap -= 1
+        caps[n] = cap
+
+    def ranks_at(level: float) -> dict[str, int]:
+        out = {}
+        for n, res in residual.items():
+            # smallest r with res[r-1] <= level: res is decreasing, search on its negation
+            r = bisect.bisect_left([-x for x in res], -level) + 1
+            out[n] = max(1, min(r, caps[n]))
+        return out
+
+    def cost(ranks: dict[str, int]) -> int:
+        return sum(factor_parameters(spectra[n][1], spectra[n][2], r, row_scales=row_scales)
+                   for n, r in ranks.items())  # fmt: skip
+
+    lo, hi = 0.0, 1.0  # cost(ranks_at(1.0)) is rank 1 everywhere, checked by the caller
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if cost(ranks_at(mid)) <= allowed:
+            hi = mid
+        else:
+            lo = mid
+    ranks = ranks_at(hi)
+    return ranks, cost(ranks)

@@ -2,7 +2,7 @@
 
 The steps, each in its own module: which layers (:mod:`~lowrank_layers.targets`), the
 rank of each (:mod:`~lowrank_layers.layer_plan`, shared with ``convert_checkpoint``;
-a global budget is shared out by :func:`~lowrank_layers.policy.allocate_ranks`), the
+a global budget is shared out by :func:`~lowrank_layers.allocate.allocate_ranks`), the
 factorization (:func:`~lowrank_layers.factorize`) and the report
 (:mod:`~lowrank_layers.report`). Calibrated conversion collects each layer's input
 statistics first (:mod:`~lowrank_layers.calibrate`), or converts layer by layer through the
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
+from .allocate import allocate_ranks
 from .calibrate import InputStats, collect_input_stats
 from .common import (
     InputError,
@@ -37,7 +38,7 @@ from .hf_quantizer import mark_lowrank_config
 from .layer_plan import Shape, check_rank, converted_report, plan_layer
 from .linear import LowRankLinear
 from .linears import features
-from .policy import RankPolicy, allocate_ranks, factor_parameters, layer_seed, threshold_reason
+from .policy import RankPolicy, factor_parameters, layer_seed, threshold_reason
 from .readers import weight_reader_policy
 from .report import ConversionReport, LayerReport, skipped_report
 from .targets import Selection, select_layers, structural_reason

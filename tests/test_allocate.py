@@ -14,6 +14,7 @@ from lowrank_layers import LowRankLinear, convert_model
 from lowrank_layers.allocate import (
     LayerOptions,
     Sensitivity,
+    allocate_ranks,
     collect_sensitivity,
     loss_aware_ranks,
     rank_options,
@@ -21,7 +22,6 @@ from lowrank_layers.allocate import (
 )
 from lowrank_layers.calibrate import collect_input_stats
 from lowrank_layers.factorize import factorize, truncated_spectrum
-from lowrank_layers.policy import allocate_ranks
 
 from .helpers import tiny_llama
 

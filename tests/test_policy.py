@@ -15,8 +15,9 @@ from lowrank_layers import (
     convert_model,
     factorize,
 )
+from lowrank_layers.allocate import allocate_ranks
 from lowrank_layers.grad import GradientProjector
-from lowrank_layers.policy import allocate_ranks, as_policy, factor_parameters, resolve_rank
+from lowrank_layers.policy import as_policy, factor_parameters, resolve_rank
 
 
 def test_a_policy_is_validated_when_made_without_a_shape():
