@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from .common import InputError, InputTypeError, check_choice, check_fraction
+from .common import InputError, InputTypeError, check_choice, check_fraction, check_int
 from .factorize import BALANCE_MODES, METHODS, Balance, Method
 from .heal import check_heal_options
 from .policy import RankPolicy, as_policy
@@ -149,10 +149,8 @@ class ConversionConfig:
                 set_(self, name, tuple(value))
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise InputTypeError(f"filter_fn must be callable, got {self.filter_fn!r}")
-        for name in ("threshold", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise InputError(f"{name} must be an int >= 0, got {value!r}")
+        check_int("threshold", self.threshold, 0)
+        check_int("seed", self.seed, 0)
         if not isinstance(self.embeddings, bool):
             raise InputTypeError(f"embeddings must be a bool, got {self.embeddings!r}")
         check_choice("method", self.method, METHODS)

@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from .common import InputError, InputTypeError, all_finite, check_choice
+from .common import InputError, InputTypeError, all_finite, check_choice, check_int
 from .policy import (
     RankPolicy,
     as_policy,
@@ -265,9 +265,8 @@ def randomized_svd(
     max_rank = min(m, n)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= max_rank:
         raise InputError(f"rank must be an int in [1, {max_rank}] for a {m}x{n} weight, got {rank}")
-    for name, value in (("oversample", oversample), ("power_iters", power_iters)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InputError(f"{name} must be an int >= 0, got {value!r}")
+    check_int("oversample", oversample, 0)
+    check_int("power_iters", power_iters, 0)
     dtype = A.dtype
     A = promote(A)
     ell = min(rank + oversample, max_rank)

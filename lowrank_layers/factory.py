@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import InputError
+from .common import InputError, check_int
 from .linear import LowRankLinear, check_features
 from .policy import RankPolicy, as_policy
 
@@ -49,8 +49,7 @@ def make_efficient_linear(
     """
     check_features("in_features", in_features)
     check_features("out_features", out_features)
-    if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
-        raise InputError(f"threshold must be an int >= 0, got {threshold!r}")
+    check_int("threshold", threshold, 0)
     policy = as_policy(policy, rank_ratio=rank_ratio, required=False) or RankPolicy(rank_ratio=0.1)
     if policy.energy is not None:
         raise InputError(

@@ -37,7 +37,7 @@ from .checkpoint_format import (
     lowrank_quantization_config,
     open_checkpoint,
 )
-from .common import InputError, all_finite, progress_bar
+from .common import InputError, all_finite, check_int, progress_bar
 from .config import ConversionConfig, config_from
 from .factorize import NONFINITE_REASON, factorize, relative_error
 from .layer_plan import Shape, check_rank, converted_report, plan_layer
@@ -246,8 +246,7 @@ def convert_checkpoint(
     """
     config = config_from(config, options, caller="convert_checkpoint")
     _check_config(config)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise InputError(f"workers must be an int >= 1, got {workers!r}")
+    check_int("workers", workers)
     if conv1d is not None and not isinstance(conv1d, bool):
         check_patterns("conv1d", conv1d)
     src, dst = Path(src), named_path(Path(dst))

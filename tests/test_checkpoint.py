@@ -489,7 +489,7 @@ def test_convert_checkpoint_errors(tiny, tmp_path):
         convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, layer="dynamic")
     with pytest.raises(TypeError, match=r"unexpected keyword 'exclude_embeddings'"):
         convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, exclude_embeddings=False)
-    with pytest.raises(ValueError, match=r"workers must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"workers must be a positive int, got 0"):
         convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, workers=0)
     with pytest.raises(ValueError, match=r"no 2-D weight of .* matched \(include='nothing'"):
         convert_checkpoint(src, tmp_path / "o.safetensors", rank=4, include="nothing")
