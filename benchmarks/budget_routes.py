@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budget", type=float, default=0.8)
     parser.add_argument("--calib-docs", type=int, default=64)
-    parser.add_argument("--eval-docs", type=int, default=64)
+    parser.add_argument("--eval-docs", type=int, default=32)  # as conversion_quality.py
     args = parser.parse_args()
     torch.set_num_threads(2)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -57,7 +57,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "smollm2"
-        model.save_pretrained(folder)  # the dequantized model, as a transformers folder
+        # the dequantized model, as a transformers folder: the GGUF record goes (its weights
+        # are float now), as it would for a user saving a dequantized model
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
         start = time.perf_counter()
