@@ -440,7 +440,9 @@ def test_a_signal_unwinds_main_and_its_handler_is_restored(name, dense_file, cap
 
     src, _ = dense_file
     signum = getattr(signal, name)
-    before = signal.getsignal(signum)
+    # the default disposition, as a shell leaves it (under nohup SIGHUP starts ignored, and
+    # an ignored signal stays ignored: the next test)
+    previous = signal.signal(signum, signal.SIG_DFL)
     seen = []
 
     def terminated(args):
@@ -450,10 +452,13 @@ def test_a_signal_unwinds_main_and_its_handler_is_restored(name, dense_file, cap
         raise AssertionError(f"{name} did not unwind")
 
     monkeypatch.setattr(cli, "_run_inspect", terminated)
-    assert main(["inspect", str(src)]) == 128 + signum
-    assert capsys.readouterr().err == f"lowrank-layers: terminated by {name}\n"
-    assert seen == [cli._on_signal]
-    assert signal.getsignal(signum) is before
+    try:
+        assert main(["inspect", str(src)]) == 128 + signum
+        assert capsys.readouterr().err == f"lowrank-layers: terminated by {name}\n"
+        assert seen == [cli._on_signal]
+        assert signal.getsignal(signum) is signal.SIG_DFL
+    finally:
+        signal.signal(signum, previous)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
