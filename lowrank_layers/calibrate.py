@@ -25,6 +25,7 @@ __all__ = [
     "InputCache",
     "InputStats",
     "batch_tokens",
+    "check_batches",
     "collect_input_stats",
     "linear_modules",
     "mask_fits",
@@ -162,6 +163,28 @@ def token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = x[mask.reshape(x.shape[:-1]).to(device=x.device, dtype=torch.bool)]
     flat = rearrange(x.detach(), "... d -> (...) d")
     return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+
+def check_batches(value: Any, name: str = "calibration", *, hint: str = "") -> None:
+    """Refuse what looks like calibration data but is not a list of batches, with one line
+    naming ``name``: a bare string, a list of strings (tokenize them with
+    :func:`~lowrank_layers.text.text_batches`), and one batch or tokenizer output (a
+    mapping). ``hint`` is appended to the mapping's message. None passes."""
+    fix = "tokenize text first: text_batches(tokenizer, texts) from lowrank_layers.text"
+    if isinstance(value, (str, bytes)):
+        raise InputTypeError(
+            f"{name} takes a list of batches the model runs on, got a {type(value).__name__}; {fix}"
+        )
+    if isinstance(value, Mapping):
+        raise InputTypeError(
+            f"{name} takes an iterable of batches, got a mapping with keys {list(value)[:4]}: "
+            f"one batch goes in a list, {name}=[batch]{hint}"
+        )
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], (str, bytes)):
+        raise InputTypeError(
+            f"{name} takes a list of batches the model runs on, got a {type(value).__name__} "
+            f"of {type(value[0]).__name__}; {fix}"
+        )
 
 
 def collect_input_stats(

@@ -181,9 +181,15 @@ def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
         metavar="TEXT",
         help="compress the model (loss-aware ranks, propagated activation-aware "
         "factorization, optional healing) calibrated on this text file or folder of .txt "
-        "files (needs a transformers model folder as SRC)",
+        "files (needs a transformers model folder as SRC); --calib-docs documents are drawn "
+        "with --seed, round-robin over the folder's subfolders",
     )
-    parser.add_argument("--calib-docs", type=_positive_int, default=64)
+    parser.add_argument(
+        "--calib-docs",
+        type=_positive_int,
+        default=64,
+        help="how many calibration documents to draw (default 64)",
+    )
     parser.add_argument("--calib-max-length", type=_positive_int, default=256)
     parser.add_argument(
         "--no-propagate",
@@ -301,7 +307,8 @@ def _run_convert(args: argparse.Namespace) -> None:
 
 def _run_convert_with_model(args: argparse.Namespace, config: ConversionConfig) -> None:
     from .hf import convert_pretrained
-    from .text import read_texts
+    from .pipeline import check_compress_config
+    from .text import _sample_texts
 
     if not args.src.is_dir():
         raise UsageError(
@@ -311,7 +318,10 @@ def _run_convert_with_model(args: argparse.Namespace, config: ConversionConfig) 
         raise UsageError("--workers applies to conversion without model code")
     texts = None
     if args.calibrate is not None:
-        texts = read_texts(args.calibrate, limit=args.calib_docs)
+        check_compress_config(config)  # a config error is the only line, before the texts
+        sample = _sample_texts(args.calibrate, args.calib_docs, args.seed)
+        print(sample.describe(), file=sys.stderr)
+        texts = sample.texts
     healing = args.heal_steps is not None or args.heal_seconds is not None
     heal = HealConfig(args.heal_steps, args.heal_seconds, args.heal_mode) if healing else None
     report = convert_pretrained(

@@ -20,6 +20,7 @@ __all__ = [
     "check_choice",
     "check_fraction",
     "check_int",
+    "check_module",
     "check_positive",
     "parameter_count",
     "progress_bar",
@@ -63,6 +64,21 @@ def check_int(name: str, value: object, low: int = 1, *, optional: bool = False)
         allowed = "a positive int" if low == 1 else f"an int >= {low}"
         raise InputError(f"{name} must be {allowed}{' or None' if optional else ''}, got {value!r}")
     return value
+
+
+def check_module(name: str, value: object, call: str) -> None:
+    """Raise ``TypeError`` naming ``name`` unless ``value`` is an ``nn.Module``; ``call`` is
+    the entry point's signature, shown as the fix: ``model must be an nn.Module, got AdamW
+    (an optimizer: the arguments are switch_to_lowrank(model, optimizer))``."""
+    if isinstance(value, nn.Module):
+        return
+    got = type(value).__name__
+    if isinstance(value, torch.optim.Optimizer):
+        raise InputTypeError(
+            f"{name} must be an nn.Module, got {got} (an optimizer, torch.optim.Optimizer): "
+            f"the arguments are {call}"
+        )
+    raise InputTypeError(f"{name} must be an nn.Module, got {got}; {call}")
 
 
 def check_positive(name: str, value: object, *, optional: bool = False) -> Any:

@@ -38,7 +38,14 @@ from .blocks import (
     main_output,
 )
 from .calibrate import padding_mask, run_batch
-from .common import InputError, check_int, check_positive, progress_bar, restored_flags
+from .common import (
+    InputError,
+    check_int,
+    check_module,
+    check_positive,
+    progress_bar,
+    restored_flags,
+)
 from .dynamic import DynamicLowRankLinear
 from .linear import FACTOR_NAMES, LowRankLinear
 
@@ -458,6 +465,8 @@ def _check_call(
     max_grad_norm: float | None,
 ) -> None:
     """:func:`heal`'s checks of its models, batches, seed and clipping norm."""
+    check_module("student", student, "heal(student, teacher, batches)")
+    check_module("teacher", teacher, "heal(student, teacher, batches)")
     check_positive("heal: max_grad_norm", max_grad_norm, optional=True)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"heal: seed must be an int, got {seed!r}")

@@ -60,6 +60,7 @@ from .safetensors_io import (
     write_index,
 )
 from .selection import check_patterns, name_matches
+from .targets import warn_unmatched_exclude
 
 __all__ = [
     "CONV1D_MODEL_TYPES",
@@ -319,6 +320,7 @@ def _select_tensors(
     """The weights ``config`` selects; counts every tensor's parameters into ``report`` and
     reports fused experts and weights that transformers converts on load."""
     conversions = _load_time_conversions(_folder_config(ckpt.folder or src.parent))
+    warn_unmatched_exclude(_module_names(headers), config.exclude)
     selected: set[str] = set()
     for f in ckpt.files:
         for key, info in headers[f].items():
@@ -350,6 +352,17 @@ def _select_tensors(
             f"exclude={config.exclude!r}, embeddings={config.embeddings})"
         )
     return selected
+
+
+def _module_names(headers: Mapping[Path, Mapping[str, Any]]) -> set[str]:
+    """The names of the modules a checkpoint's tensors belong to, their parents included
+    (``a.b.weight`` gives ``a`` and ``a.b``), as a model's ``named_modules`` lists them."""
+    names = set()
+    for header in headers.values():
+        for key in header:
+            parts = key.split(".")[:-1]
+            names.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    return names
 
 
 def _output_plan(

@@ -23,8 +23,8 @@ from typing import Any
 from torch import nn
 
 from .allocate import collect_sensitivity, loss_aware_ranks
-from .calibrate import batch_tokens
-from .common import InputError, InputTypeError
+from .calibrate import batch_tokens, check_batches
+from .common import InputError, InputTypeError, check_module
 from .config import ConversionConfig, HealConfig, config_from
 from .convert import convert_model
 from .heal import OBJECTIVES, heal
@@ -142,6 +142,7 @@ def compress(
         >>> report.conversion.params_after <= 0.6 * (32 * 64 * 2)
         True
     """
+    check_module("model", model, "compress(model, calibration, config)")
     config = config_from(config, options, caller="compress")
     _check_options(config, calibration, heal, objective)
     seconds: dict[str, float] = {}
@@ -182,6 +183,7 @@ def _check_options(
     config: ConversionConfig, calibration: Any, heal: HealConfig | None, objective: str
 ) -> None:
     """Refuse bad options before the model changes."""
+    check_batches(calibration)
     if not isinstance(calibration, Sequence) or len(calibration) == 0:
         raise InputError(
             "compress: calibration must be a non-empty list of batches, got "

@@ -5,6 +5,8 @@ meta tensors, fused experts) that keep a matched module as it is."""
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,7 @@ from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear
 from .linears import as_linear, is_conv1d, is_linear_like
 from .readers import weight_reader_policy
-from .selection import module_holders, weight_owners
+from .selection import module_holders, name_matches, weight_owners
 
 if TYPE_CHECKING:
     from .config import ConversionConfig
@@ -30,6 +32,7 @@ __all__ = [
     "is_embedding_name",
     "select_layers",
     "structural_reason",
+    "warn_unmatched_exclude",
 ]
 
 LOWRANK_TYPES = (LowRankLinear, AdaptiveLowRankLinear, DynamicLowRankLinear)
@@ -208,8 +211,33 @@ class Selection:
     kept: dict[str, str] = field(default_factory=dict)
 
 
-def select_layers(model: nn.Module, config: ConversionConfig) -> Selection:
-    """The modules ``config`` matches in ``model``, and those free of structural obstacles."""
+def warn_unmatched_exclude(names: Iterable[str], exclude: str | Iterable[str] | None) -> None:
+    """A ``UserWarning`` naming each ``exclude`` pattern that matches none of ``names`` (a
+    likely typo, or a layer the model does not have: it excludes nothing): each entry of a
+    list on its own, a regex as a whole."""
+    if exclude is None:
+        return
+    names = list(names)
+    if isinstance(exclude, str):
+        unmatched = [] if any(name_matches(n, exclude) for n in names) else [exclude]
+        rule = "a regex must match a whole dotted name"
+    else:
+        unmatched = [p for p in exclude if not any(name_matches(n, [p]) for n in names)]
+        rule = "a list holds exact names or dotted suffixes"
+    if unmatched:
+        warnings.warn(
+            f"exclude {', '.join(map(repr, unmatched))} matches no module, so it excludes "
+            f"nothing ({rule}); check the spelling against the model's module names",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def select_layers(model: nn.Module, config: ConversionConfig, *, warn: bool = True) -> Selection:
+    """The modules ``config`` matches in ``model``, and those free of structural obstacles;
+    with ``warn``, a ``UserWarning`` for each ``exclude`` pattern that matches no module."""
+    if warn:
+        warn_unmatched_exclude((n for n, _ in model.named_modules() if n), config.exclude)
     candidates = _candidates(model, config)
     holders = module_holders(model)
     owners = weight_owners(model)
@@ -230,4 +258,4 @@ def convertible_layers(model: nn.Module, config: ConversionConfig) -> dict[str, 
     """The layers :func:`~lowrank_layers.convert_model` would factorize with ``config``'s
     selection: matched, and free of structural obstacles (tied or shared weights, a parent
     reading ``.weight``, subclasses, meta tensors). Sizes and ranks are not checked here."""
-    return select_layers(model, config).eligible  # type: ignore[return-value]
+    return select_layers(model, config, warn=False).eligible  # type: ignore[return-value]

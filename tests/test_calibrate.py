@@ -505,3 +505,30 @@ def test_no_tokens_raise_and_restore_the_model(gen):
         collect_input_stats(model, iter([]))
     assert modes(model) == before
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("call", ["convert_model", "compress"])
+def test_calibration_must_be_batches_not_text_or_one_batch(call):
+    from lowrank_layers import compress
+
+    model = Net()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(calibration):
+        if call == "compress":
+            return compress(model, calibration, budget=0.5)
+        return convert_model(model, rank=8, calibration=calibration)
+
+    with pytest.raises(TypeError, match=r"^calibration takes a list of batches the model runs "
+                       r"on, got a str; tokenize text first: text_batches\(tokenizer, texts\) "
+                       r"from lowrank_layers\.text$"):  # fmt: skip
+        run("some calibration text")
+    with pytest.raises(TypeError, match=r"^calibration takes a list of batches the model runs "
+                       r"on, got a list of str; tokenize text first: text_batches"):  # fmt: skip
+        run(["one document", "another"])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3)}
+    with pytest.raises(TypeError, match=r"^calibration takes an iterable of batches, got a "
+                       r"mapping with keys \['input_ids', 'attention_mask'\]: one batch goes "
+                       r"in a list, calibration=\[batch\]"):  # fmt: skip
+        run(batch)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -568,3 +568,34 @@ def test_the_cli_converts_gpt2_the_right_way_round(tmp_path, capsys):
     assert "named like a GPT-2 Conv1D weight" in capsys.readouterr().err
     out = str(tmp_path / "y.safetensors")
     assert main(["convert", bare, out, "--rank", "4", "--conv1d", "gpt2", "--no-progress"]) == 0
+
+
+def test_calibrate_draws_documents_across_subfolders_and_says_so(tmp_path, capsys, monkeypatch):
+    from lowrank_layers import hf
+
+    texts = tmp_path / "news"
+    for name in ("business", "politics", "sport", "tech"):  # sorted: business first
+        (texts / name).mkdir(parents=True)
+        for i in range(20):
+            (texts / name / f"{i:03d}.txt").write_text(f"{name} article {i}")
+    model = tmp_path / "model"
+    model.mkdir()
+    taken = []
+
+    def convert_pretrained(src, dst, config, *, calibration_texts, **kwargs):
+        taken.append(calibration_texts)
+        return "report"
+
+    monkeypatch.setattr(hf, "convert_pretrained", convert_pretrained)
+    argv = ["convert", str(model), str(tmp_path / "out"), "--budget", "0.75",
+            "--calibrate", str(texts), "--calib-docs", "8"]  # fmt: skip
+    assert main([*argv, "--seed", "5"]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        f"calibration: 8 documents from 8 of the 80 .txt files in 4 folders under {texts} "
+        "(drawn round-robin over the folders with seed 5)\n"
+    )
+    classes = sorted(t.split()[0] for t in taken[0])
+    assert classes == ["business"] * 2 + ["politics"] * 2 + ["sport"] * 2 + ["tech"] * 2
+    assert main([*argv, "--seed", "5"]) == 0 and taken[1] == taken[0]  # the seed decides
+    assert main([*argv, "--seed", "6"]) == 0 and taken[2] != taken[0]

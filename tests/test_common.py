@@ -2,6 +2,7 @@
 and the restoring of training flags."""
 
 import math
+import re
 import sys
 
 import pytest
@@ -11,6 +12,7 @@ from lowrank_layers.common import (
     InputError,
     check_fraction,
     check_int,
+    check_module,
     check_positive,
     progress_bar,
     restored_flags,
@@ -97,3 +99,38 @@ def test_restored_flags_takes_any_iterables():
         for p in layer.parameters():
             p.requires_grad_(False)
     assert layer.training and all(p.requires_grad for p in layer.parameters())
+
+
+def _entry_points():
+    import torch
+
+    from lowrank_layers import compress, convert_model, lowrank_summary, merge_to_dense
+    from lowrank_layers.heal import heal
+    from lowrank_layers.training import prune_dynamic, switch_to_lowrank
+
+    model = nn.Sequential(nn.Linear(8, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [torch.zeros(2, 8)]
+    return [
+        ("switch_to_lowrank(model, optimizer)", lambda: switch_to_lowrank(opt, model)),
+        ("prune_dynamic(model, optimizer)", lambda: prune_dynamic(opt, model)),
+        ("convert_model(model, config)", lambda: convert_model(opt, rank=2)),
+        ("compress(model, calibration, config)", lambda: compress(opt, batches, budget=0.5)),
+        ("merge_to_dense(model)", lambda: merge_to_dense(opt)),
+        ("lowrank_summary(model)", lambda: lowrank_summary(opt)),
+        ("heal(student, teacher, batches)", lambda: heal(opt, model, batches, steps=1)),
+    ]
+
+
+def test_a_swapped_optimizer_and_model_names_both_types():
+    for signature, call in _entry_points():
+        name = "student" if signature.startswith("heal") else "model"
+        expected = (
+            rf"^{name} must be an nn\.Module, got AdamW \(an optimizer, torch\.optim\.Optimizer\): "
+            rf"the arguments are {re.escape(signature)}$"
+        )
+        with pytest.raises(TypeError, match=expected):
+            call()
+    with pytest.raises(TypeError, match=r"^model must be an nn\.Module, got str; f\(model\)$"):
+        check_module("model", "not a model", "f(model)")
+    check_module("model", nn.Linear(2, 2), "f(model)")  # a module passes

@@ -135,3 +135,28 @@ def test_a_dense_load_of_a_cli_folder_fails_loudly(tmp_path):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0
     assert "size mismatch" in run.stderr or "mismatched" in run.stderr
+
+
+def test_convert_checkpoint_warns_about_an_exclude_that_matches_nothing(tmp_path):
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from lowrank_layers import convert_checkpoint
+
+    gen = torch.Generator().manual_seed(0)
+    src = tmp_path / "mlp.safetensors"
+    save_file({f"layers.{i}.fc.weight": torch.randn(32, 32, generator=gen) for i in range(2)},
+              src)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"^exclude 'lm_head' matches no module, so it "
+                      r"excludes nothing"):  # fmt: skip
+        report = convert_checkpoint(src, tmp_path / "a.safetensors", rank=4, exclude=["lm_head"])
+    assert len(report.converted) == 2
+    with pytest.warns(UserWarning, match=r"^exclude 'fc' matches no module"):
+        convert_checkpoint(src, tmp_path / "b.safetensors", rank=4, exclude="fc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i, exclude in enumerate([["layers.0.fc"], ["layers.1.fc"], r"layers\.0\..*"]):
+            report = convert_checkpoint(src, tmp_path / f"{i}.safetensors", rank=4,
+                                        exclude=exclude)  # fmt: skip
+            assert len(report.converted) == 1

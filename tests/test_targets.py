@@ -90,3 +90,39 @@ def test_the_root_module_cannot_be_converted_in_place():
         expected = r"model is itself a \w+: the root module cannot be replaced in place"
         with pytest.raises(ValueError, match=expected + r".*from_linear.*Sequential\(layer\)"):
             convert_model(root, rank=4)
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 64), nn.ReLU())
+        self.head = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_an_exclude_that_matches_nothing_warns_naming_it():
+    import re
+    import warnings
+
+    from lowrank_layers import compress
+
+    with pytest.warns(UserWarning, match=r"^exclude 'lm_head' matches no module, so it excludes "
+                      r"nothing \(a list holds exact names or dotted suffixes\)"):  # fmt: skip
+        report = convert_model(TwoLayers(), rank=4, exclude=["lm_head", "head"])
+    assert [r.name for r in report.converted] == ["body.0"]  # 'head' still excluded
+    with pytest.warns(UserWarning, match=r"^exclude 'lm_head', 'decoder' matches no module"):
+        convert_model(TwoLayers(), rank=4, exclude=["lm_head", "decoder"])
+    regex = r"head\..*"
+    expected = f"exclude {regex!r} matches no module, so it excludes nothing (a regex must"
+    with pytest.warns(UserWarning, match="^" + re.escape(expected)):
+        convert_model(TwoLayers(), rank=4, exclude=regex)
+    batches = [torch.randn(96, 32, generator=torch.Generator().manual_seed(0))]
+    with pytest.warns(UserWarning, match=r"^exclude 'lm_head'") as caught:
+        compress(TwoLayers(), batches, budget=0.8, exclude=["lm_head"])
+    assert sum(str(w.message).startswith("exclude") for w in caught) == 1  # once, not per stage
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an exclude that matches warns about nothing
+        convert_model(TwoLayers(), rank=4, exclude=["head"])
+        convert_model(TwoLayers(), rank=4, exclude=r"body\..*")

@@ -7,7 +7,7 @@ import torch
 from lowrank_layers.text import read_texts, text_batches
 
 
-def test_read_texts_reads_each_txt_of_a_folder_in_order(tmp_path):
+def test_read_texts_reads_each_txt_of_a_folder(tmp_path):
     docs = tmp_path / "docs"
     (docs / "sub").mkdir(parents=True)
     (docs / "b.txt").write_text("second\n")
@@ -15,15 +15,52 @@ def test_read_texts_reads_each_txt_of_a_folder_in_order(tmp_path):
     (docs / "sub" / "c.txt").write_text("third")
     (docs / "empty.txt").write_text("\n\n")  # dropped
     (docs / "notes.md").write_text("not a .txt")
-    assert read_texts(docs) == ["first", "second", "third"]
-    assert read_texts(docs, limit=2) == ["first", "second"]
+    assert sorted(read_texts(docs)) == ["first", "second", "third"]
+    assert len(read_texts(docs, limit=2)) == 2
+
+
+def _corpus(root, sizes):
+    """A folder per class, as BBC News keeps them: ``{class: n files}``, sorted by class."""
+    for name, n in sizes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"{i:03d}.txt").write_text(f"{name} {i}")
+    return root
+
+
+def test_read_texts_draws_across_subfolders_with_a_seed(tmp_path):
+    sizes = {"business": 30, "entertainment": 20, "politics": 25, "sport": 30, "tech": 5}
+    root = _corpus(tmp_path / "bbc", sizes)
+    texts = read_texts(root, limit=12, seed=0)
+    assert len(texts) == 12 and len(set(texts)) == 12
+    classes = [t.split()[0] for t in texts]
+    # round-robin: 12 documents over 5 folders give each folder 2 or 3
+    assert sorted(classes.count(c) for c in sizes) == [2, 2, 2, 3, 3]
+    assert read_texts(root, limit=12, seed=0) == texts  # the seed decides
+    other = read_texts(root, limit=12, seed=1)
+    assert other != texts and sorted({t.split()[0] for t in other}) == sorted(sizes)
+    # not the first files of each folder either: the files are shuffled within a folder
+    assert any(int(t.split()[1]) >= 3 for t in texts)
+    # a limit above a folder's size takes the rest from the others; no limit takes all
+    assert len(read_texts(root, limit=100, seed=0)) == 100
+    assert sum(t.startswith("tech") for t in read_texts(root, limit=100, seed=0)) == 5
+    assert len(read_texts(root, seed=0)) == sum(sizes.values())
+
+
+def test_read_texts_draws_a_files_documents_with_a_seed(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(f"doc {i}" for i in range(50)))
+    texts = read_texts(path, limit=10, seed=3)
+    assert len(texts) == 10 and texts == read_texts(path, limit=10, seed=3)
+    numbers = [int(t.split()[1]) for t in texts]
+    assert numbers == sorted(numbers) and numbers != list(range(10))  # in file order, drawn
 
 
 def test_read_texts_splits_a_file_at_blank_lines(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("one\nstill one\n\ntwo\n\n\n\nthree\n")
     assert read_texts(path) == ["one\nstill one", "two", "three"]
-    assert read_texts(path, limit=1) == ["one\nstill one"]
+    assert len(read_texts(path, limit=1)) == 1
 
 
 def test_read_texts_errors(tmp_path):
@@ -63,3 +100,9 @@ def test_text_batches_are_padded_batches_of_ids_and_mask():
     assert [sorted(b) for b in batches] == [["attention_mask", "input_ids"]] * 3
     assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 3), (2, 4), (1, 1)]
     assert batches[0]["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_text_batches_refuses_a_bare_string():
+    with pytest.raises(TypeError, match=r"texts must be a list of documents, got a str: pass a "
+                       r"list, text_batches\(tokenizer, \[text\]\)"):  # fmt: skip
+        text_batches(WordTokenizer(), "one document, not fifty characters")
