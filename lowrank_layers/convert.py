@@ -22,27 +22,28 @@ from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
 from .allocate import allocate_ranks
-from .calibrate import InputStats, check_batches, collect_input_stats
+from .calibrate import InputStats, collect_input_stats
 from .common import (
     InputError,
     InputTypeError,
     all_finite,
-    check_module,
     parameter_count,
     progress_bar,
     weight_parameter_count,
 )
 from .config import ConversionConfig, config_from
-from .dynamic import DynamicLowRankLinear
+from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import NONFINITE_REASON, output_error, relative_error, truncated_spectrum
 from .hf_quantizer import mark_lowrank_config
 from .layer_plan import Shape, check_rank, converted_report, plan_layer
-from .linear import LowRankLinear
+from .linear import FACTOR_NAMES, LowRankLinear
 from .linears import features
 from .policy import RankPolicy, factor_parameters, layer_seed, threshold_reason
 from .readers import weight_reader_policy
 from .report import ConversionReport, LayerReport, skipped_report
+from .stale import retire
 from .targets import Selection, select_layers, structural_reason
+from .training import apply_param_swaps, check_optimizer, refuse_missing
 
 __all__ = ["check_convert_config", "convert_model"]
 
@@ -50,6 +51,11 @@ COMPRESS_HINT = (
     "a global budget with calibration data is compress's job (loss-aware ranks, propagated "
     "factorization): call compress(model, calibration, budget=...)"
 )
+OPTIMIZER_FIX = (
+    "Pass the optimizer that trains this model, exclude those layers, or optimizer=None and "
+    "build the optimizer after converting"
+)
+WHOLE = (slice(None),)  # ParamSwap index: carry the whole state over
 
 
 def convert_model(
@@ -61,6 +67,7 @@ def convert_model(
     eval_batches: Iterable[Any] | None = None,
     propagate: bool = False,
     progress: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
     **options: Any,
 ) -> ConversionReport:
     """Replace ``nn.Linear`` modules of ``model`` by low-rank layers, in place.
@@ -113,6 +120,13 @@ def convert_model(
             (:mod:`~lowrank_layers.propagate`): errors are corrected instead of compounded.
             The batches must be a list (they run several times).
         progress: show a tqdm progress bar (``pip install 'lowrank-layers[progress]'``).
+        optimizer: the optimizer training ``model``, updated in place as
+            :func:`~lowrank_layers.switch_to_lowrank` does: each converted layer's old
+            weight is replaced in its param group by the new factors (same hyper-parameters,
+            its state dropped), its bias by the new layer's copy (state kept). It must hold
+            the weight of every trainable layer to convert. Without it, an optimizer built
+            before warns on its next ``step()``
+            (:class:`~lowrank_layers.stale.StaleOptimizerWarning`): build it after converting.
         **options: the fields of :class:`~lowrank_layers.ConversionConfig`, instead of
             ``config``.
 
@@ -133,19 +147,24 @@ def convert_model(
         >>> len(report.converted)
         2
     """
-    check_module("model", model, "convert_model(model, config)")
     config = config_from(config, options, caller="convert_model")
     _check_data(config, calibration, input_stats, propagate)
+    check_optimizer(optimizer)
     selection = select_layers(model, config)
     report = ConversionReport(model_params_before=parameter_count(model))
     run = _Conversion(selection, config)
     run.collect(model, calibration, input_stats, eval_batches, propagate)
     run.plan()
+    refuse_missing(optimizer, run.weights_to_convert(), "convert_model", "convert", OPTIMIZER_FIX)
     try:
         report.propagation = run.convert(model, calibration, propagate, progress)
     except BaseException:
         run.undo()  # all or nothing: every replaced layer goes back before the error
         raise
+    swaps = run.param_swaps()
+    if optimizer is not None:
+        apply_param_swaps(optimizer, [swap for _, swap in swaps])
+    retire([(name, swap.old) for name, swap in swaps], by="convert_model")
     report.layers = [run.entries[fqn] for fqn, _ in selection.candidates]
     report.model_params_after = parameter_count(model)
     if report.converted:
@@ -184,7 +203,12 @@ def _check_data(
     propagate: bool,
 ) -> None:
     """Refuse data options that do not fit each other or the config."""
-    check_batches(calibration, hint="; statistics from collect_input_stats go to input_stats=")
+    if isinstance(calibration, Mapping):
+        raise InputTypeError(
+            f"calibration takes an iterable of batches, got a mapping with keys "
+            f"{list(calibration)[:4]}: one batch goes in a list, calibration=[batch]; "
+            "statistics from collect_input_stats go to input_stats="
+        )
     if calibration is not None and input_stats is not None:
         raise InputError(
             "give calibration (batches) or input_stats (statistics collected beforehand), not both"
@@ -360,6 +384,40 @@ class _Conversion:
             )  # fmt: skip
         entry.seconds = time.perf_counter() - start
         self.entries[fqn] = entry
+
+    def weights_to_convert(self) -> list[tuple[str, torch.Tensor]]:
+        """``(name, weight)`` of each layer the plan converts, for the optimizer check."""
+        views, threshold = self.selection.views, self.config.threshold
+        return [
+            (fqn, module.weight)
+            for fqn, module in self.selection.eligible.items()
+            if fqn in self.rules and fqn not in self.dense_reason
+            and threshold_reason(views[fqn].out_features, views[fqn].in_features, threshold)
+            is None
+        ]  # fmt: skip
+
+    def param_swaps(self) -> list[tuple[str, ParamSwap]]:
+        """``(name, swap)`` for each parameter of a replaced layer: the weight by the new
+        factors (an adaptive layer's dense weight by its copy, state carried), the bias by
+        its copy (state carried)."""
+        swaps, seen = [], set()
+        for fqn, module in self.selection.candidates:
+            parent, child_name, _ = (self.selection.holders.get(id(module)) or [(None,) * 3])[0]
+            new = None if parent is None else parent._modules.get(child_name)
+            if new is None or new is module or id(module) in seen:
+                continue
+            seen.add(id(module))
+            fresh = dict(new.named_parameters(recurse=False))
+            for name, old in module.named_parameters(recurse=False):
+                if name == "weight" and "weight" not in fresh:
+                    swap = ParamSwap(old, tuple(fresh[n] for n in FACTOR_NAMES if n in fresh))
+                elif fresh.get(name) is not None and fresh[name] is not old:
+                    carry = name != "weight" or module is self.selection.views.get(fqn)
+                    swap = ParamSwap(old, (fresh[name],), WHOLE if carry else None)  # Conv1D: .T
+                else:
+                    continue
+                swaps.append((f"{fqn}.{name}", swap))
+        return swaps
 
     def undo(self) -> None:
         """Put every replaced layer back."""

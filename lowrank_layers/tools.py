@@ -20,18 +20,14 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
-from .common import (
-    InputError,
-    InputTypeError,
-    check_module,
-    parameter_count,
-    weight_parameter_count,
-)
-from .dynamic import DynamicLowRankLinear
+from .common import InputError, InputTypeError, parameter_count, weight_parameter_count
+from .dynamic import DynamicLowRankLinear, ParamSwap
 from .linear import HALF_DTYPES
 from .linears import is_linear_like
 from .selection import module_holders
+from .stale import retire
 from .targets import LOWRANK_TYPES
+from .training import apply_param_swaps, check_optimizer
 
 __all__ = [
     "LayerSummary",
@@ -151,7 +147,8 @@ def lowrank_summary(model: nn.Module) -> LowRankSummary:
         >>> s.kinds, s.params, s.dense_linears
         ({'LowRankLinear': 1}, 1032, 1)
     """
-    check_module("model", model, "lowrank_summary(model)")
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     summary = LowRankSummary(model_params=parameter_count(model))
     for name, module in model.named_modules():
         if isinstance(module, LOWRANK_TYPES):
@@ -180,14 +177,19 @@ def lowrank_summary(model: nn.Module) -> LowRankSummary:
 
 
 @torch.no_grad()
-def merge_to_dense(model: nn.Module) -> dict[str, int | None]:
+def merge_to_dense(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, int | None]:
     """Replace every low-rank layer of ``model`` by the ``nn.Linear`` it computes, in place.
 
     The new weight is ``diag(D)·U·diag(S)·Vᵀ`` (at a dynamic layer's active rank), in the
     factors' dtype and device, with the bias copied; ``requires_grad`` and the training
     flag are kept. A layer held at several places is replaced by one ``nn.Linear`` at all
-    of them. The merged layers' parameters are new objects: an optimizer built before
-    must be rebuilt.
+    of them. The merged layers' parameters are new objects: pass the ``optimizer``
+    training ``model`` to have them take the factors' place in its param groups (same
+    hyper-parameters; the factors' state dropped, the bias's kept), or build the optimizer
+    after merging. An optimizer built before and not passed warns on its next ``step()``
+    (:class:`~lowrank_layers.stale.StaleOptimizerWarning`).
 
     Returns:
         ``{name: the rank it had}`` (``None`` for an adaptive layer still dense).
@@ -196,12 +198,12 @@ def merge_to_dense(model: nn.Module) -> dict[str, int | None]:
         ValueError: the model holds no low-rank layer, or is one itself (use its
             ``to_linear()``).
     """
-    check_module("model", model, "merge_to_dense(model)")
     if isinstance(model, LOWRANK_TYPES):
         raise InputError(
             f"merge_to_dense replaces layers inside model, and model is itself a "
             f"{type(model).__name__}: use model.to_linear()"
         )
+    check_optimizer(optimizer)
     summary = {x.name: x.rank for x in lowrank_summary(model).layers}
     if not summary:
         raise InputError(
@@ -220,7 +222,25 @@ def merge_to_dense(model: nn.Module) -> dict[str, int | None]:
         dense.train(layer.training)
         for parent, child_name, _ in holders[id(layer)]:
             setattr(parent, child_name, dense)
+        _swap_merged(name, layer, dense, optimizer)
     return summary
+
+
+def _swap_merged(
+    name: str, layer: nn.Module, dense: nn.Linear, optimizer: torch.optim.Optimizer | None
+) -> None:
+    """Put ``dense``'s parameters in ``optimizer`` where ``layer``'s were (the weight at the
+    first factor held; a dense-phase weight's state carried over, as the bias's) and retire
+    ``layer``'s."""
+    old = list(layer.named_parameters(recurse=False))
+    if optimizer is not None:
+        placed = False
+        for n, p in old:
+            carry = (slice(None),) if n in ("weight", "bias") else None  # same tensor
+            new = (dense.bias,) if n == "bias" else () if placed else (dense.weight,)
+            found = apply_param_swaps(optimizer, [ParamSwap(p, new, carry)])  # type: ignore[arg-type]
+            placed = placed or (found > 0 and n != "bias")
+    retire([(f"{name}.{n}", p) for n, p in old], by="merge_to_dense")
 
 
 @torch.no_grad()

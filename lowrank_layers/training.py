@@ -10,14 +10,51 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
-from .common import InputError, InputTypeError, check_module
+from .common import InputError, InputTypeError
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import Balance, Method
 from .hf_quantizer import mark_lowrank_config
 from .linear import FACTOR_NAMES
 from .policy import RankPolicy, as_policy, layer_seed
+from .stale import retire
 
-__all__ = ["apply_param_swaps", "prune_dynamic", "switch_to_lowrank"]
+__all__ = [
+    "apply_param_swaps",
+    "check_optimizer",
+    "prune_dynamic",
+    "refuse_missing",
+    "switch_to_lowrank",
+]
+
+
+def check_optimizer(optimizer: object) -> None:
+    """``optimizer`` must be a ``torch.optim.Optimizer`` or ``None``."""
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise InputTypeError(
+            f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+        )
+
+
+def refuse_missing(
+    optimizer: torch.optim.Optimizer | None,
+    weights: list[tuple[str, torch.Tensor]],
+    caller: str,
+    verb: str,
+    fix: str,
+) -> None:
+    """Refuse, before anything changes, an ``optimizer`` that lacks the trainable weight of
+    some of the ``(layer name, weight)`` to change: their new parameters would never train
+    (frozen weights are not expected in it)."""
+    if optimizer is None:
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [name for name, w in weights if w.requires_grad and id(w) not in held]
+    if missing:
+        raise InputError(
+            f"{caller}: the optimizer holds no weight of {len(missing)} of the "
+            f"{len(weights)} layers to {verb} ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}): their factors would never train. {fix}"
+        )
 
 
 def apply_param_swaps(optimizer: torch.optim.Optimizer, swaps: Iterable[ParamSwap]) -> int:
@@ -93,7 +130,6 @@ def switch_to_lowrank(
         >>> results["0"].rank, len(opt.param_groups[0]["params"])
         (16, 4)
     """
-    check_module("model", model, "switch_to_lowrank(model, optimizer)")
     layers = [
         (name, m)
         for name, m in model.named_modules()
@@ -103,25 +139,12 @@ def switch_to_lowrank(
         raise InputError(
             "switch_to_lowrank: the model holds no AdaptiveLowRankLinear in its dense phase"
         )
-    if optimizer is not None:
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise InputTypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-            )
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [  # frozen layers are not expected in the optimizer
-            name
-            for name, layer in layers
-            if layer.weight.requires_grad and id(layer.weight) not in held
-        ]
-        if missing:
-            raise InputError(
-                f"switch_to_lowrank: the optimizer holds no weight of {len(missing)} of the "
-                f"{len(layers)} layers to switch ({', '.join(missing[:3])}"
-                f"{', ...' if len(missing) > 3 else ''}): their factors would never train. "
-                "Pass the optimizer that trains this model, or optimizer=None and add the "
-                "new factors yourself"
-            )
+    check_optimizer(optimizer)
+    refuse_missing(
+        optimizer, [(name, layer.weight) for name, layer in layers], "switch_to_lowrank",
+        "switch", "Pass the optimizer that trains this model, or optimizer=None and add the "
+        "new factors yourself",
+    )  # fmt: skip
     policy = as_policy(policy, rank, rank_ratio, energy, param_ratio, required=False)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputTypeError(f"seed must be an int, got {seed!r}")
@@ -135,6 +158,7 @@ def switch_to_lowrank(
         if optimizer is not None:
             new = tuple(p for n, p in layer.named_parameters() if n in FACTOR_NAMES)
             apply_param_swaps(optimizer, [ParamSwap(old, new)])
+        retire([(f"{name}.weight", old)], by="switch_to_lowrank")
     mark_lowrank_config(model)
     return results
 
@@ -149,14 +173,16 @@ def prune_dynamic(
     Returns:
         ``{module name: new max_rank}``.
     """
-    check_module("model", model, "prune_dynamic(model, optimizer)")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicLowRankLinear)]
     if not layers:
         raise InputError("prune_dynamic: the model holds no DynamicLowRankLinear")
+    check_optimizer(optimizer)
     out = {}
     for name, layer in layers:
+        names = {id(p): n for n, p in layer.named_parameters()}
         swaps = layer.prune()
         if optimizer is not None:
             apply_param_swaps(optimizer, swaps)
+        retire([(f"{name}.{names[id(s.old)]}", s.old) for s in swaps], by="prune_dynamic")
         out[name] = layer.max_rank
     return out

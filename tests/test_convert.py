@@ -314,3 +314,32 @@ def test_a_failure_midway_leaves_the_model_untouched(monkeypatch):
         convert_model(model, rank=2)
     assert len(calls) == 2
     assert all(a is b for a, b in zip(model, originals, strict=True))
+
+
+def test_an_optimizer_of_the_wrong_type_or_lacking_weights_is_refused_first():
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    before = model.state_dict().keys()
+    with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer or None, "
+                       r"got list"):  # fmt: skip
+        convert_model(model, rank=4, optimizer=list(model.parameters()))
+    head_only = torch.optim.SGD([model[2].weight], lr=0.1)
+    match = r"convert_model: the optimizer holds no weight of 1 of the 2 layers to convert \(0\)"
+    with pytest.raises(ValueError, match=match + ": their factors would never train"):
+        convert_model(model, rank=4, optimizer=head_only)
+    assert model.state_dict().keys() == before  # nothing converted
+
+
+def test_convert_model_updates_the_optimizer_in_place(gen):
+    model = nn.Sequential(nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+    old = [model[0].weight, model[2].weight]
+    convert_model(model, rank=4, optimizer=opt)
+    (group,) = opt.param_groups
+    assert group["weight_decay"] == 0.05 and group["lr"] == 1e-2
+    assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()]
+    assert not any(p is q for p in group["params"] for q in old)
+    factors = model[0].U.detach().clone()
+    x = torch.randn(16, 32, generator=gen)
+    model(x).square().mean().backward()
+    opt.step()
+    assert not torch.equal(factors, model[0].U)

@@ -1,5 +1,7 @@
 """switch_to_lowrank / prune_dynamic in a training loop, with the optimizer kept in step."""
 
+import warnings
+
 import pytest
 import torch
 from sklearn.datasets import load_digits
@@ -11,6 +13,7 @@ from lowrank_layers import (
     prune_dynamic,
     switch_to_lowrank,
 )
+from lowrank_layers.stale import StaleOptimizerWarning
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +196,23 @@ def test_switch_accepts_frozen_layers_left_out_of_the_optimizer():
     assert set(results) == {"0", "2"}
     held = {id(p) for p in opt.param_groups[0]["params"]}
     assert id(model[0].U) in held and id(model[2].U) not in held
+
+
+def test_switch_without_the_optimizer_warns_at_the_stale_step(digits):
+    x, y = digits
+    model = make_model()
+    stale = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    kept = torch.optim.AdamW(make_model(1).parameters(), lr=2e-3)  # another model's
+    run_epochs(model, stale, x, y, 1)
+    switch_to_lowrank(model)
+    fix = r"Pass optimizer= to switch_to_lowrank, or build the optimizer after converting"
+    with pytest.warns(
+        StaleOptimizerWarning, match=rf"holds 2 parameters .*\(0\.weight, 2\.weight\).*{fix}"
+    ):
+        run_epochs(model, stale, x, y, 1)
+    fresh = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleOptimizerWarning)
+        losses = run_epochs(model, fresh, x, y, 2)
+        kept.step()
+    assert losses[-1] < losses[0]
