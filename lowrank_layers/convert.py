@@ -22,11 +22,12 @@ from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
 from .allocate import allocate_ranks
-from .calibrate import InputStats, collect_input_stats
+from .calibrate import InputStats, check_batches, collect_input_stats
 from .common import (
     InputError,
     InputTypeError,
     all_finite,
+    check_module,
     parameter_count,
     progress_bar,
     weight_parameter_count,
@@ -147,6 +148,7 @@ def convert_model(
         >>> len(report.converted)
         2
     """
+    check_module("model", model, "convert_model(model, config)")
     config = config_from(config, options, caller="convert_model")
     _check_data(config, calibration, input_stats, propagate)
     check_optimizer(optimizer)
@@ -203,12 +205,7 @@ def _check_data(
     propagate: bool,
 ) -> None:
     """Refuse data options that do not fit each other or the config."""
-    if isinstance(calibration, Mapping):
-        raise InputTypeError(
-            f"calibration takes an iterable of batches, got a mapping with keys "
-            f"{list(calibration)[:4]}: one batch goes in a list, calibration=[batch]; "
-            "statistics from collect_input_stats go to input_stats="
-        )
+    check_batches(calibration, hint="; statistics from collect_input_stats go to input_stats=")
     if calibration is not None and input_stats is not None:
         raise InputError(
             "give calibration (batches) or input_stats (statistics collected beforehand), not both"

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear
-from .common import InputError, InputTypeError, parameter_count, weight_parameter_count
+from .common import (
+    InputError,
+    InputTypeError,
+    check_module,
+    parameter_count,
+    weight_parameter_count,
+)
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .linear import HALF_DTYPES
 from .linears import is_linear_like
@@ -147,8 +153,7 @@ def lowrank_summary(model: nn.Module) -> LowRankSummary:
         >>> s.kinds, s.params, s.dense_linears
         ({'LowRankLinear': 1}, 1032, 1)
     """
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_module("model", model, "lowrank_summary(model)")
     summary = LowRankSummary(model_params=parameter_count(model))
     for name, module in model.named_modules():
         if isinstance(module, LOWRANK_TYPES):
@@ -198,6 +203,7 @@ def merge_to_dense(
         ValueError: the model holds no low-rank layer, or is one itself (use its
             ``to_linear()``).
     """
+    check_module("model", model, "merge_to_dense(model)")
     if isinstance(model, LOWRANK_TYPES):
         raise InputError(
             f"merge_to_dense replaces layers inside model, and model is itself a "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .adaptive import AdaptiveLowRankLinear, SwitchResult
-from .common import InputError, InputTypeError
+from .common import InputError, InputTypeError, check_module
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import Balance, Method
 from .hf_quantizer import mark_lowrank_config
@@ -130,6 +130,7 @@ def switch_to_lowrank(
         >>> results["0"].rank, len(opt.param_groups[0]["params"])
         (16, 4)
     """
+    check_module("model", model, "switch_to_lowrank(model, optimizer)")
     layers = [
         (name, m)
         for name, m in model.named_modules()
@@ -173,6 +174,7 @@ def prune_dynamic(
     Returns:
         ``{module name: new max_rank}``.
     """
+    check_module("model", model, "prune_dynamic(model, optimizer)")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, DynamicLowRankLinear)]
     if not layers:
         raise InputError("prune_dynamic: the model holds no DynamicLowRankLinear")
