@@ -308,7 +308,7 @@ def _run_convert(args: argparse.Namespace) -> None:
 def _run_convert_with_model(args: argparse.Namespace, config: ConversionConfig) -> None:
     from .hf import convert_pretrained
     from .pipeline import check_compress_config
-    from .text import _sample_texts
+    from .text import sample_texts
 
     if not args.src.is_dir():
         raise UsageError(
@@ -319,7 +319,7 @@ def _run_convert_with_model(args: argparse.Namespace, config: ConversionConfig) 
     texts = None
     if args.calibrate is not None:
         check_compress_config(config)  # a config error is the only line, before the texts
-        sample = _sample_texts(args.calibrate, args.calib_docs, args.seed)
+        sample = sample_texts(args.calibrate, args.calib_docs, args.seed)
         print(sample.describe(), file=sys.stderr)
         texts = sample.texts
     healing = args.heal_steps is not None or args.heal_seconds is not None

@@ -17,11 +17,11 @@ from typing import Any
 
 from .common import InputError, InputTypeError, check_int
 
-__all__ = ["read_texts", "text_batches"]
+__all__ = ["TextSample", "read_texts", "sample_texts", "text_batches"]
 
 
 @dataclass
-class _Sample:
+class TextSample:
     """The documents :func:`read_texts` took, and where from (for the CLI's line)."""
 
     texts: list[str]
@@ -60,11 +60,11 @@ def read_texts(path: str | os.PathLike, *, limit: int | None = None, seed: int =
     same documents. Without ``limit``, every document is taken (a folder's in the same
     round-robin order).
     """
-    return _sample_texts(path, limit, seed).texts
+    return sample_texts(path, limit, seed).texts
 
 
-def _sample_texts(path: str | os.PathLike, limit: int | None, seed: int) -> _Sample:
-    """:func:`read_texts`'s documents, with where they came from."""
+def sample_texts(path: str | os.PathLike, limit: int | None, seed: int) -> TextSample:
+    """:func:`read_texts`'s documents, with where they came from (the CLI prints it)."""
     check_int("limit", limit, optional=True)
     check_int("seed", seed, 0)
     path = Path(path)
@@ -80,7 +80,7 @@ def _sample_texts(path: str | os.PathLike, limit: int | None, seed: int) -> _Sam
         for files in queues:
             rng.shuffle(files)
         rng.shuffle(queues)
-        sample = _Sample([], path, seed, available=sum(map(len, queues)))
+        sample = TextSample([], path, seed, available=sum(map(len, queues)))
         folders: set[Path] = set()
         for p in _round_robin(queues):
             if limit is not None and len(sample.texts) >= limit:
@@ -94,7 +94,7 @@ def _sample_texts(path: str | os.PathLike, limit: int | None, seed: int) -> _Sam
     else:
         text = path.read_text(encoding="utf-8", errors="replace")
         docs = [d for d in (d.strip() for d in text.split("\n\n")) if d]
-        sample = _Sample(docs, path, seed, available=len(docs))
+        sample = TextSample(docs, path, seed, available=len(docs))
         if limit is not None and limit < len(docs):
             sample.texts = [docs[i] for i in sorted(rng.sample(range(len(docs)), limit))]
     if not sample.texts:
