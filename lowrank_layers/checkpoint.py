@@ -33,6 +33,7 @@ from .checkpoint_format import (
     guard,
     guard_key,
     lowrank_layers_of,
+    lowrank_quantization_config,
     open_checkpoint,
     read_metadata,
     restructure,
@@ -40,6 +41,7 @@ from .checkpoint_format import (
 from .common import InputError, InputTypeError
 from .hf_quantizer import mark_lowrank_config
 from .linear import upgrade_state_dict_
+from .model_card import linear_layer_count, with_model_card
 from .safetensors_io import (
     INDEX_FILE,
     OWN_FILES,
@@ -57,6 +59,7 @@ __all__ = [
     "read_metadata",
     "save_lowrank",
     "write_config_entry",
+    "write_model_card",
 ]
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 1024**3
@@ -108,8 +111,15 @@ def save_lowrank(
     this one does not write are removed; every other file stays. With ``overwrite=False``
     an existing file of that naming (or ``path`` itself, for one file) is an error.
 
+    Saved into a transformers model folder (its ``config.json`` has a ``model_type``), as
+    the folder or a ``.safetensors`` file in it, a model with low-rank layers also marks
+    ``config.json`` (``quantization_config``, as :func:`~lowrank_layers.convert_model` does
+    for ``save_pretrained``) and writes the model card ``README.md`` (an existing one keeps
+    its text, with the card as a section), renamed into place with the weights: after
+    ``import lowrank_layers``, ``AutoModel.from_pretrained(folder)`` loads it low-rank.
+
     Returns:
-        The files written.
+        The files written (the weights first).
 
     Example:
         >>> import tempfile
@@ -168,14 +178,32 @@ def save_lowrank(
             current.append(key)
             size += nbytes
         groups.append(current)
-    if single_file:
+    extras = _model_folder_files(path.parent if single_file else path, model, layers)
+    return _write_checkpoint(path, tensors, groups, metadata, total, overwrite, extras)
+
+
+def _write_checkpoint(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    groups: list[list[str]],
+    metadata: dict[str, str],
+    total: int,
+    overwrite: bool,
+    extras: dict[str, str],
+) -> list[Path]:
+    """Write ``groups`` of ``tensors`` as one file ``path`` or into the folder ``path``, and
+    the texts ``extras`` (file name: text) beside them, all renamed into place together."""
+    if path.suffix == ".safetensors":
+        folder, names, own = path.parent, [path.name], re.escape(path.name)
+    else:
+        folder, names, own = path, shard_names(len(groups)), OWN_FILES
+    written = names + ([INDEX_FILE] if len(groups) > 1 else [])
+    if path.suffix == ".safetensors" and not extras:
         with atomic_destination(path, is_dir=False, overwrite=overwrite) as tmp:
             write_file(tmp, groups[0], (tensors[k] for k in groups[0]), metadata)
         return [path]
-    names = shard_names(len(groups))
-    written = names + ([INDEX_FILE] if len(groups) > 1 else [])
     with files_into_folder(
-        path, written, overwrite=overwrite, own=OWN_FILES, index=INDEX_FILE
+        folder, [*written, *extras], overwrite=overwrite, own=own, index=INDEX_FILE
     ) as temps:
         weight_map: dict[str, str] = {}
         for fname, keys in zip(names, groups, strict=True):
@@ -183,7 +211,24 @@ def save_lowrank(
             weight_map.update(dict.fromkeys(keys, fname))
         if len(groups) > 1:
             write_index(temps[INDEX_FILE], weight_map, metadata, total)
-    return [path / n for n in written]
+        for fname, text in extras.items():
+            temps[fname].write_text(text, encoding="utf-8")
+    return [folder / n for n in [*written, *extras]]
+
+
+def _model_folder_files(
+    folder: Path, model: nn.Module, layers: Mapping[str, Any]
+) -> dict[str, str]:
+    """``config.json`` marked and the model card, for a save of a low-rank model into a
+    transformers model folder; nothing otherwise."""
+    config = _transformers_config(folder / "config.json")
+    if config is None or not layers:
+        return {}
+    config["quantization_config"] = lowrank_quantization_config(layers)
+    return {
+        "config.json": _config_text(config),
+        "README.md": _card_text(folder, layers, linear_layer_count(model, layers)),
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,10 +369,44 @@ def copy_model_folder(src: str | os.PathLike, dst: str | os.PathLike) -> list[st
     return copied
 
 
+def _transformers_config(config_json: Path) -> dict[str, Any] | None:
+    """The parsed ``config.json`` of a transformers model (it has a ``model_type``), or None."""
+    try:
+        config = json.loads(config_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) and "model_type" in config else None
+
+
+def _config_text(config: Mapping[str, Any]) -> str:
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def _card_text(folder: Path, layers: Mapping[str, Any], linear_layers: int | None) -> str:
+    readme = folder / "README.md"
+    existing = readme.read_text(encoding="utf-8") if readme.is_file() else None
+    return with_model_card(existing, layers, linear_layers=linear_layers)
+
+
 def write_config_entry(config_json: Path, entry: Mapping[str, Any]) -> None:
-    """Set ``config_json``'s ``quantization_config`` to ``entry``; nothing without the file."""
+    """Set ``config_json``'s ``quantization_config`` to ``entry``; nothing without the file.
+
+    The file is replaced atomically (written beside it, then renamed over it).
+    """
     if not config_json.exists():
         return
     config = json.loads(config_json.read_text(encoding="utf-8"))
     config["quantization_config"] = entry
-    config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    with atomic_destination(config_json, is_dir=False) as tmp:
+        tmp.write_text(_config_text(config), encoding="utf-8")
+
+
+def write_model_card(
+    folder: Path, layers: Mapping[str, Any], *, linear_layers: int | None = None
+) -> None:
+    """Write the model card ``folder/README.md`` for these low-rank ``layers`` (see
+    :mod:`lowrank_layers.model_card`); an existing README keeps its text, with the card
+    appended as a section (or replacing the section an earlier write appended)."""
+    text = _card_text(folder, layers, linear_layers)
+    with atomic_destination(folder / "README.md", is_dir=False) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -19,12 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .atomic import atomic_destination
-from .checkpoint import copy_model_folder, save_lowrank, write_config_entry
-from .checkpoint_format import QUANT_METHOD, lowrank_quantization_config
+from .checkpoint import copy_model_folder, save_lowrank, write_config_entry, write_model_card
+from .checkpoint_format import QUANT_METHOD, lowrank_layers_of, lowrank_quantization_config
 from .common import InputError, InputTypeError
 from .config import ConversionConfig, HealConfig
 from .convert import check_convert_config, convert_model
 from .hf_quantizer import load_pretrained, mark_lowrank_config, register_with_transformers
+from .model_card import linear_layer_count
 from .pipeline import CompressionReport, check_compress_config, compress
 from .report import ConversionReport
 from .safetensors_io import SINGLE_FILE
@@ -60,8 +61,9 @@ def convert_pretrained(
     tokens each) the model goes through :func:`~lowrank_layers.compress` (loss-aware
     allocation, ``propagate``, optional ``heal``); without, through
     :func:`~lowrank_layers.convert_model` (a rank policy, or a budget shared from the
-    spectra). ``dst`` gets ``model.safetensors`` (see :func:`save_lowrank`) and copies of
-    the folder's other files except its weights; written atomically.
+    spectra). ``dst`` gets ``model.safetensors`` (see :func:`save_lowrank`), copies of
+    the folder's other files except its weights, and the model card ``README.md`` (added
+    as a section to a copied README); written atomically.
     """
     if not isinstance(config, ConversionConfig):
         raise InputTypeError(
@@ -102,4 +104,6 @@ def convert_pretrained(
         save_lowrank(model, tmp / SINGLE_FILE)
         copy_model_folder(src, tmp)
         write_config_entry(tmp / "config.json", lowrank_quantization_config(model))
+        layers = lowrank_layers_of(model)
+        write_model_card(tmp, layers, linear_layers=linear_layer_count(model, layers))
     return report

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .atomic import atomic_destination, clean_leftovers, commit, named_path, remove, temp_path
-from .checkpoint import copy_model_folder, write_config_entry
+from .checkpoint import copy_model_folder, write_config_entry, write_model_card
 from .checkpoint_format import (
     FORMAT_NAME,
     check_format,
@@ -626,11 +626,12 @@ def _check_config(config: ConversionConfig) -> None:
 
 def _finish_folder(tmp: Path, ckpt: CheckpointFiles, results: list[tuple], plan: list) -> None:
     """Beside the converted shards: the source folder's other files, the index (several
-    shards), and ``config.json``'s description of the low-rank layers."""
+    shards), ``config.json``'s description of the low-rank layers and the model card."""
     if ckpt.folder is not None:
         copy_model_folder(ckpt.folder, tmp)
     layers = _merged_layers(results)
     write_config_entry(tmp / "config.json", lowrank_quantization_config(layers))
+    write_model_card(tmp, layers)
     if len(plan) == 1 and plan[0][2] == SINGLE_FILE:
         return
     weight_map: dict[str, str] = {}

@@ -424,6 +424,7 @@ def test_sharded_source_equals_single_file(tiny, tmp_path):
     convert_checkpoint(tmp_path / "single.safetensors", tmp_path / "a.safetensors", rank=8)
     convert_checkpoint(shard_dir, tmp_path / "b", rank=8)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "README.md",  # the model card
         "config.json",  # the folder's other files come along
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
@@ -652,6 +653,7 @@ def test_torch_distributed_ranks_share_the_conversion(tiny, tmp_path):
         join=True,
     )
     assert sorted(p.name for p in dst.iterdir()) == [
+        "README.md",  # the model card, written by rank 0
         "model-00001-of-00002.safetensors",
         "model-00002-of-00002.safetensors",
         "model.safetensors.index.json",
@@ -771,7 +773,9 @@ def test_convert_checkpoint_replaces_an_existing_folder_whole(tiny, tmp_path):
     dst = tmp_path / "out"
     _model_folder(dst)
     convert_checkpoint(src, dst, rank=4, overwrite=True)
-    assert _listing(dst) == ["model.safetensors"]  # as documented: the folder is replaced
+    # as documented: the folder is replaced (its README.md by the model card)
+    assert _listing(dst) == ["README.md", "model.safetensors"]
+    assert (dst / "README.md").read_text().startswith("---\nlibrary_name: lowrank-layers\n")
     _check_converted(dst, src)
 
 

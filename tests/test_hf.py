@@ -30,6 +30,10 @@ def test_convert_pretrained_folder_round_trip(tmp_path: Path, gen: torch.Generat
     config = json.loads((dst / "config.json").read_text())
     layers = json.loads(read_metadata(dst)["layers"])
     assert config["quantization_config"] == lowrank_quantization_config(layers)
+    card = (dst / "README.md").read_text()  # the source had none: the whole card
+    assert card.startswith("---\nlibrary_name: lowrank-layers\ntags:\n- lowrank-layers\n")
+    assert "import lowrank_layers" in card and "load_pretrained(folder)" in card
+    assert f"checkpoint: {len(layers)} of its " in card
 
     reference = load_lowrank(
         transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(src)), dst
@@ -69,9 +73,13 @@ def test_convert_pretrained_copies_a_sentence_transformers_folder(tmp_path: Path
         return {str(p.relative_to(root)) for p in root.rglob("*")}
 
     assert entries(dst) == entries(src)  # model.safetensors replaced, everything else copied
-    for rel in entries(src) - {"model.safetensors", "config.json"}:
+    for rel in entries(src) - {"model.safetensors", "config.json", "README.md"}:
         if (src / rel).is_file():
             assert (dst / rel).read_bytes() == (src / rel).read_bytes(), rel
+    # the folder's own model card is kept, with the lowrank-layers card as a section after it
+    card, original = (dst / "README.md").read_text(), (src / "README.md").read_text()
+    assert card.startswith(original.rstrip("\n")) and len(card) > len(original)
+    assert card.count("## lowrank-layers") == 1 and "lowrank_layers.load_pretrained" in card
     config = json.loads((dst / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == QUANT_METHOD
     assert read_metadata(dst)["format"] == "lowrank-layers"

@@ -282,3 +282,45 @@ def test_the_oldest_admitted_transformers_round_trips(tmp_path: Path) -> None:
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("as_file", [True, False], ids=["file", "folder"])
+def test_save_lowrank_into_a_model_folder_marks_config_and_loads_with_transformers(
+    as_file: bool, tmp_path: Path, gen: torch.Generator
+) -> None:
+    from lowrank_layers.checkpoint import save_lowrank
+
+    model = bert()
+    model.save_pretrained(tmp_path)  # dense: config.json without quantization_config
+    (tmp_path / "README.md").write_text("# my encoder\n")
+    convert_model(model, param_ratio=0.5)
+    files = save_lowrank(model, tmp_path / "model.safetensors" if as_file else tmp_path)
+    assert {f.name for f in files} == {"model.safetensors", "config.json", "README.md"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == lowrank_quantization_config(model)
+    assert config["model_type"] == "bert"  # the rest of the config is kept
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("# my encoder\n") and "import lowrank_layers" in readme
+    assert_same_model(model, transformers.AutoModel.from_pretrained(tmp_path).eval(), gen)
+    save_lowrank(model, tmp_path)  # a second save replaces its section, not appends another
+    assert (tmp_path / "README.md").read_text().count("## lowrank-layers") == 1
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries
+
+
+def test_save_lowrank_into_a_model_folder_changes_nothing_else_when_it_cannot_mark(
+    tmp_path: Path,
+) -> None:
+    from lowrank_layers.checkpoint import save_lowrank
+
+    dense = bert()
+    dense.save_pretrained(tmp_path)
+    before = (tmp_path / "config.json").read_text()
+    assert [f.name for f in save_lowrank(dense, tmp_path)] == ["model.safetensors"]
+    assert (tmp_path / "config.json").read_text() == before  # no low-rank layer: no mark
+    assert not (tmp_path / "README.md").exists()
+    model = bert()
+    convert_model(model, param_ratio=0.5)
+    with pytest.raises(FileExistsError, match=r"model\.safetensors already exists"):
+        save_lowrank(model, tmp_path / "model.safetensors", overwrite=False)
+    assert (tmp_path / "config.json").read_text() == before  # refused whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]

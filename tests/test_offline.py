@@ -109,7 +109,15 @@ def test_the_cli_output_folder_keeps_every_file_and_reloads_low_rank(tmp_path, g
     convert_checkpoint(src, tmp_path / "out", param_ratio=0.5)
     out = tmp_path / "out"
     assert (out / "modules.json").exists() and (out / "1_Pooling" / "config.json").exists()
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in src.iterdir())
+    # every file of the source, and the model card the source folder did not have
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(p.name for p in src.iterdir()), "README.md"]
+    )
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: lowrank-layers\n")
+    assert "import lowrank_layers" in card and "load_pretrained" in card
+    n = len(json.loads((out / "config.json").read_text())["quantization_config"]["layers"])
+    assert f"checkpoint: {n} linear layers" in card
     model = load_pretrained(out)
     assert not model.training
     assert isinstance(model.encoder.layer[0].intermediate.dense, LowRankLinear)
