@@ -27,7 +27,8 @@ from .calibrate import batch_tokens, check_batches
 from .common import InputError, InputTypeError, check_module
 from .config import ConversionConfig, HealConfig, config_from
 from .convert import convert_model
-from .heal import OBJECTIVES, heal
+from .heal import OBJECTIVES
+from .heal import heal as run_heal  # compress's heal= argument is a HealConfig
 from .policy import threshold_reason
 from .report import ConversionReport
 from .targets import convertible_layers
@@ -167,16 +168,13 @@ def compress(
     result = CompressionReport(conversion, plan, None, seconds)
     if heal is not None:
         start = time.perf_counter()
-        result.heal = _heal(
+        result.heal = run_heal(
             model, teacher, heal_batches if heal_batches is not None else calibration,
             objective=objective, mode=heal.mode, steps=heal.steps, seconds=heal.seconds,
             lr=heal.lr, eval_batches=eval_batches, seed=config.seed, progress=progress,
         )  # fmt: skip
         seconds["heal"] = time.perf_counter() - start
     return result
-
-
-_heal = heal  # compress's ``heal`` argument shadows the function
 
 
 def _check_options(
