@@ -165,10 +165,17 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--speedup-tokens",
         type=_positive_int,
-        default=1,
+        default=None,
         metavar="N",
-        help="tokens per call (batch x sequence) --min-speedup is judged at (default 1: "
-        "decoding one sequence)",
+        help="tokens per call (batch x sequence) the speed rules are judged at (default: "
+        "--min-speedup at 1, decoding one sequence; the guard at 1 and at 1024)",
+    )
+    parser.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="also convert the layers that cannot pay (too small, the output layer, slower "
+        "than nn.Linear at every token count, reached by no gradient), which are kept "
+        "dense by default",
     )
     parser.add_argument("--seed", type=int, default=0)
 
@@ -268,6 +275,7 @@ def _config(args: argparse.Namespace) -> ConversionConfig:
         seed=args.seed,
         min_speedup=args.min_speedup,
         speedup_tokens=args.speedup_tokens,
+        guard=not args.no_guard,
     )
 
 

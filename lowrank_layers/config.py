@@ -27,7 +27,7 @@ from .factorize import BALANCE_MODES, METHODS, Balance, Method
 from .heal import check_heal_options
 from .policy import RankPolicy, as_policy
 from .selection import check_patterns, name_matches
-from .speed import SpeedRule, speed_rule
+from .speed import REPORT_TOKENS, SpeedRule, speed_rule
 from .targets import is_embedding_name
 
 __all__ = [
@@ -90,8 +90,27 @@ class ConversionConfig:
             many times as fast as ``nn.Linear`` at ``speedup_tokens`` tokens per call
             (:func:`~lowrank_layers.speed.expected_speedup`); with a budget, each layer's
             rank is capped where it stops paying.
-        speedup_tokens: tokens per call ``min_speedup`` is judged at (1: decoding one
-            sequence; the batch times the sequence length for an encoder).
+        speedup_tokens: tokens per call the speed rules are judged at (1: decoding one
+            sequence; the batch times the sequence length for an encoder). Default:
+            ``min_speedup`` at 1 token; the guard at 1 and at 1024 tokens.
+        guard: leave dense, each with its reason in the report, the layers a conversion
+            cannot pay for (default True; False converts every selected layer the rank
+            rule allows):
+
+            - too small to gain: even rank 1 is expected to run slower than
+              ``nn.Linear``, decoding (1 token per call) and on a batch (1024 tokens);
+            - the model's output layer (its last ``nn.Linear``, the layer transformers'
+              quantizers also keep): a rank below its number of outputs mixes the
+              predictions themselves, with no later layer to correct it (a 10-way head at
+              rank 4). Only :func:`~lowrank_layers.convert_model` and
+              :func:`~lowrank_layers.compress` see modules: a checkpoint's head is
+              excluded by name (``exclude=``);
+            - a rank expected to run slower than ``nn.Linear`` both decoding and on a
+              batch (at ``speedup_tokens``, when given); with a budget the rank is capped
+              where it stops paying (``min_speedup`` replaces this rule);
+            - in :func:`~lowrank_layers.compress`, a layer no gradient of the objective
+              reaches (BERT's pooler when the objective is the hidden states): its error
+              cannot be measured, and the budget is shared by the other layers.
         layer: ``"lowrank"`` (:class:`~lowrank_layers.LowRankLinear`), ``"adaptive"``
             (:class:`~lowrank_layers.AdaptiveLowRankLinear` in its dense phase, factorized
             later by :func:`~lowrank_layers.switch_to_lowrank`) or ``"dynamic"``
@@ -122,7 +141,8 @@ class ConversionConfig:
     balance: Balance = "none"
     seed: int = 0
     min_speedup: float | None = None
-    speedup_tokens: int = 1
+    speedup_tokens: int | None = None
+    guard: bool = True
     layer: LayerKind = "lowrank"
     # the keyword form of the policy, folded into ``policy``
     rank: InitVar[int | None] = None
@@ -151,12 +171,15 @@ class ConversionConfig:
             raise InputTypeError(f"filter_fn must be callable, got {self.filter_fn!r}")
         check_int("threshold", self.threshold, 0)
         check_int("seed", self.seed, 0)
-        if not isinstance(self.embeddings, bool):
-            raise InputTypeError(f"embeddings must be a bool, got {self.embeddings!r}")
+        for name in ("embeddings", "guard"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputTypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         check_choice("method", self.method, METHODS)
         check_choice("balance", self.balance, BALANCE_MODES)
         check_choice("layer", self.layer, LAYER_KINDS)
-        speed_rule(self.min_speedup, self.speedup_tokens)  # validates both
+        if self.speedup_tokens is not None:
+            check_int("speedup_tokens", self.speedup_tokens)
+        speed_rule(self.min_speedup)  # validates it
         self._check_layer()
 
     def _check_rule(self) -> None:
@@ -215,8 +238,14 @@ class ConversionConfig:
 
     @property
     def speed(self) -> SpeedRule | None:
-        """The speed rule (``min_speedup`` at ``speedup_tokens``), or None."""
-        return speed_rule(self.min_speedup, self.speedup_tokens)
+        """The speed rule: ``min_speedup`` at ``speedup_tokens`` (default 1); else, with
+        ``guard``, not slower than ``nn.Linear`` at ``speedup_tokens`` or, by default, at
+        one of :data:`~lowrank_layers.speed.REPORT_TOKENS`; else None."""
+        if self.min_speedup is not None:
+            return SpeedRule(self.min_speedup, self.speedup_tokens or 1)
+        if self.guard and self.ranks is None:  # a ranks plan is applied as given
+            return SpeedRule(1.0, self.speedup_tokens or REPORT_TOKENS)
+        return None
 
     def selects(self, name: str) -> bool:
         """Whether a module named ``name`` passes ``include`` and ``exclude`` (``filter_fn``

@@ -36,7 +36,7 @@ from .config import ConversionConfig, config_from
 from .dynamic import DynamicLowRankLinear, ParamSwap
 from .factorize import NONFINITE_REASON, output_error, relative_error, truncated_spectrum
 from .hf_quantizer import mark_lowrank_config
-from .layer_plan import Shape, check_rank, converted_report, plan_layer
+from .layer_plan import Shape, check_rank, converted_report, guard_reasons, plan_layer, shape_of
 from .linear import FACTOR_NAMES, LowRankLinear
 from .linears import features
 from .policy import RankPolicy, factor_parameters, layer_seed, threshold_reason
@@ -46,7 +46,7 @@ from .stale import retire
 from .targets import Selection, select_layers, structural_reason
 from .training import apply_param_swaps, check_optimizer, refuse_missing
 
-__all__ = ["check_convert_config", "convert_model"]
+__all__ = ["check_convert_config", "convert_model", "convert_planned"]
 
 COMPRESS_HINT = (
     "a global budget with calibration data is compress's job (loss-aware ranks, propagated "
@@ -141,22 +141,44 @@ def convert_model(
             lists why.
 
     Example:
-        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256),
+        ...                       nn.ReLU(), nn.Linear(256, 10))
         >>> report = convert_model(model, rank_ratio=0.25)
-        >>> [type(m).__name__ for m in model]
-        ['LowRankLinear', 'ReLU', 'LowRankLinear']
-        >>> len(report.converted)
-        2
+        >>> [type(m).__name__ for m in model]  # the 10-way head is kept (see guard)
+        ['LowRankLinear', 'ReLU', 'LowRankLinear', 'ReLU', 'Linear']
+        >>> report.skipped[0].reason.split(":")[0]
+        "the model's output layer"
     """
     check_module("model", model, "convert_model(model, config)")
     config = config_from(config, options, caller="convert_model")
+    return convert_planned(
+        model, config, calibration=calibration, input_stats=input_stats,
+        eval_batches=eval_batches, propagate=propagate, progress=progress, optimizer=optimizer,
+    )  # fmt: skip
+
+
+def convert_planned(
+    model: nn.Module,
+    config: ConversionConfig,
+    *,
+    calibration: Iterable[Any] | None = None,
+    input_stats: Mapping[str, InputStats | torch.Tensor] | None = None,
+    eval_batches: Iterable[Any] | None = None,
+    propagate: bool = False,
+    progress: bool = False,
+    optimizer: torch.optim.Optimizer | None = None,
+    reasons: Mapping[str, str] | None = None,
+) -> ConversionReport:
+    """:func:`convert_model` with its ``config`` made, and ``reasons``: why layers that a
+    plan made elsewhere keeps dense stay so (``compress``'s loss-aware plan), for the
+    report."""
     _check_data(config, calibration, input_stats, propagate)
     check_optimizer(optimizer)
     selection = select_layers(model, config)
     report = ConversionReport(model_params_before=parameter_count(model))
     run = _Conversion(selection, config)
     run.collect(model, calibration, input_stats, eval_batches, propagate)
-    run.plan()
+    run.plan(reasons or {})
     refuse_missing(optimizer, run.weights_to_convert(), "convert_model", "convert", OPTIMIZER_FIX)
     try:
         report.propagation = run.convert(model, calibration, propagate, progress)
@@ -178,7 +200,7 @@ def convert_model(
             f"convert_model: {len(report.layers)} modules matched but none was converted "
             f"({examples}{more}); the report lists every reason",
             UserWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return report
 
@@ -261,15 +283,17 @@ class _Conversion:
         if (input_stats is not None or calibration is not None) and not propagate:
             _check_reached(eligible, self.covariances)
 
-    def plan(self) -> None:
+    def plan(self, reasons: Mapping[str, str]) -> None:
         """Each layer's rank rule, or why it stays dense, decided before anything changes.
 
         One rule with ``convert_checkpoint``: a weight that cannot be factorized stays
-        dense, with its reason."""
+        dense, with its reason; so does one the guard keeps (:func:`guard_reasons`)."""
         config, views = self.config, self.selection.views
-        self.dense_reason = {
-            fqn: NONFINITE_REASON for fqn, m in views.items() if not all_finite(m.weight.detach())
-        }
+        self.dense_reason = guard_reasons(self.selection, config)
+        self.dense_reason.update((f, r) for f, r in reasons.items() if f in views)
+        for fqn, m in views.items():
+            if not all_finite(m.weight.detach()):
+                self.dense_reason[fqn] = NONFINITE_REASON
         if config.policy is not None:
             self.rules = dict.fromkeys(views, config.policy)
         elif config.budget is not None and config.allocation == "uniform":
@@ -312,7 +336,7 @@ class _Conversion:
         fraction = config.budget
         speed = config.speed
         if speed is not None:
-            shapes = {f: _shape(views[f]) for f in spectra}
+            shapes = {f: shape_of(views[f]) for f in spectra}
             caps = {
                 f: speed.max_rank(
                     s.out_features,
@@ -325,7 +349,8 @@ class _Conversion:
                 for f, s in shapes.items()
             }
             slow = sorted(f for f, cap in caps.items() if cap == 0)
-            fraction = _budget_without(spectra, views, slow, config.budget, config.row_scales)
+            why = "min_speedup" if config.min_speedup else "the guard"
+            fraction = _budget_without(spectra, views, slow, config.budget, config.row_scales, why)
             for f in slow:
                 s = shapes[f]
                 self.dense_reason[f] = speed.reason(  # type: ignore[assignment]
@@ -424,11 +449,6 @@ class _Conversion:
                     setattr(parent, child_name, module)
 
 
-def _shape(linear: nn.Linear) -> Shape:
-    return Shape(linear.out_features, linear.in_features, linear.bias is not None,
-                 linear.weight.dtype)  # fmt: skip
-
-
 def _skip(fqn: str, module: nn.Module, reason: str) -> LayerReport:
     in_f, out_f = features(module) or (None, None)
     return skipped_report(fqn, type(module).__name__, in_f, out_f,
@@ -452,7 +472,7 @@ def _convert_one(
     if reason is not None:
         return _skip(fqn, module, reason)
     source = selection.views[fqn]  # a Conv1D read as nn.Linear
-    shape = _shape(source)
+    shape = shape_of(source)
     if policy is None:  # a budget allocates ranks only to the layers above the threshold
         reason = threshold_reason(shape.out_features, shape.in_features, config.threshold)
         return _skip(fqn, module, reason or "no rank allocated by the budget")
@@ -569,8 +589,10 @@ def _budget_without(
     dense: list[str],
     budget: float,
     row_scales: bool,
+    reason: str,
 ) -> float:
-    """The budget fraction left for the other layers once the ``dense`` ones are kept whole."""
+    """The budget fraction left for the other layers once the ``dense`` ones are kept whole
+    (no rank speeds them up, by ``reason``)."""
     if not dense:
         return budget
     size = {f: eligible[f].in_features * eligible[f].out_features for f in spectra}
@@ -587,7 +609,7 @@ def _budget_without(
     if left < least:
         raise InputError(
             f"budget={budget} keeps {int(budget * total):,} parameters, but the {len(dense)} "
-            f"layers no rank speeds up (min_speedup) already hold {kept:,}, which leaves "
+            f"layers no rank speeds up ({reason}) already hold {kept:,}, which leaves "
             f"{max(0, int(left)):,} for the other {len(others)} layers (rank 1 in each needs "
             f"{least:,})"
         )

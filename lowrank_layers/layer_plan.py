@@ -4,10 +4,14 @@ stays as it is, and the report of a converted layer.
 :func:`~lowrank_layers.convert_model` (a module) and
 :func:`~lowrank_layers.convert_checkpoint` (a tensor read from a file) both ask
 :func:`plan_layer` before factorizing — size threshold, a ratio too small for rank 1,
-break-even, the speed rule — and hand the rank it planned to
+break-even, the guard, the speed rule — and hand the rank it planned to
 :func:`~lowrank_layers.factorize` as ``RankPolicy(rank=r)``, which then does not derive it
 again. Only an ``energy`` policy leaves the rank to the spectrum; :func:`check_rank` then
 applies break-even and the speed rule to the rank the factorization found.
+
+The guard (``ConversionConfig(guard=True)``, the default) is :func:`guard_reason` plus the
+speed rule ``config.speed`` gives without ``min_speedup``: layers a conversion cannot pay
+for stay dense, each with its reason.
 """
 
 from __future__ import annotations
@@ -15,13 +19,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .config import ConversionConfig
 from .policy import RankPolicy, break_even_reason, factor_parameters, saves_parameters
 from .report import LayerReport
-from .speed import report_speedups
+from .speed import REPORT_TOKENS, SpeedRule, report_speedups
+from .targets import Selection, is_embedding_name
 
-__all__ = ["Shape", "check_rank", "converted_report", "plan_layer"]
+__all__ = [
+    "NO_GRADIENT_REASON",
+    "Shape",
+    "check_rank",
+    "converted_report",
+    "guard_reason",
+    "guard_reasons",
+    "plan_layer",
+    "shape_of",
+]
+
+NO_GRADIENT_REASON = (
+    "no gradient of the objective reaches it (its output is not used): its error cannot be "
+    "weighed, so the guard keeps it dense and the budget goes to the other layers "
+    "(guard=False gives it the budget's own ratio)"
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +56,12 @@ class Shape:
     dtype: torch.dtype
 
 
+def shape_of(linear: nn.Linear) -> Shape:
+    """The :class:`Shape` of an ``nn.Linear``."""
+    return Shape(linear.out_features, linear.in_features, linear.bias is not None,
+                 linear.weight.dtype)  # fmt: skip
+
+
 def plan_layer(
     shape: Shape, policy: RankPolicy, config: ConversionConfig
 ) -> tuple[RankPolicy | None, str | None]:
@@ -43,17 +70,68 @@ def plan_layer(
     Returns ``(RankPolicy(rank=r), None)`` with the planned rank, ``(policy, None)`` for an
     ``energy`` policy (its rank is known only from the spectrum), or ``(None, reason)``: not
     above ``config.threshold``, a ratio too small for rank 1, a rank that saves no
-    parameters, or (with ``config.min_speedup``) a rank not expected to run that much faster.
+    parameters, too small to gain (the guard), or a rank not expected to run fast enough
+    (``config.speed``).
     """
     out_f, in_f = shape.out_features, shape.in_features
     planned, reason = policy.plan(
         out_f, in_f, threshold=config.threshold, row_scales=config.row_scales
     )
+    if reason is None and config.ranks is None:
+        reason = guard_reason(shape, config)
     if reason is None and planned is not None:
         reason = _speed_reason(shape, planned, config)
     if reason is not None:
         return None, reason
     return (policy if planned is None else RankPolicy(rank=planned)), None
+
+
+def guard_reason(
+    shape: Shape, config: ConversionConfig, *, output_layer: bool = False
+) -> str | None:
+    """Why the guard keeps a weight dense whatever its rank, or None (always None with
+    ``guard=False`` or a ``ranks`` plan, which is applied as given).
+
+    ``output_layer``: the weight is the model's output layer (its last ``nn.Linear``). Any
+    rank that saves parameters is below its number of outputs, so the predictions
+    themselves would be mixed, with no later layer to correct them. Otherwise: too small to
+    gain, when even rank 1 is expected to run slower than ``nn.Linear`` at every token count
+    the guard judges (``config.speedup_tokens``, by default decoding and a batch: 1 and 1024
+    tokens per call).
+    """
+    if not config.guard or config.ranks is not None:
+        return None
+    out_f, in_f = shape.out_features, shape.in_features
+    if output_layer:
+        return (
+            f"the model's output layer: a rank below its {out_f} outputs mixes its predictions, "
+            "with no later layer to correct them (guard=False converts it)"
+        )
+    rule = SpeedRule(1.0, config.speedup_tokens or REPORT_TOKENS)
+    xs = rule.speedups(out_f, in_f, 1, row_scales=config.row_scales, bias=shape.bias,
+                       dtype=shape.dtype)  # fmt: skip
+    if max(xs) >= 1.0:
+        return None
+    at = " and ".join(f"{x:.2f}x at {t}" for x, t in zip(xs, rule.token_counts, strict=True))
+    return (
+        f"too small to gain: even rank 1 is expected to run slower than nn.Linear ({at} "
+        "tokens per call)"
+    )
+
+
+def guard_reasons(selection: Selection, config: ConversionConfig) -> dict[str, str]:
+    """:func:`guard_reason` for every layer of ``selection`` the guard keeps dense, with the
+    model's output layer as such (unless it is converted as an embedding-like layer, with
+    ``embeddings=True``)."""
+    reasons = {}
+    for fqn, view in selection.views.items():
+        output = fqn == selection.output_layer and not (
+            config.embeddings and is_embedding_name(fqn)
+        )
+        reason = guard_reason(shape_of(view), config, output_layer=output)
+        if reason is not None:
+            reasons[fqn] = reason
+    return reasons
 
 
 def check_rank(shape: Shape, rank: int, policy: RankPolicy, config: ConversionConfig) -> str | None:

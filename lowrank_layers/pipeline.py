@@ -26,12 +26,13 @@ from .allocate import collect_sensitivity, loss_aware_ranks
 from .calibrate import batch_tokens, check_batches
 from .common import InputError, InputTypeError, check_module
 from .config import ConversionConfig, HealConfig, config_from
-from .convert import convert_model
+from .convert import convert_planned
 from .heal import OBJECTIVES
 from .heal import heal as run_heal  # compress's heal= argument is a HealConfig
+from .layer_plan import NO_GRADIENT_REASON, guard_reasons
 from .policy import threshold_reason
 from .report import ConversionReport
-from .targets import convertible_layers
+from .targets import select_layers
 
 __all__ = ["CompressionReport", "check_compress_config", "compress"]
 
@@ -149,10 +150,10 @@ def compress(
     seconds: dict[str, float] = {}
     if heal is not None and teacher is None:
         teacher = copy.deepcopy(model)
-    plan = None
+    plan, reasons = None, {}
     if config.budget is not None and config.allocation in ("auto", "loss"):
         start = time.perf_counter()
-        plan = _loss_aware_plan(model, calibration, config, sensitivity_tokens, objective)
+        plan, reasons = _loss_aware_plan(model, calibration, config, sensitivity_tokens, objective)
         seconds["allocation"] = time.perf_counter() - start
     if plan is not None:
         config = dataclasses.replace(config, budget=None, ranks=plan, allocation="auto")
@@ -160,9 +161,9 @@ def compress(
         config = dataclasses.replace(config, budget=None, param_ratio=config.budget,
                                      allocation="auto")  # fmt: skip
     start = time.perf_counter()
-    conversion = convert_model(
+    conversion = convert_planned(
         model, config, calibration=calibration, propagate=propagate,
-        eval_batches=eval_batches, progress=progress,
+        eval_batches=eval_batches, progress=progress, reasons=reasons,
     )  # fmt: skip
     seconds["conversion"] = time.perf_counter() - start
     result = CompressionReport(conversion, plan, None, seconds)
@@ -219,18 +220,31 @@ def _loss_aware_plan(
     config: ConversionConfig,
     sensitivity_tokens: int | None,
     objective: str,
-) -> dict[str, int | None] | None:
-    """Each layer's rank (None: dense) from one gradient pass (:mod:`~lowrank_layers.allocate`);
-    None when there is no layer to rank (``convert_model`` reports why)."""
+) -> tuple[dict[str, int | None] | None, dict[str, str]]:
+    """Each layer's rank (None: dense) from one gradient pass (:mod:`~lowrank_layers.allocate`),
+    and why the guard keeps layers dense; the plan is None when there is no layer to rank
+    (``convert_model`` reports why).
+
+    The guard's layers (:func:`~lowrank_layers.layer_plan.guard_reasons`) and, with
+    ``guard``, those no gradient of the objective reaches stay dense outside the budget,
+    which the others share."""
+    selection = select_layers(model, config, warn=False)
+    reasons = guard_reasons(selection, config)
     layers = {
         name: m
-        for name, m in convertible_layers(model, config).items()
+        for name, m in selection.eligible.items()
         if threshold_reason(m.out_features, m.in_features, config.threshold) is None
+        and name not in reasons
     }
     if not layers:
-        return None
+        return None, reasons
     subset = _first_tokens(calibration, sensitivity_tokens)
     probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
     sens = collect_sensitivity(model, subset, layers, objective=probe, seed=config.seed)
+    if config.guard:
+        reasons.update((name, NO_GRADIENT_REASON) for name in layers if name not in sens)
+        layers = {name: m for name, m in layers.items() if name in sens}
+        if not layers:
+            return None, reasons
     plan, _ = loss_aware_ranks(layers, sens, config.budget, speed=config.speed)  # type: ignore[arg-type]
-    return plan
+    return {**plan, **dict.fromkeys(reasons)}, reasons

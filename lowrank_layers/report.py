@@ -134,12 +134,9 @@ class ConversionReport:
             ]
             return "  ".join(cells).rstrip()
 
-        lines = [fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]]
+        lines = _legend(calibrated, data)
+        lines += [fmt(rows[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]]
         saved = 1 - self.params_after / self.params_before if self.params_before else 0.0
-        lines.append(
-            "x@N: expected speed-up of the layer's forward over nn.Linear at N tokens per "
-            "call (lowrank_layers.speed.expected_speedup; a model, not a measurement)"
-        )
         lines.append(
             f"converted {len(self.converted)} of {len(self.layers)} matched layers: "
             f"{self.params_before:,} -> {self.params_after:,} parameters ({saved:.1%} fewer); "
@@ -147,6 +144,28 @@ class ConversionReport:
             f"{self.seconds:.2f} s"
         )
         return "\n".join(lines)
+
+
+def _legend(calibrated: bool, data: str) -> list[str]:
+    """The lines above a report's table: what its error and speed columns mean."""
+    if calibrated:
+        errors = [
+            f"out.err ({data}): the relative error of the layer's outputs, |(W - W')x| / |Wx| "
+            f"over the {data} inputs: what the model sees, the column to read",
+            "rel.err: the relative error of the weight itself, |W - W'| / |W|; factors fitted "
+            "to data keep the directions the inputs use, so it may exceed 1 harmlessly",
+        ]
+    else:
+        errors = [
+            "rel.err: the relative error of the weight, |W - W'| / |W| (converted without "
+            "data: the outputs' error is not known)"
+        ]
+    return [
+        *errors,
+        "x@N: expected speed-up of the layer's forward over nn.Linear at N tokens per call "
+        "(lowrank_layers.speed.expected_speedup; a model, not a measurement)",
+        "",
+    ]
 
 
 def skipped_report(

@@ -231,46 +231,64 @@ def expected_speedup(
 
 @dataclass(frozen=True)
 class SpeedRule:
-    """Keep a layer dense unless its expected speed-up at ``tokens`` reaches ``min_speedup``.
+    """Keep a layer dense unless its expected speed-up reaches ``min_speedup`` at ``tokens``
+    per call (:func:`expected_speedup`); with several token counts, at any one of them.
 
-    ``convert_model(min_speedup=..., speedup_tokens=...)`` and
-    ``compress(min_speedup=...)`` apply it (see :func:`expected_speedup`).
+    ``convert_model(min_speedup=..., speedup_tokens=...)`` and ``compress(min_speedup=...)``
+    apply it at the user's token count. Without ``min_speedup``, a conversion's default
+    guard (``ConversionConfig(guard=True)``) applies ``SpeedRule(1.0, REPORT_TOKENS)``: a
+    rank expected to run slower than ``nn.Linear`` both when decoding and on a batch is
+    not worth its error.
     """
 
     min_speedup: float
-    tokens: int = 1
+    tokens: int | tuple[int, ...] = 1
     model: SpeedModel | None = None
 
     def __post_init__(self) -> None:
         check_positive("min_speedup", self.min_speedup)
-        check_int("speedup_tokens", self.tokens)
+        counts = self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
+        if not counts:
+            raise InputError("speedup_tokens must name at least one token count, got ()")
+        for count in counts:
+            check_int("speedup_tokens", count)
 
-    def speedup(
+    @property
+    def token_counts(self) -> tuple[int, ...]:
+        return self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
+
+    def speedups(
         self, out_f: int, in_f: int, rank: int, *, row_scales: bool, bias: bool, dtype: torch.dtype
-    ) -> float:
-        return expected_speedup(
-            in_f,
-            out_f,
-            rank,
-            self.tokens,
-            row_scales=row_scales,
-            bias=bias,
-            dtype=dtype,
-            model=self.model,
+    ) -> tuple[float, ...]:
+        """The expected speed-up at each of :attr:`token_counts`."""
+        return tuple(
+            expected_speedup(
+                in_f,
+                out_f,
+                rank,
+                t,
+                row_scales=row_scales,
+                bias=bias,
+                dtype=dtype,
+                model=self.model,
+            )
+            for t in self.token_counts
         )
 
     def reason(
         self, out_f: int, in_f: int, rank: int, *, row_scales: bool, bias: bool, dtype: torch.dtype
     ) -> str | None:
         """Why a layer of this rank stays dense, or None when it pays."""
-        x = self.speedup(out_f, in_f, rank, row_scales=row_scales, bias=bias, dtype=dtype)
-        if x >= self.min_speedup:
+        xs = self.speedups(out_f, in_f, rank, row_scales=row_scales, bias=bias, dtype=dtype)
+        if max(xs) >= self.min_speedup:
             return None
-        token_s = "token" if self.tokens == 1 else "tokens"
-        return (
-            f"expected speed-up {x:.2f}x at {self.tokens} {token_s} per call is below "
-            f"min_speedup={self.min_speedup:g}"
+        at = " and ".join(
+            f"{x:.2f}x at {t} {'token' if t == 1 else 'tokens'}"
+            for x, t in zip(xs, self.token_counts, strict=True)
         )
+        if self.min_speedup == 1.0 and len(xs) > 1:
+            return f"expected to run slower than nn.Linear: {at} per call"
+        return f"expected speed-up {at} per call is below min_speedup={self.min_speedup:g}"
 
     def max_rank(
         self, out_f: int, in_f: int, upper: int, *, row_scales: bool, bias: bool, dtype: torch.dtype

@@ -30,6 +30,7 @@ __all__ = [
     "convertible_layers",
     "fused_tensors",
     "is_embedding_name",
+    "output_layer_name",
     "select_layers",
     "structural_reason",
     "warn_unmatched_exclude",
@@ -201,6 +202,9 @@ class Selection:
         views: each eligible module read as an ``nn.Linear`` (a ``Conv1D`` transposed).
         kept: matched layers the config keeps as they are, with the reason (a name like an
             embedding's, without ``embeddings=True``).
+        output_layer: the name of the model's last ``nn.Linear``-like module (in
+            ``named_modules`` order), which the guard treats as its output layer; None when
+            it has none.
     """
 
     candidates: list[tuple[str, nn.Module]]
@@ -209,6 +213,18 @@ class Selection:
     eligible: dict[str, nn.Module]
     views: dict[str, nn.Linear] = field(default_factory=dict)
     kept: dict[str, str] = field(default_factory=dict)
+    output_layer: str | None = None
+
+
+def output_layer_name(model: nn.Module) -> str | None:
+    """The name of ``model``'s last ``nn.Linear``-like module (a low-rank layer of this
+    library included), in ``named_modules`` order: its output head when it ends in one, the
+    rule transformers' quantizers also use to keep the head. None when it has none."""
+    last = None
+    for name, module in model.named_modules():
+        if name and (is_linear_like(module) or isinstance(module, LOWRANK_TYPES)):
+            last = name
+    return last
 
 
 def warn_unmatched_exclude(names: Iterable[str], exclude: str | Iterable[str] | None) -> None:
@@ -251,7 +267,7 @@ def select_layers(model: nn.Module, config: ConversionConfig, *, warn: bool = Tr
     }
     eligible = {fqn: m for fqn, m in eligible.items() if fqn not in kept}
     views = {fqn: as_linear(m) for fqn, m in eligible.items()}
-    return Selection(candidates, holders, owners, eligible, views, kept)
+    return Selection(candidates, holders, owners, eligible, views, kept, output_layer_name(model))
 
 
 def convertible_layers(model: nn.Module, config: ConversionConfig) -> dict[str, nn.Linear]:
