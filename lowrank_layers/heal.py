@@ -619,10 +619,12 @@ def heal(
         >>> import torch
         >>> from torch import nn
         >>> from lowrank_layers import convert_model
-        >>> teacher = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16))
+        >>> teacher = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 16))
         >>> student = copy.deepcopy(teacher)
-        >>> _ = convert_model(student, rank=4)
-        >>> batches = [torch.randn(8, 32) for _ in range(4)]
+        >>> _ = convert_model(student, rank=4)  # the output layer stays dense (the guard)
+        >>> [type(m).__name__ for m in student]
+        ['LowRankLinear', 'ReLU', 'Linear']
+        >>> batches = [torch.randn(8, 64) for _ in range(4)]
         >>> report = heal(student, teacher, batches, steps=10, lr=1e-3)
         >>> report.objective, report.steps
         ('cosine', 10)

@@ -38,10 +38,11 @@ def mlp(out_features: int = 16) -> nn.Sequential:
 
 
 def mlp_pair() -> tuple[nn.Sequential, nn.Sequential]:
-    """(student, teacher): the MLP and its rank-4 conversion."""
+    """(student, teacher): the MLP and its rank-4 conversion, the guard off (both layers are
+    too small to gain and the second is the output layer: healing needs them converted)."""
     teacher = mlp()
     student = copy.deepcopy(teacher)
-    convert_model(student, rank=4)
+    convert_model(student, rank=4, guard=False)
     return student, teacher
 
 
@@ -78,11 +79,11 @@ class Stack(nn.Module):
 
 def stack_pair(by_keyword: bool = False, exclude: str | None = "head") -> tuple[Stack, Stack]:
     """(student, teacher): the stack and its rank-4 conversion, by default the head left
-    dense."""
+    dense; the guard off (the blocks' layers are too small to gain)."""
     torch.manual_seed(0)
     teacher = Stack(by_keyword)
     student = copy.deepcopy(teacher)
-    convert_model(student, rank=4, exclude=exclude)
+    convert_model(student, rank=4, exclude=exclude, guard=False)
     return student, teacher
 
 
@@ -91,10 +92,11 @@ def stack_batches(gen: torch.Generator, n: int) -> list[torch.Tensor]:
 
 
 def llama(**convert_kwargs) -> tuple[nn.Module, nn.Module]:
-    """(student, teacher): a tiny LlamaForCausalLM and its rank_ratio=0.25 conversion."""
+    """(student, teacher): a tiny LlamaForCausalLM and its rank_ratio=0.25 conversion, the
+    guard off (its layers are too small to gain and lm_head is the output layer)."""
     teacher = tiny_llama(heads=2, kv_heads=2, vocab=64).train()
     student = copy.deepcopy(teacher)
-    convert_model(student, rank_ratio=0.25, **convert_kwargs)
+    convert_model(student, rank_ratio=0.25, guard=False, **convert_kwargs)
     return student, teacher
 
 

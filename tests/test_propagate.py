@@ -27,6 +27,9 @@ class Block(nn.Module):
 
 
 class Deep(nn.Module):
+    """Residual blocks 24 -> 48 -> 24 wide: too small to gain, so conversions here pass
+    guard=False (the guard would keep every layer dense)."""
+
     def __init__(self, d: int = 24, h: int = 48, depth: int = 6, seed: int = 0) -> None:
         super().__init__()
         torch.manual_seed(seed)
@@ -125,7 +128,7 @@ def test_a_chain_that_does_not_compose_is_refused(gen):
     # convert_model still converts every layer, from the original statistics, and says why
     report = convert_model(
         model, rank=4, calibration=[correlated(8, gen)], propagate=True, exclude=["head"],
-        embeddings=True,
+        embeddings=True, guard=False,
     )  # fmt: skip
     assert len(report.converted) == 13
     assert report.propagation.propagated == []
@@ -148,9 +151,9 @@ def test_first_stage_is_plain_whitening_and_propagation_beats_it(gen):
     calib = [correlated(64, gen) for _ in range(4)]
     held_out = [correlated(16, gen) for _ in range(4)]
     white, prop = copy.deepcopy(model), copy.deepcopy(model)
-    convert_model(white, rank=4, calibration=calib, exclude=["embed", "head"])
+    convert_model(white, rank=4, calibration=calib, exclude=["embed", "head"], guard=False)
     report = convert_model(prop, rank=4, calibration=calib, exclude=["embed", "head"],
-                           propagate=True)  # fmt: skip
+                           propagate=True, guard=False)  # fmt: skip
     assert report.propagation.blocks == 6 and len(report.propagation.propagated) == 12
     first_w, first_p = white.blocks[0].fc1, prop.blocks[0].fc1
     assert isinstance(first_p, LowRankLinear)
@@ -176,9 +179,10 @@ def test_propagation_ignores_padding_and_rejects_no_tokens(gen):
     padded_x = torch.cat([x, 50 * torch.randn(4, 5, 8, generator=gen)], dim=1)
     mask = torch.cat([torch.ones(4, 16), torch.zeros(4, 5)], dim=1).long()
     a, b = copy.deepcopy(model), copy.deepcopy(model)
-    convert_model(a, rank=5, calibration=[full], propagate=True, exclude=["embed", "head"])
+    convert_model(a, rank=5, calibration=[full], propagate=True, exclude=["embed", "head"],
+                  guard=False)  # fmt: skip
     convert_model(b, rank=5, calibration=[{"x": padded_x, "attention_mask": mask}],
-                  propagate=True, exclude=["embed", "head"])  # fmt: skip
+                  propagate=True, exclude=["embed", "head"], guard=False)  # fmt: skip
     # compare what the models compute, not their weights: with 64 tokens and rank-5
     # layers upstream, a layer's propagated input covariance is near-singular, and float
     # rounding that depends on the token count (64 vs 84 rows in a GEMM) moves the
@@ -191,14 +195,16 @@ def test_propagation_ignores_padding_and_rejects_no_tokens(gen):
     unmasked = copy.deepcopy(model)
     unmasked_batch = {"x": padded_x, "attention_mask": ones.new_ones(4, 21)}
     convert_model(unmasked, rank=5, calibration=[unmasked_batch], propagate=True,
-                  exclude=["embed", "head"])  # fmt: skip
+                  exclude=["embed", "head"], guard=False)  # fmt: skip
     with torch.no_grad():
         assert rel_err(unmasked(x, ones), ya) > 1e-2
     c = copy.deepcopy(model)
     before = copy.deepcopy(c.state_dict())
     empty = {"x": x, "attention_mask": torch.zeros(4, 16, dtype=torch.long)}
     with pytest.raises(ValueError, match=r"yielded no tokens"):
-        convert_model(c, rank=5, calibration=[empty], propagate=True, exclude=["embed", "head"])
+        convert_model(
+            c, rank=5, calibration=[empty], propagate=True, exclude=["embed", "head"], guard=False
+        )
     assert all(torch.equal(before[k], v) for k, v in c.state_dict().items())
 
 
@@ -219,10 +225,11 @@ def test_propagation_on_a_transformers_llama(gen):
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
     test = torch.randint(0, 100, (8, 32), generator=gen)
     white, prop = copy.deepcopy(model), copy.deepcopy(model)
-    convert_model(white, rank_ratio=0.3, calibration=batches, exclude=["lm_head"])
+    convert_model(white, rank_ratio=0.3, calibration=batches, exclude=["lm_head"], guard=False)
     report = convert_model(
-        prop, rank_ratio=0.3, calibration=batches, exclude=["lm_head"], propagate=True
-    )
+        prop, rank_ratio=0.3, calibration=batches, exclude=["lm_head"], propagate=True,
+        guard=False,
+    )  # fmt: skip
     assert report.propagation.container == "model.layers"
     assert len(report.propagation.propagated) == 21  # 7 projections x 3 layers
     with torch.no_grad():
