@@ -230,21 +230,22 @@ def _loss_aware_plan(
     which the others share."""
     selection = select_layers(model, config, warn=False)
     reasons = guard_reasons(selection, config)
-    layers = {
+    # the output layer is observed too: if no gradient reaches it, that is the reason to give
+    observed = {
         name: m
         for name, m in selection.eligible.items()
         if threshold_reason(m.out_features, m.in_features, config.threshold) is None
-        and name not in reasons
+        and (name not in reasons or name == selection.output_layer)
     }
-    if not layers:
+    if all(name in reasons for name in observed):  # nothing the budget could go to
         return None, reasons
     subset = _first_tokens(calibration, sensitivity_tokens)
     probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
-    sens = collect_sensitivity(model, subset, layers, objective=probe, seed=config.seed)
+    sens = collect_sensitivity(model, subset, observed, objective=probe, seed=config.seed)
     if config.guard:
-        reasons.update((name, NO_GRADIENT_REASON) for name in layers if name not in sens)
-        layers = {name: m for name, m in layers.items() if name in sens}
-        if not layers:
-            return None, reasons
+        reasons.update((name, NO_GRADIENT_REASON) for name in observed if name not in sens)
+    layers = {name: m for name, m in observed.items() if name not in reasons}
+    if not layers:
+        return None, reasons
     plan, _ = loss_aware_ranks(layers, sens, config.budget, speed=config.speed)  # type: ignore[arg-type]
     return {**plan, **dict.fromkeys(reasons)}, reasons
