@@ -14,13 +14,17 @@ from .helpers import saved, tiny_gpt2, tiny_mixtral, tokens
 
 transformers = pytest.importorskip("transformers")
 
+# the tiny models' 32- and 64-wide layers are too small to gain: the guard would keep them
+# dense, and these tests are about checkpoints
+NO_GUARD = {"guard": False}
+
 
 def test_convert_checkpoint_orients_gpt2_conv1d_and_loads_into_gpt2(tmp_path, gen):
     from lowrank_layers import convert_checkpoint, load_lowrank
 
     model = tiny_gpt2()
     src = saved(model, tmp_path / "gpt2")
-    report = convert_checkpoint(src, tmp_path / "out", rank=4)
+    report = convert_checkpoint(src, tmp_path / "out", rank=4, **NO_GUARD)
     rows = {r.name: r for r in report.converted}
     assert len(rows) == 8
     assert (rows["transformer.h.0.attn.c_attn"].in_features,
@@ -29,7 +33,7 @@ def test_convert_checkpoint_orients_gpt2_conv1d_and_loads_into_gpt2(tmp_path, ge
             rows["transformer.h.1.mlp.c_proj"].out_features) == (128, 32)  # fmt: skip
     loaded = load_lowrank(transformers.GPT2LMHeadModel(model.config), tmp_path / "out").eval()
     assert isinstance(loaded.transformer.h[0].mlp.c_fc, LowRankLinear)
-    convert_model(model, rank=4, exclude=["lm_head"])  # the same factors, from the model
+    convert_model(model, rank=4, exclude=["lm_head"], **NO_GUARD)  # the same factors
     x = tokens(gen)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
@@ -62,7 +66,9 @@ def test_convert_checkpoint_keeps_experts_loadable_and_reports_fused_tensors(tmp
 
     model = tiny_mixtral()
     src = saved(model, tmp_path / "moe")  # transformers 5 writes block_sparse_moe.experts.<i>
-    report = convert_checkpoint(src, tmp_path / "out", param_ratio=0.5, exclude=["lm_head"])
+    report = convert_checkpoint(
+        src, tmp_path / "out", param_ratio=0.5, exclude=["lm_head"], **NO_GUARD
+    )
     renamed = [r for r in report.skipped if ".block_sparse_moe." in r.name]
     assert len(renamed) == 13  # 12 expert matrices and the router
     assert all(r.reason.startswith("transformers converts this tensor when loading the model")
@@ -72,7 +78,7 @@ def test_convert_checkpoint_keeps_experts_loadable_and_reports_fused_tensors(tmp
     loaded = load_pretrained(tmp_path / "out")  # transformers renames the rest on load
     assert isinstance(loaded.model.layers[0].self_attn.q_proj, LowRankLinear)
     reference = tiny_mixtral()
-    convert_model(reference, param_ratio=0.5, exclude=["lm_head"])
+    convert_model(reference, param_ratio=0.5, exclude=["lm_head"], **NO_GUARD)
     x = tokens(gen)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, reference(x).logits, rtol=1e-5, atol=1e-5)
@@ -106,7 +112,7 @@ def test_the_cli_output_folder_keeps_every_file_and_reloads_low_rank(tmp_path, g
     from lowrank_layers import convert_checkpoint, load_pretrained
 
     src = sentence_folder(tmp_path)
-    convert_checkpoint(src, tmp_path / "out", param_ratio=0.5)
+    convert_checkpoint(src, tmp_path / "out", param_ratio=0.5, **NO_GUARD)
     out = tmp_path / "out"
     assert (out / "modules.json").exists() and (out / "1_Pooling" / "config.json").exists()
     # every file of the source, and the model card the source folder did not have
@@ -134,7 +140,7 @@ def test_a_dense_load_of_a_cli_folder_fails_loudly(tmp_path):
 
     from lowrank_layers import convert_checkpoint
 
-    convert_checkpoint(sentence_folder(tmp_path), tmp_path / "out", param_ratio=0.5)
+    convert_checkpoint(sentence_folder(tmp_path), tmp_path / "out", param_ratio=0.5, **NO_GUARD)
     code = (
         "import sys, transformers\n"
         f"transformers.AutoModel.from_pretrained({str(tmp_path / 'out')!r})\n"
@@ -158,13 +164,15 @@ def test_convert_checkpoint_warns_about_an_exclude_that_matches_nothing(tmp_path
               src)  # fmt: skip
     with pytest.warns(UserWarning, match=r"^exclude 'lm_head' matches no module, so it "
                       r"excludes nothing"):  # fmt: skip
-        report = convert_checkpoint(src, tmp_path / "a.safetensors", rank=4, exclude=["lm_head"])
+        report = convert_checkpoint(
+            src, tmp_path / "a.safetensors", rank=4, exclude=["lm_head"], **NO_GUARD
+        )
     assert len(report.converted) == 2
     with pytest.warns(UserWarning, match=r"^exclude 'fc' matches no module"):
-        convert_checkpoint(src, tmp_path / "b.safetensors", rank=4, exclude="fc")
+        convert_checkpoint(src, tmp_path / "b.safetensors", rank=4, exclude="fc", **NO_GUARD)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for i, exclude in enumerate([["layers.0.fc"], ["layers.1.fc"], r"layers\.0\..*"]):
             report = convert_checkpoint(src, tmp_path / f"{i}.safetensors", rank=4,
-                                        exclude=exclude)  # fmt: skip
+                                        exclude=exclude, **NO_GUARD)  # fmt: skip
             assert len(report.converted) == 1

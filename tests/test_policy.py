@@ -91,9 +91,10 @@ def test_every_entry_point_accepts_the_object(gen):
     adaptive = AdaptiveLowRankLinear(32, 64, policy)
     assert adaptive.switch_to_lowrank().rank == 8
     assert AdaptiveLowRankLinear.from_linear(dense, policy).default_policy == policy
-    report = convert_model(nn.Sequential(nn.Linear(32, 64)), policy=policy)
+    # a single layer is the model's output layer: guard=False converts it
+    report = convert_model(nn.Sequential(nn.Linear(32, 64)), policy=policy, guard=False)
     assert report.converted[0].rank == 8
-    config = ConversionConfig(policy=policy)
+    config = ConversionConfig(policy=policy, guard=False)
     assert convert_model(nn.Sequential(nn.Linear(32, 64)), config).converted[0].rank == 8
     model = nn.Sequential(nn.Linear(32, 64))
     projector = GradientProjector(model, policy, update_every=1)
@@ -156,7 +157,7 @@ def test_ranks_may_be_numpy_or_tensor_integers(gen):
         assert resolve_rank(16, 12, rank=rank) == 4
         got = factorize(W, rank=rank)
         assert torch.equal(got.U, expected.U)
-        report = convert_model(nn.Sequential(nn.Linear(12, 16)), rank=rank)
+        report = convert_model(nn.Sequential(nn.Linear(12, 16)), rank=rank, guard=False)
         assert report.converted[0].rank == 4
         assert LowRankLinear(12, 16, rank).rank == 4
         dynamic = DynamicLowRankLinear(12, 16, active_rank=rank, max_rank=np.int64(8))

@@ -162,6 +162,11 @@ def test_measured_speed_model_is_plausible():
     assert 0 < model.call < 1e-3
 
 
+# these tests are about min_speedup: without guard=False, two_sizes()' last layer would stay
+# dense as the model's output layer, outside the budget
+NO_GUARD = {"guard": False}
+
+
 def two_sizes() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(576, 576), nn.ReLU(), nn.Linear(576, 192), nn.Linear(192, 576))
@@ -171,7 +176,7 @@ def test_min_speedup_keeps_slow_layers_dense_with_their_reason():
     # at half the parameters the 576x576 layer models at 1.23x; the 576x192 and 192x576
     # projections at 0.94x and 0.96x (per-call costs, and U read in rows of 71 numbers)
     model = two_sizes()
-    report = convert_model(model, param_ratio=0.5, min_speedup=1.0)
+    report = convert_model(model, param_ratio=0.5, min_speedup=1.0, **NO_GUARD)
     kept = {layer.name: layer for layer in report.skipped}
     assert set(kept) == {"2", "3"}
     assert isinstance(model[2], nn.Linear) and isinstance(model[3], nn.Linear)
@@ -181,14 +186,14 @@ def test_min_speedup_keeps_slow_layers_dense_with_their_reason():
         assert layer.speedup_few >= 1.0
     # judged at 4096 tokens, the same layer pays
     model = two_sizes()
-    report = convert_model(model, param_ratio=0.5, min_speedup=1.0, speedup_tokens=4096)
+    report = convert_model(model, param_ratio=0.5, min_speedup=1.0, speedup_tokens=4096, **NO_GUARD)
     assert not report.skipped
 
 
 def test_min_speedup_with_a_budget_caps_ranks_and_keeps_the_budget():
     model = two_sizes()
     total = 576 * 576 + 2 * 576 * 192
-    report = convert_model(model, budget=0.7, min_speedup=1.0)
+    report = convert_model(model, budget=0.7, min_speedup=1.0, **NO_GUARD)
     assert sum(layer.params_after for layer in report.layers) <= 0.7 * total
     for layer in report.converted:
         assert layer.speedup_few >= 1.0
@@ -201,7 +206,7 @@ def test_min_speedup_budget_too_small_for_the_dense_layers_is_an_error():
     with pytest.raises(
         ValueError, match=r"budget=0\.001 keeps 4,198 .* 1 layers .* hold 4,096, which leaves 102 "
     ):
-        convert_model(model, budget=0.001, min_speedup=1.0)
+        convert_model(model, budget=0.001, min_speedup=1.0, **NO_GUARD)
 
 
 def test_min_speedup_is_refused_for_adaptive_layers():

@@ -83,7 +83,7 @@ def test_format_1_pruned_dynamic_state_dict_loads_into_a_larger_layer(gen):
 def test_format_1_checkpoint_loads_and_has_spectra(tmp_path, gen):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(40, 64), nn.ReLU(), nn.Linear(64, 24))
-    convert_model(model, rank=8, balance="rownorm")
+    convert_model(model, rank=8, balance="rownorm", guard=False)
     path = tmp_path / "m.safetensors"
     save_lowrank(model, path)
     # the same file as format 1 wrote it: V (in, r) under <layer>.V
