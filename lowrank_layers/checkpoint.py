@@ -32,6 +32,7 @@ from .checkpoint_format import (
     format_metadata,
     guard,
     guard_key,
+    is_guard_entry,
     lowrank_layers_of,
     lowrank_quantization_config,
     open_checkpoint,
@@ -43,9 +44,12 @@ from .hf_quantizer import mark_lowrank_config
 from .linear import upgrade_state_dict_
 from .model_card import linear_layer_count, with_model_card
 from .safetensors_io import (
+    FLOAT_DTYPES,
     INDEX_FILE,
     OWN_FILES,
+    SINGLE_FILE,
     CheckpointError,
+    read_header,
     shard_names,
     write_file,
     write_index,
@@ -178,7 +182,8 @@ def save_lowrank(
             current.append(key)
             size += nbytes
         groups.append(current)
-    extras = _model_folder_files(path.parent if single_file else path, model, layers)
+    first_file = {k: tensors[k] for k in groups[0]}
+    extras = _model_folder_files(path.parent if single_file else path, model, layers, first_file)
     return _write_checkpoint(path, tensors, groups, metadata, total, overwrite, extras)
 
 
@@ -217,14 +222,17 @@ def _write_checkpoint(
 
 
 def _model_folder_files(
-    folder: Path, model: nn.Module, layers: Mapping[str, Any]
+    folder: Path, model: nn.Module, layers: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
 ) -> dict[str, str]:
-    """``config.json`` marked and the model card, for a save of a low-rank model into a
+    """``config.json`` marked (and given the dtype of ``tensors``, those of the first weight
+    file, see :func:`_set_dtype`) and the model card, for a save of a low-rank model into a
     transformers model folder; nothing otherwise."""
     config = _transformers_config(folder / "config.json")
     if config is None or not layers:
         return {}
     config["quantization_config"] = lowrank_quantization_config(layers)
+    names = (str(tensors[k].dtype).removeprefix("torch.") for k in sorted(tensors))
+    _set_dtype(config, next((n for n in names if n in _TORCH_NAMES.values()), None))
     return {
         "config.json": _config_text(config),
         "README.md": _card_text(folder, layers, linear_layer_count(model, layers)),
@@ -259,11 +267,8 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     ckpt = open_checkpoint(path)
     layers, aliases = check_format(ckpt.metadata, path)
     restructure(model, layers, str(path))
-    state = dict(ckpt.read_tensors())
-    for name in layers:  # the dense loaders' tripwire, not a tensor of the model
-        stored = state.get(guard_key(name))
-        if stored is not None and stored.numel() == 0:
-            del state[guard_key(name)]
+    guards = {guard_key(name) for name in layers}  # the dense loaders' tripwire, left unread
+    state = dict(ckpt.read_tensors(skip=lambda key, e: key in guards and is_guard_entry(e)))
     for alias, target in aliases.items():
         if target not in state:
             raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {target!r}")
@@ -388,15 +393,44 @@ def _card_text(folder: Path, layers: Mapping[str, Any], linear_layers: int | Non
     return with_model_card(existing, layers, linear_layers=linear_layers)
 
 
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def _set_dtype(config: dict[str, Any], dtype: str | None) -> None:
+    """Give ``config`` the weights' ``dtype`` when it names none (``dtype`` or ``torch_dtype``).
+
+    transformers' default ``dtype="auto"`` otherwise reads the dtype of every tensor of the
+    first weight file, and refuses the guards' FP4 as an unknown dtype (see
+    :func:`~lowrank_layers.checkpoint_format.guard`). ``dtype`` is what it would have found,
+    the first floating-point tensor's, so the model loads in the same dtype as before.
+    """
+    if dtype is not None and config.get("dtype") is None and config.get("torch_dtype") is None:
+        config["dtype"] = dtype
+
+
+def _weights_dtype(folder: Path) -> str | None:
+    """The dtype (torch's name) of the first floating-point tensor, in key order, of the
+    first weight file of ``folder`` (``model.safetensors`` or the first shard)."""
+    single = folder / SINGLE_FILE
+    files = [single] if single.is_file() else sorted(folder.glob("model-*-of-*.safetensors"))
+    if not files:
+        return None
+    header, _ = read_header(files[0])
+    codes = [header[k].get("dtype") for k in sorted(header) if k != "__metadata__"]
+    return next((_TORCH_NAMES[c] for c in codes if c in FLOAT_DTYPES), None)
+
+
 def write_config_entry(config_json: Path, entry: Mapping[str, Any]) -> None:
     """Set ``config_json``'s ``quantization_config`` to ``entry``; nothing without the file.
 
+    A config naming no dtype gets that of the weights beside it (see :func:`_set_dtype`).
     The file is replaced atomically (written beside it, then renamed over it).
     """
     if not config_json.exists():
         return
     config = json.loads(config_json.read_text(encoding="utf-8"))
     config["quantization_config"] = entry
+    _set_dtype(config, _weights_dtype(config_json.parent))
     with atomic_destination(config_json, is_dir=False) as tmp:
         tmp.write_text(_config_text(config), encoding="utf-8")
 

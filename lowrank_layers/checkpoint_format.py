@@ -2,8 +2,9 @@
 
 A checkpoint (see docs/checkpoints.md) is ordinary safetensors files whose tensors are the
 model's state dict — a low-rank layer ``name`` stores ``name.U`` (out, r), ``name.S``
-(r,), ``name.Vh`` (r, in), optionally ``name.D`` (out,), and ``name.bias`` — and whose
-header metadata holds::
+(r,), ``name.Vh`` (r, in), optionally ``name.D`` (out,), and ``name.bias``, beside a guard
+``name.weight`` that dense loaders cannot load (:func:`guard`) — and whose header metadata
+holds::
 
     format          "lowrank-layers"
     format_version  "2"   ("1": the same, with ``name.V`` (in, r) = Vhᵀ; still read)
@@ -49,6 +50,7 @@ __all__ = [
     "format_metadata",
     "guard",
     "guard_key",
+    "is_guard_entry",
     "lowrank_layers_of",
     "lowrank_quantization_config",
     "open_checkpoint",
@@ -143,16 +145,37 @@ def format_metadata(layers: Mapping[str, Any], aliases: Mapping[str, str]) -> di
 
 
 def guard_key(layer_name: str) -> str:
-    """The ``<layer>.weight`` key under which an empty guard tensor is stored (see
-    :func:`save_lowrank`)."""
+    """The ``<layer>.weight`` key under which a low-rank layer's guard tensor is stored (see
+    :func:`guard`)."""
     return f"{layer_name}.weight" if layer_name else "weight"
 
 
+_PACKED_FP4 = getattr(torch, "float4_e2m1fn_x2", None)
+
+
 def guard(dtype: torch.dtype) -> torch.Tensor:
-    """An empty ``(0,)`` tensor: stored as ``<layer>.weight`` beside a low-rank layer's
-    factors, it makes a dense loader (``load_state_dict``, ``from_pretrained`` without
-    lowrank-layers) fail on the shape instead of leaving that layer's weight random."""
-    return torch.empty(0, dtype=dtype)
+    """The tensor stored as ``<layer>.weight`` beside a low-rank layer's factors: a
+    tripwire for loaders that do not know the format, which would otherwise leave that
+    dense weight at its random initialisation.
+
+    One zero byte of packed FP4 (``torch.float4_e2m1fn_x2``, safetensors ``F4``, shape
+    ``[2]`` in the header). A dense ``load_state_dict`` fails on its shape; transformers'
+    ``from_pretrained`` without lowrank-layers fails when it reads it (safetensors cannot
+    slice it, and torch cannot cast a packed pair to a float weight), with
+    ``ignore_mismatched_sizes=True`` too, which only forgives shapes. A torch without that
+    dtype gets the earlier guard, an empty ``(0,)`` tensor of ``dtype``, which only the
+    shape check catches. Loaders of the format never read it (:func:`is_guard_entry`).
+    """
+    if _PACKED_FP4 is None:
+        return torch.empty(0, dtype=dtype)
+    return torch.zeros(1, dtype=torch.uint8).view(_PACKED_FP4)
+
+
+def is_guard_entry(entry: Mapping[str, Any]) -> bool:
+    """Whether a safetensors header entry (``dtype``, ``shape``) is a guard (:func:`guard`):
+    one packed FP4 byte, or empty ``(0,)`` (written before, or by a torch without FP4)."""
+    shape = list(entry.get("shape", ()))
+    return shape == [0] or (entry.get("dtype") == "F4" and shape == [2])
 
 
 # ------------------------------------------------------------------------------------------

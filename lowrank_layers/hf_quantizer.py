@@ -39,8 +39,10 @@ from .checkpoint_format import (
     QUANT_METHOD,
     guard,
     guard_key,
+    is_guard_entry,
     lowrank_layers_of,
     lowrank_quantization_config,
+    open_checkpoint,
     read_metadata,
     restructure,
 )
@@ -71,9 +73,10 @@ def mark_lowrank_config(model: nn.Module) -> bool:
     :func:`~lowrank_layers.checkpoint_format.lowrank_quantization_config`) and attaches the
     ``lowrank-layers`` quantizer as ``model.hf_quantizer``, which ``save_pretrained``
     consults: it refreshes the layer description at save time (so later rank changes are
-    saved too) and stores, for each low-rank layer ``<name>``, an empty tensor
-    ``<name>.weight`` of shape ``(0,)``, so that a dense load without lowrank-layers fails
-    with a size mismatch rather than initialising the layer at random. A no-op returning
+    saved too) and stores, for each low-rank layer ``<name>``, a guard tensor
+    ``<name>.weight`` (:func:`~lowrank_layers.checkpoint_format.guard`), so that a dense load
+    without lowrank-layers fails, ``ignore_mismatched_sizes=True`` or not, rather than
+    initialising the layer at random. A no-op returning
     False for other models, or models without low-rank layers. Called by
     :func:`~lowrank_layers.convert_model`.
 
@@ -334,7 +337,10 @@ def load_pretrained(path: str | os.PathLike, *, auto_class: Any = None, **kwargs
             ``config.architectures`` names a ``*ForCausalLM``, else ``AutoModel`` (the choice
             of ``convert_pretrained``); or any class with ``from_pretrained`` (e.g.
             ``AutoModelForSequenceClassification``, ``BertModel``).
-        **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...).
+        **kwargs: passed to ``from_pretrained`` (``dtype``, ``device_map``, ...). With
+            ``disable_mmap=True`` the tensors are read here, with plain file reads, and
+            passed as ``state_dict`` (transformers' own ``disable_mmap`` reads whole files
+            with ``safetensors.torch.load``, which cannot read the guards).
 
     Raises:
         FileNotFoundError: ``path`` has no ``config.json``.
@@ -386,8 +392,30 @@ def load_pretrained(path: str | os.PathLike, *, auto_class: Any = None, **kwargs
     if auto_class is None:
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
         auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = auto_class.from_pretrained(path, config=config, **kwargs)
+    if kwargs.pop("disable_mmap", False):
+        model = _load_without_map(auto_class, path, config, kwargs)
+    else:
+        model = auto_class.from_pretrained(path, config=config, **kwargs)
     return model.eval()
+
+
+def _load_without_map(cls: Any, path: Path, config: Any, kwargs: dict[str, Any]) -> nn.Module:
+    """``cls.from_pretrained`` of the folder ``path`` for ``disable_mmap=True``, from its
+    tensors read here with plain file reads, the guards left unread: transformers would
+    read whole files with ``safetensors.torch.load``, which does not read the guards' FP4
+    (safetensors 0.8)."""
+    qconfig = config.quantization_config
+    data = qconfig if isinstance(qconfig, Mapping) else qconfig.to_dict()
+    guards = {guard_key(name) for name in data.get("layers") or {}}
+    ckpt = open_checkpoint(path)
+    state = dict(ckpt.read_tensors(skip=lambda key, e: key in guards and is_guard_entry(e)))
+    mapping = getattr(cls, "_model_mapping", None)  # an Auto class: its class for this config
+    if mapping is not None and type(config) in mapping:
+        cls = mapping[type(config)]
+    # transformers takes a state_dict only without a folder
+    model = cls.from_pretrained(None, config=config, state_dict=state, **kwargs)
+    model.config.name_or_path = str(path)
+    return model
 
 
 def _checkpoint_metadata(path: Path) -> dict[str, str]:

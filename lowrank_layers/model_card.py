@@ -1,9 +1,10 @@
 """The model card (``README.md``) of every model folder the library writes.
 
 It says what the folder is (a lowrank-layers checkpoint, which layers are low-rank) and how
-to load it, because a load without the library fails with transformers' size-mismatch
-message. A folder that already has a ``README.md`` (copied from the source model) keeps
-it, with the card appended as a delimited section; a later save replaces that section.
+to load it, because a load without the library fails with messages of transformers and
+safetensors that do not name it (see docs/checkpoints.md). A folder that already has a
+``README.md`` (copied from the source model) keeps it, with the card appended as a
+delimited section; a later save replaces that section.
 """
 
 from __future__ import annotations
@@ -44,8 +45,11 @@ model = AutoModel.from_pretrained(folder)  # or lowrank_layers.load_pretrained(f
 or, into any `nn.Module` of the dense architecture,
 `lowrank_layers.load_lowrank(model, folder)`.
 
-**Loading without `import lowrank_layers` fails** (transformers reports size mismatches);
-do not pass `ignore_mismatched_sizes=True`: the low-rank layers would get random weights.
+**Loading without `import lowrank_layers` fails**, with `ignore_mismatched_sizes=True`
+too: transformers warns `Unknown quantization type, got lowrank-layers`, then fails on the
+guard tensors stored as the dense `<layer>.weight` (`RuntimeError: shape '[2]' is invalid
+for input of size 1`, or another error about the `F4` dtype). Install the library
+(`pip install lowrank-layers`) and import it before loading.
 {_END}
 """
 

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
@@ -66,10 +66,17 @@ _ST_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
-for _name, _code in (("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2")):
+for _name, _code in (
+    ("float8_e4m3fn", "F8_E4M3"),
+    ("float8_e5m2", "F8_E5M2"),
+    ("float4_e2m1fn_x2", "F4"),
+):
     if hasattr(torch, _name):
         _ST_DTYPES[getattr(torch, _name)] = _code
 _DTYPES_FROM_ST = {code: dtype for dtype, code in _ST_DTYPES.items()}
+# safetensors counts F4 values, two to a byte; torch's float4_e2m1fn_x2 holds a packed pair
+# per element, so the last dimension of the header's shape is twice torch's
+_VALUES_PER_ELEMENT = {"F4": 2}
 
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 """The safetensors dtype codes of the floating-point tensors that can be factorized."""
@@ -140,11 +147,17 @@ class ShardWriter(_OpenFile):
             raise InputTypeError(
                 f"tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot hold"
             )
+        code = _ST_DTYPES[tensor.dtype]
+        shape = list(tensor.shape)
+        if code in _VALUES_PER_ELEMENT:
+            if not shape:
+                raise InputTypeError(f"tensor {name!r}: a 0-dim {tensor.dtype} cannot be stored")
+            shape[-1] *= _VALUES_PER_ELEMENT[code]
         data = _tensor_bytes(tensor)
         self.file.write(data)
         self.entries[name] = {
-            "dtype": _ST_DTYPES[tensor.dtype],
-            "shape": list(tensor.shape),
+            "dtype": code,
+            "shape": shape,
             "data_offsets": [self.offset, self.offset + data.nbytes],
         }
         self.offset += data.nbytes
@@ -277,12 +290,21 @@ class TensorReader(_OpenFile):
             raise CheckpointError(
                 f"{self.path}: tensor {key!r} has unsupported dtype {info['dtype']}"
             )
+        shape = list(info["shape"])
+        per = _VALUES_PER_ELEMENT.get(info["dtype"], 1)
+        if per > 1:
+            if not shape or shape[-1] % per:
+                raise CheckpointError(
+                    f"{self.path}: tensor {key!r} of dtype {info['dtype']} has shape {shape}, "
+                    f"whose last dimension is not a multiple of {per}"
+                )
+            shape[-1] //= per
         start, end = info["data_offsets"]
         buf = torch.empty(end - start, dtype=torch.uint8)
         self.file.seek(self.data_start + start)
         if end > start and self.file.readinto(memoryview(buf.numpy())) != end - start:
             raise CheckpointError(f"{self.path} is truncated (tensor {key!r})")
-        return buf.view(dtype).reshape(info["shape"])
+        return buf.view(dtype).reshape(shape)
 
 
 @dataclass
@@ -297,14 +319,20 @@ class CheckpointFiles:
     folder: Path | None = None  # the model folder, for a folder or index source
     index: Path | None = None  # the index the files were found through
 
-    def read_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every tensor, one at a time, file by file."""
+    def read_tensors(
+        self, skip: Callable[[str, Mapping[str, Any]], bool] | None = None
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every tensor, one at a time, file by file; those for which ``skip(key, entry)``
+        (``entry``: the tensor's header entry, ``dtype``, ``shape``, ...) is true are left
+        unread."""
         by_file: dict[Path, list[str]] = {}
         for key, f in self.weight_map.items():
             by_file.setdefault(f, []).append(key)
         for f, keys in by_file.items():
             with TensorReader(f) as reader:
                 for key in keys:
+                    if skip is not None and skip(key, reader.header.get(key) or {}):
+                        continue
                     yield key, reader.get(key)
 
 

@@ -30,6 +30,7 @@ from lowrank_layers.checkpoint import (
     read_metadata,
     save_lowrank,
 )
+from lowrank_layers.checkpoint_format import guard
 from lowrank_layers.offline import convert_checkpoint, weight_spectra
 
 
@@ -122,7 +123,7 @@ def _check_converted(dst: Path, src: Path) -> dict[str, torch.Tensor]:
             assert tensors[f"{layer}.S"].shape == (r,)
             assert tensors[f"{layer}.Vh"].shape == (r, in_f)
             assert (f"{layer}.D" in tensors) == entry["balance"]
-            assert _same(tensors[f"{layer}.weight"], torch.empty(0, dtype=dtype))  # the guard
+            assert _same(tensors[f"{layer}.weight"], guard(dtype))  # the guard
             factorized |= {f"{layer}.{n}" for n in ("U", "S", "Vh", "D", "weight")}
         for key, tensor in tensors.items():
             if key not in factorized:
@@ -190,7 +191,7 @@ def test_a_dense_loader_fails_on_the_guards_instead_of_keeping_random_weights(ti
     convert_model(tiny, rank=8, include=["fc1", "fc2"])
     path = save_lowrank(tiny, tmp_path / "m.safetensors")[0]
     stored = load_file(path)
-    assert stored["fc1.weight"].shape == (0,) and stored["fc1.weight"].dtype == torch.float32
+    assert _same(stored["fc1.weight"], guard(torch.float32))
     dense = Tiny()
     with pytest.raises(RuntimeError, match=r"size mismatch for fc1.weight"):
         dense.load_state_dict(stored, strict=False)
@@ -209,8 +210,8 @@ def test_saved_files_read_back_with_safetensors(tiny, tmp_path, target, dtype):
     files = save_lowrank(tiny, path, max_shard_size="4KB" if target == "shards" else "5GB")
     state = tiny.state_dict()
     expected = {k: v for k, v in state.items() if k not in ("head.weight", "fc2._extra_state")}
-    for layer in ("fc1", "fc2"):  # the guards: empty, of the factors' dtype
-        expected[f"{layer}.weight"] = torch.empty(0, dtype=dtype)
+    for layer in ("fc1", "fc2"):  # the guards
+        expected[f"{layer}.weight"] = guard(dtype)
     layers = {
         "fc1": {
             "type": "LowRankLinear", "in_features": 32, "out_features": 96, "rank": 8,
@@ -433,7 +434,7 @@ def test_sharded_source_equals_single_file(tiny, tmp_path):
     a = _check_converted(tmp_path / "a.safetensors", tmp_path / "single.safetensors")
     b = _check_converted(tmp_path / "b", shard_dir)
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(_same(a[k], b[k]) for k in a)
 
 
 def test_workers_share_the_work(tiny, tmp_path):

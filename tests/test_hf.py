@@ -26,7 +26,7 @@ from .test_hf_quantizer import assert_same_model, bert, llama  # noqa: E402
 def test_convert_pretrained_folder_round_trip(tmp_path: Path, gen: torch.Generator) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     llama().save_pretrained(src)
-    convert_pretrained(src, dst, ConversionConfig(param_ratio=0.5))
+    convert_pretrained(src, dst, ConversionConfig(param_ratio=0.5, guard=False))
     config = json.loads((dst / "config.json").read_text())
     layers = json.loads(read_metadata(dst)["layers"])
     assert config["quantization_config"] == lowrank_quantization_config(layers)
@@ -51,7 +51,7 @@ def test_load_pretrained_reads_a_folder_without_config_entry(
 ) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     bert().save_pretrained(src)
-    convert_pretrained(src, dst, ConversionConfig(rank=4))
+    convert_pretrained(src, dst, ConversionConfig(rank=4, guard=False))
     config = json.loads((dst / "config.json").read_text())
     del config["quantization_config"]  # as convert_checkpoint writes it today
     (dst / "config.json").write_text(json.dumps(config))

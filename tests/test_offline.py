@@ -148,7 +148,7 @@ def test_a_dense_load_of_a_cli_folder_fails_loudly(tmp_path):
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode != 0
-    assert "size mismatch" in run.stderr or "mismatched" in run.stderr
+    assert "lowrank-layers" in run.stderr  # transformers names the quant_method it lacks
 
 
 def test_convert_checkpoint_warns_about_an_exclude_that_matches_nothing(tmp_path):
