@@ -266,7 +266,7 @@ def test_convert_model_budget_is_allocate_ranks_on_the_spectra():
     plans = []
     for _ in range(2):  # deterministic
         m = copy.deepcopy(model)
-        report = convert_model(m, budget=0.5)
+        report = convert_model(m, budget=0.5, guard=False)  # the head too, ranks uncapped
         plans.append({layer.name: layer.rank for layer in report.converted})
         assert report.params_after <= 0.5 * report.params_before
         assert all(isinstance(m[int(name)], LowRankLinear) for name in plans[-1])

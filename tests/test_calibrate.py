@@ -263,7 +263,7 @@ def test_calibration_that_misses_layers_is_reported():
     with pytest.warns(UserWarning, match=r"q saw 4 tokens, fewer than its 48 inputs"):
         stats = collect_input_stats(model, [torch.randn(4, 48)], {"q": model.q})
     with pytest.warns(UserWarning, match=r"no calibration input reached 3 layers \(k, up, down\)"):
-        report = convert_model(model, rank=8, input_stats=stats)
+        report = convert_model(model, rank=8, input_stats=stats, guard=False)
     assert {r.name: r.output_error is not None for r in report.converted} == {
         "q": True, "k": False, "up": False, "down": False,
     }  # fmt: skip
