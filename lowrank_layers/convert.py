@@ -41,7 +41,7 @@ from .linear import FACTOR_NAMES, LowRankLinear
 from .linears import features
 from .policy import RankPolicy, factor_parameters, layer_seed, threshold_reason
 from .readers import weight_reader_policy
-from .report import ConversionReport, LayerReport, skipped_report
+from .report import ConversionReport, LayerReport, skipped_report, warn_if_none_converted
 from .stale import retire
 from .targets import Selection, select_layers, structural_reason
 from .training import apply_param_swaps, check_optimizer, refuse_missing
@@ -193,15 +193,7 @@ def convert_planned(
     report.model_params_after = parameter_count(model)
     if report.converted:
         mark_lowrank_config(model)  # a transformers model's save_pretrained keeps low rank
-    else:
-        examples = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
-        more = f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else ""
-        warnings.warn(
-            f"convert_model: {len(report.layers)} modules matched but none was converted "
-            f"({examples}{more}); the report lists every reason",
-            UserWarning,
-            stacklevel=3,
-        )
+    warn_if_none_converted(report, "convert_model", stacklevel=3)
     return report
 
 
@@ -606,6 +598,11 @@ def _budget_without(
         for f in others
     )
     left = budget * total - kept
+    if not others:
+        raise InputError(
+            f"budget={budget} keeps {int(budget * total):,} parameters, but no rank of any of "
+            f"the {len(dense)} layers speeds it up ({reason}): all {kept:,} would stay dense"
+        )
     if left < least:
         raise InputError(
             f"budget={budget} keeps {int(budget * total):,} parameters, but the {len(dense)} "

@@ -43,7 +43,7 @@ from .factorize import NONFINITE_REASON, factorize, relative_error
 from .layer_plan import Shape, check_rank, converted_report, plan_layer
 from .linear import FACTOR_NAMES
 from .policy import factor_parameters, layer_seed, select_rank
-from .report import ConversionReport, LayerReport, skipped_report
+from .report import ConversionReport, LayerReport, skipped_report, warn_if_none_converted
 from .safetensors_io import (
     FLOAT_DTYPES,
     INDEX_FILE,
@@ -307,6 +307,7 @@ def convert_checkpoint(
     report.model_params_after = report.model_params_before - sum(
         r.params_before - r.params_after for r in report.converted
     )
+    warn_if_none_converted(report, "convert_checkpoint", stacklevel=2)
     return report
 
 

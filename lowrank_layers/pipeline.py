@@ -247,5 +247,26 @@ def _loss_aware_plan(
     layers = {name: m for name, m in observed.items() if name not in reasons}
     if not layers:
         return None, reasons
-    plan, _ = loss_aware_ranks(layers, sens, config.budget, speed=config.speed)  # type: ignore[arg-type]
+    plan, options = loss_aware_ranks(layers, sens, config.budget, speed=config.speed)  # type: ignore[arg-type]
+    for name, rank in plan.items():
+        if rank is None:
+            reasons[name] = _plan_reason(options.get(name), config)
     return {**plan, **dict.fromkeys(reasons)}, reasons
+
+
+def _plan_reason(options: Any, config: ConversionConfig) -> str:
+    """Why the loss-aware plan keeps a layer dense (``options``: its candidates, None for a
+    layer without sensitivity, given the budget's own ratio)."""
+    if options is None:
+        return f"the budget's ratio {config.budget} saves nothing in it (no gradient reaches it)"
+    if len(options.ranks) == 1:  # "dense" was the only candidate
+        rule = (
+            "" if config.speed is None
+            else f", or none reaches min_speedup={config.min_speedup:g}" if config.min_speedup
+            else ", or none is faster than nn.Linear at some token count (the guard)"
+        )  # fmt: skip
+        return f"the loss-aware allocation found no rank that saves parameters{rule}"
+    return (
+        "kept dense by the loss-aware allocation: its estimated loss at every saving rank "
+        "costs more than the same parameters elsewhere"
+    )

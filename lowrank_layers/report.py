@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .speed import REPORT_TOKENS
 
-__all__ = ["ConversionReport", "LayerReport", "skipped_report"]
+__all__ = ["ConversionReport", "LayerReport", "skipped_report", "warn_if_none_converted"]
 
 
 @dataclass
@@ -184,4 +185,19 @@ def skipped_report(
         relative_error=None,
         seconds=0.0,
         reason=reason,
+    )
+
+
+def warn_if_none_converted(report: ConversionReport, caller: str, *, stacklevel: int) -> None:
+    """A ``UserWarning`` when modules matched but none was converted, with the first reasons
+    (the report lists every one)."""
+    if report.converted or not report.layers:
+        return
+    examples = "; ".join(f"{s.name}: {s.reason}" for s in report.skipped[:3])
+    more = f"; and {len(report.skipped) - 3} more" if len(report.skipped) > 3 else ""
+    warnings.warn(
+        f"{caller}: {len(report.layers)} modules matched but none was converted "
+        f"({examples}{more}); the report lists every reason",
+        UserWarning,
+        stacklevel=stacklevel + 1,
     )

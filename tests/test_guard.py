@@ -227,3 +227,36 @@ def test_the_cli_no_guard_flag(tmp_path, capsys):
     assert set(json.loads(read_metadata(dst)["layers"])) == {"1"}
     assert main(["convert", str(src), str(dst), "--rank", "4", "--no-guard", "--overwrite"]) == 0
     assert set(json.loads(read_metadata(dst)["layers"])) == {"0", "1"}
+
+
+def test_compress_says_why_its_plan_keeps_a_layer_dense():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 1024), nn.ReLU(),
+                          nn.Linear(1024, 256), nn.Linear(256, 8))  # fmt: skip
+    batches = [torch.randn(64, 256, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    # at min_speedup 1.1 decoding, no candidate rank of the 256x256 layer pays (1.06x at best)
+    result = compress(model, batches, budget=0.7, objective="mse", min_speedup=1.1)
+    why = reasons(result.conversion)
+    assert why["0"] == (
+        "the loss-aware allocation found no rank that saves parameters, or none reaches "
+        "min_speedup=1.1"
+    )
+
+
+def test_convert_checkpoint_that_converts_nothing_warns(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16))
+    src = tmp_path / "dense.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, src)
+    with pytest.warns(UserWarning, match=r"convert_checkpoint: 2 modules matched but none was "
+                      r"converted \(0: too small to gain"):  # fmt: skip
+        report = convert_checkpoint(src, tmp_path / "out.safetensors", rank=2)
+    assert not report.converted
+
+
+def test_a_budget_no_layer_can_share_is_refused_naming_the_rule():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"no rank of any of the 2 layers speeds it up "
+                       r"\(min_speedup\): all 8,192 would stay dense"):  # fmt: skip
+        convert_model(model, budget=0.5, min_speedup=5.0)
