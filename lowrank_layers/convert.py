@@ -179,6 +179,10 @@ def convert_planned(
     run = _Conversion(selection, config)
     run.collect(model, calibration, input_stats, eval_batches, propagate)
     run.plan(reasons or {})
+    if (calibration is not None or input_stats is not None) and not propagate:
+        # after planning: a layer that stays dense needs no statistics
+        todo = {f: m for f, m in selection.eligible.items() if f not in run.dense_reason}
+        _check_reached(todo, run.covariances)
     refuse_missing(optimizer, run.weights_to_convert(), "convert_model", "convert", OPTIMIZER_FIX)
     try:
         report.propagation = run.convert(model, calibration, propagate, progress)
@@ -272,8 +276,6 @@ class _Conversion:
         elif calibration is not None and not propagate:
             stats = collect_input_stats(model, calibration, eligible)
             self.covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
-        if (input_stats is not None or calibration is not None) and not propagate:
-            _check_reached(eligible, self.covariances)
 
     def plan(self, reasons: Mapping[str, str]) -> None:
         """Each layer's rank rule, or why it stays dense, decided before anything changes.

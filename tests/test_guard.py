@@ -260,3 +260,11 @@ def test_a_budget_no_layer_can_share_is_refused_naming_the_rule():
     with pytest.raises(ValueError, match=r"no rank of any of the 2 layers speeds it up "
                        r"\(min_speedup\): all 8,192 would stay dense"):  # fmt: skip
         convert_model(model, budget=0.5, min_speedup=5.0)
+
+
+def test_missing_statistics_are_reported_only_for_layers_that_will_be_factorized():
+    model = mlp()
+    stats = {"0": torch.eye(64)}  # "2" is missed; "4", the output layer, stays dense anyway
+    with pytest.warns(UserWarning, match=r"no calibration input reached 1 layers \(2\);"):
+        report = convert_model(model, param_ratio=0.5, input_stats=stats)
+    assert reasons(report)["4"].startswith(OUTPUT)
