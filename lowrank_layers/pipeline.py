@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +29,7 @@ from .convert import convert_planned
 from .heal import OBJECTIVES
 from .heal import heal as run_heal  # compress's heal= argument is a HealConfig
 from .layer_plan import NO_GRADIENT_REASON, guard_reasons
+from .memory import StageCost, measure_stage
 from .policy import threshold_reason
 from .report import ConversionReport
 from .targets import select_layers
@@ -45,13 +45,20 @@ class CompressionReport:
         conversion: the layer-by-layer :class:`~lowrank_layers.ConversionReport`.
         plan: the loss-aware plan, ``{layer: rank or None (dense)}``, when allocated.
         heal: the :class:`~lowrank_layers.heal.HealReport`, when healed.
-        seconds: wall time per stage (``"allocation"``, ``"conversion"``, ``"heal"``).
+        costs: each stage's :class:`~lowrank_layers.memory.StageCost` (``"allocation"``,
+            ``"conversion"``, ``"heal"``): wall time, the process's peak resident memory
+            during the stage, and the CUDA allocator's peak on a GPU.
     """
 
     conversion: ConversionReport
     plan: dict[str, int | None] | None = None
     heal: Any = None
-    seconds: dict[str, float] = field(default_factory=dict)
+    costs: dict[str, StageCost] = field(default_factory=dict)
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Wall time per stage."""
+        return {stage: cost.seconds for stage, cost in self.costs.items()}
 
     def __str__(self) -> str:
         lines = [str(self.conversion)]
@@ -60,7 +67,7 @@ class CompressionReport:
             lines.append(f"loss-aware plan: {dense} of {len(self.plan)} layers kept dense")
         if self.heal is not None:
             lines.append(str(self.heal))
-        lines.append("stages: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()))
+        lines.append("stages: " + "; ".join(f"{k} {v}" for k, v in self.costs.items()))
         return "\n".join(lines)
 
 
@@ -154,34 +161,34 @@ def compress(
     check_module("model", model, "compress(model, calibration, config)")
     config = config_from(config, options, caller="compress")
     _check_options(config, calibration, heal, objective)
-    seconds: dict[str, float] = {}
+    costs: dict[str, StageCost] = {}
+    device = next((p.device for p in model.parameters()), None)
     if heal is not None and teacher is None:
         teacher = copy.deepcopy(model)
     plan, reasons = None, {}
     if config.budget is not None and config.allocation in ("auto", "loss"):
-        start = time.perf_counter()
-        plan, reasons = _loss_aware_plan(model, calibration, config, sensitivity_tokens, objective)
-        seconds["allocation"] = time.perf_counter() - start
+        with measure_stage(costs, "allocation", device):
+            plan, reasons = _loss_aware_plan(
+                model, calibration, config, sensitivity_tokens, objective
+            )
     if plan is not None:
         config = dataclasses.replace(config, budget=None, ranks=plan, allocation="auto")
     elif config.budget is not None:  # uniform, or no layer to rank (convert_model says why)
         config = dataclasses.replace(config, budget=None, param_ratio=config.budget,
                                      allocation="auto")  # fmt: skip
-    start = time.perf_counter()
-    conversion = convert_planned(
-        model, config, calibration=calibration, propagate=propagate,
-        eval_batches=eval_batches, progress=progress, reasons=reasons,
-    )  # fmt: skip
-    seconds["conversion"] = time.perf_counter() - start
-    result = CompressionReport(conversion, plan, None, seconds)
-    if heal is not None:
-        start = time.perf_counter()
-        result.heal = run_heal(
-            model, teacher, heal_batches if heal_batches is not None else calibration,
-            objective=objective, mode=heal.mode, steps=heal.steps, seconds=heal.seconds,
-            lr=heal.lr, eval_batches=eval_batches, seed=config.seed, progress=progress,
+    with measure_stage(costs, "conversion", device):
+        conversion = convert_planned(
+            model, config, calibration=calibration, propagate=propagate,
+            eval_batches=eval_batches, progress=progress, reasons=reasons,
         )  # fmt: skip
-        seconds["heal"] = time.perf_counter() - start
+    result = CompressionReport(conversion, plan, None, costs)
+    if heal is not None:
+        with measure_stage(costs, "heal", device):
+            result.heal = run_heal(
+                model, teacher, heal_batches if heal_batches is not None else calibration,
+                objective=objective, mode=heal.mode, steps=heal.steps, seconds=heal.seconds,
+                lr=heal.lr, eval_batches=eval_batches, seed=config.seed, progress=progress,
+            )  # fmt: skip
     return result
 
 
