@@ -177,12 +177,8 @@ def convert_planned(
     selection = select_layers(model, config)
     report = ConversionReport(model_params_before=parameter_count(model))
     run = _Conversion(selection, config)
+    run.plan(reasons or {})  # first: a layer that stays dense needs no statistics
     run.collect(model, calibration, input_stats, eval_batches, propagate)
-    run.plan(reasons or {})
-    if (calibration is not None or input_stats is not None) and not propagate:
-        # after planning: a layer that stays dense needs no statistics
-        todo = {f: m for f, m in selection.eligible.items() if f not in run.dense_reason}
-        _check_reached(todo, run.covariances)
     refuse_missing(optimizer, run.weights_to_convert(), "convert_model", "convert", OPTIMIZER_FIX)
     try:
         report.propagation = run.convert(model, calibration, propagate, progress)
@@ -256,26 +252,33 @@ class _Conversion:
     dense_reason: dict[str, str] = field(default_factory=dict)
     entries: dict[str, LayerReport] = field(default_factory=dict)
 
+    def todo(self) -> dict[str, nn.Module]:
+        """The matched layers the plan may factorize (not kept dense for a reason)."""
+        return {f: m for f, m in self.selection.eligible.items() if f not in self.dense_reason}
+
     def collect(
         self, model: nn.Module, calibration: Any, input_stats: Any, eval_batches: Any,
         propagate: bool,
     ) -> None:  # fmt: skip
-        """Each layer's input second moment (unless propagated: then layer by layer)."""
-        eligible = self.selection.eligible
-        if not eligible:
+        """Each layer's input second moment (unless propagated: then layer by layer), for
+        the layers the plan may factorize only: after :meth:`plan`."""
+        todo = self.todo()
+        if not todo:
             return
         if eval_batches is not None:
-            held_out = collect_input_stats(model, eval_batches, eligible)
+            held_out = collect_input_stats(model, eval_batches, todo)
             self.eval_covs = {name: s.covariance for name, s in held_out.items() if s.tokens}
         if input_stats is not None:  # statistics collected beforehand
             self.covariances = {
                 name: s.covariance if isinstance(s, InputStats) else s
                 for name, s in input_stats.items()
-                if name in eligible and (not isinstance(s, InputStats) or s.tokens)
+                if name in todo and (not isinstance(s, InputStats) or s.tokens)
             }
         elif calibration is not None and not propagate:
-            stats = collect_input_stats(model, calibration, eligible)
+            stats = collect_input_stats(model, calibration, todo)
             self.covariances = {name: s.covariance for name, s in stats.items() if s.tokens}
+        if (input_stats is not None or calibration is not None) and not propagate:
+            _check_reached(todo, self.covariances)
 
     def plan(self, reasons: Mapping[str, str]) -> None:
         """Each layer's rank rule, or why it stays dense, decided before anything changes.
@@ -370,7 +373,7 @@ class _Conversion:
             from .propagate import convert_propagated  # imports blocks and hooks: on demand
 
             batches = calibration if isinstance(calibration, Sequence) else list(calibration)
-            todo = {f: m for f, m in eligible.items() if f not in self.dense_reason}
+            todo = self.todo()
             propagation = convert_propagated(
                 model, batches, todo, self.convert_one, progress=progress
             )

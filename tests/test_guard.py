@@ -6,6 +6,7 @@ gradient of the objective reaches — and ``guard=False`` converts them as befor
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -268,3 +269,23 @@ def test_missing_statistics_are_reported_only_for_layers_that_will_be_factorized
     with pytest.warns(UserWarning, match=r"no calibration input reached 1 layers \(2\);"):
         report = convert_model(model, param_ratio=0.5, input_stats=stats)
     assert reasons(report)["4"].startswith(OUTPUT)
+
+
+def test_layers_the_guard_keeps_are_not_calibrated():
+    """The plan comes first: a layer that stays dense collects no statistics, so its
+    statistics raise no warning (here the head, with more inputs than calibration tokens)."""
+
+    def model() -> nn.Sequential:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 1024), nn.ReLU(),
+                             nn.Linear(1024, 4))  # fmt: skip
+
+    batches = [torch.randn(100, 128, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = convert_model(model(), param_ratio=0.5, calibration=batches)
+    assert reasons(report)["4"].startswith(OUTPUT)
+    assert {layer.name for layer in report.converted} == {"0", "2"}
+    assert all(layer.error_data == "calibration" for layer in report.converted)
+    with pytest.warns(UserWarning, match=r"4 saw 200 tokens, fewer than its 1024 inputs"):
+        convert_model(model(), param_ratio=0.5, calibration=batches, guard=False)
