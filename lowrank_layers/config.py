@@ -244,8 +244,14 @@ class ConversionConfig:
         if self.min_speedup is not None:
             return SpeedRule(self.min_speedup, self.speedup_tokens or 1)
         if self.guard and self.ranks is None:  # a ranks plan is applied as given
-            return SpeedRule(1.0, self.speedup_tokens or REPORT_TOKENS)
+            return self.guard_speed
         return None
+
+    @property
+    def guard_speed(self) -> SpeedRule:
+        """The guard's speed rule: not slower than ``nn.Linear`` at ``speedup_tokens`` or, by
+        default, at one of :data:`~lowrank_layers.speed.REPORT_TOKENS` (decoding, a batch)."""
+        return SpeedRule(1.0, self.speedup_tokens or REPORT_TOKENS)
 
     def selects(self, name: str) -> bool:
         """Whether a module named ``name`` passes ``include`` and ``exclude`` (``filter_fn``

@@ -24,7 +24,7 @@ from torch import nn
 from .config import ConversionConfig
 from .policy import RankPolicy, break_even_reason, factor_parameters, saves_parameters
 from .report import LayerReport
-from .speed import REPORT_TOKENS, SpeedRule, report_speedups
+from .speed import report_speedups
 from .targets import Selection, is_embedding_name
 
 __all__ = [
@@ -107,7 +107,7 @@ def guard_reason(
             f"the model's output layer: a rank below its {out_f} outputs mixes its predictions, "
             "with no later layer to correct them (guard=False converts it)"
         )
-    rule = SpeedRule(1.0, config.speedup_tokens or REPORT_TOKENS)
+    rule = config.guard_speed
     xs = rule.speedups(out_f, in_f, 1, row_scales=config.row_scales, bias=shape.bias,
                        dtype=shape.dtype)  # fmt: skip
     if max(xs) >= 1.0:

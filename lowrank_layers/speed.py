@@ -247,10 +247,9 @@ class SpeedRule:
 
     def __post_init__(self) -> None:
         check_positive("min_speedup", self.min_speedup)
-        counts = self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
-        if not counts:
+        if not self.token_counts:
             raise InputError("speedup_tokens must name at least one token count, got ()")
-        for count in counts:
+        for count in self.token_counts:
             check_int("speedup_tokens", count)
 
     @property
