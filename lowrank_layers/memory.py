@@ -3,9 +3,9 @@ on a CUDA device, the allocator's peak.
 
 The resident peak is the kernel's ``VmHWM`` (Linux, ``/proc/self/status``), reset at the
 start of each stage by writing ``5`` to ``/proc/self/clear_refs``, so each stage reports
-its own peak (the process's own ``VmHWM`` reads from then on, for whoever reads it). Where
-that reset is not possible (another OS, a locked-down ``/proc``), the
-peak is the process's since it started (``resource.getrusage``), which
+its own peak; anything else reading the process's ``VmHWM`` sees the reset too. Where that
+reset is not possible (another OS, a locked-down ``/proc``), the peak is the process's
+since it started (``resource.getrusage``), which
 :attr:`StageCost.since_start` says. A CUDA peak is ``torch.cuda.max_memory_allocated``
 after ``torch.cuda.reset_peak_memory_stats``: tensors, not the driver's reserve.
 """
