@@ -37,7 +37,10 @@ from .checkpoint_format import (
     lowrank_quantization_config,
     open_checkpoint,
     read_metadata,
+    restore_narrowed,
     restructure,
+    stored_dtype,
+    stored_keys,
 )
 from .common import InputError, InputTypeError
 from .hf_quantizer import mark_lowrank_config
@@ -49,6 +52,7 @@ from .safetensors_io import (
     OWN_FILES,
     SINGLE_FILE,
     CheckpointError,
+    CheckpointFiles,
     read_header,
     shard_names,
     write_file,
@@ -141,8 +145,9 @@ def save_lowrank(
             ".safetensors names a folder to write model.safetensors into"
         )
     limit = _parse_size(max_shard_size)
-    state = model.state_dict()
     layers = lowrank_layers_of(model)
+    renamed = stored_keys(layers)  # narrowed layers' weights: <name>.weight is the guard
+    state = {renamed.get(k, k): v for k, v in model.state_dict().items()}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -165,8 +170,7 @@ def save_lowrank(
         tensors[key] = value
     for name, module in model.named_modules():
         if name in layers and guard_key(name) not in tensors:
-            factor = next(p for n, p in module.named_parameters(recurse=False) if n == "U")
-            tensors[guard_key(name)] = guard(factor.dtype)
+            tensors[guard_key(name)] = guard(stored_dtype(module))
     metadata = format_metadata(layers, aliases)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     single_file = path.suffix == ".safetensors"
@@ -252,7 +256,10 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     on any device or on ``meta``: each layer listed in the checkpoint is replaced by the
     low-rank layer it describes (on the module's device), then every tensor is loaded. On
     ``meta``, tensors are assigned rather than copied, so the model comes out materialised
-    on the CPU. Modules already of the right type and rank are kept.
+    on the CPU. Modules already of the right type and rank are kept. A narrowed layer
+    (:func:`~lowrank_layers.checkpoint_format.mark_narrowed`) comes back as a marked
+    ``nn.Linear`` of its narrowed shape (a narrowed layer of that shape already in the
+    model is kept).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -266,7 +273,25 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     path = Path(path)
     ckpt = open_checkpoint(path)
     layers, aliases = check_format(ckpt.metadata, path)
-    restructure(model, layers, str(path))
+    try:
+        restructure(model, layers, str(path))
+        _load_state(model, ckpt, layers, aliases, path, strict)
+    finally:  # narrowed layers: their loading slots become the nn.Linear again
+        restore_narrowed(model)
+    if layers:
+        mark_lowrank_config(model)  # a transformers model's save_pretrained keeps low rank
+    return model
+
+
+def _load_state(
+    model: nn.Module,
+    ckpt: CheckpointFiles,
+    layers: Mapping[str, Any],
+    aliases: Mapping[str, str],
+    path: Path,
+    strict: bool,
+) -> None:
+    """Read the tensors of ``ckpt`` and load them into ``model``, restructured for ``layers``."""
     guards = {guard_key(name) for name in layers}  # the dense loaders' tripwire, left unread
     state = dict(ckpt.read_tensors(skip=lambda key, e: key in guards and is_guard_entry(e)))
     for alias, target in aliases.items():
@@ -327,9 +352,6 @@ def load_lowrank(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
                 "(non-persistent buffers are not saved in checkpoints: build the model with "
                 "only its parameters on meta, e.g. accelerate.init_empty_weights())"
             )
-    if layers:
-        mark_lowrank_config(model)  # a transformers model's save_pretrained keeps low rank
-    return model
 
 
 # ------------------------------------------------------------------------------------------

@@ -10,6 +10,11 @@ holds::
     format_version  "2"   ("1": the same, with ``name.V`` (in, r) = Vhᵀ; still read)
     layers          JSON {name: {"type", "in_features", "out_features", "rank",
                                  "balance", "bias", ["active_rank"]}}
+                    and, for a narrowed dense layer (an ``nn.Linear`` of fewer features than
+                    the layer it replaced, :func:`mark_narrowed`), {name: {"type": "Linear",
+                    "in_features", "out_features", "original_in_features",
+                    "original_out_features", "bias"}}: its weight is stored as
+                    ``name.narrowed_weight``, with the guard as ``name.weight``
     aliases         JSON {key: key stored instead} (tied tensors are stored once)
 
 The same ``layers`` description is a transformers model folder's ``quantization_config``
@@ -31,9 +36,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .adaptive import AdaptiveLowRankLinear
-from .common import InputTypeError
+from .common import InputError, InputTypeError
 from .dynamic import DynamicLowRankLinear
 from .linear import LowRankLinear, make_linear
 from .linears import features
@@ -43,6 +49,9 @@ from .selection import module_holders
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "NARROWED_ATTR",
+    "NARROWED_TYPE",
+    "NARROWED_WEIGHT",
     "QUANT_METHOD",
     "READABLE_VERSIONS",
     "CheckpointError",
@@ -51,11 +60,17 @@ __all__ = [
     "guard",
     "guard_key",
     "is_guard_entry",
+    "is_narrowed",
+    "is_narrowed_entry",
     "lowrank_layers_of",
     "lowrank_quantization_config",
+    "mark_narrowed",
     "open_checkpoint",
     "read_metadata",
+    "restore_narrowed",
     "restructure",
+    "stored_dtype",
+    "stored_keys",
 ]
 
 FORMAT_NAME = "lowrank-layers"
@@ -73,13 +88,207 @@ _LAYER_TYPES: dict[str, type[nn.Module]] = {
 }
 
 
+NARROWED_ATTR = "lowrank_original_features"
+"""The attribute marking a narrowed ``nn.Linear`` (:func:`mark_narrowed`): the
+``(in_features, out_features)`` of the layer it replaced."""
+
+NARROWED_TYPE = "Linear"
+"""The ``type`` of a narrowed layer's entry in the format's ``layers``."""
+
+NARROWED_WEIGHT = "narrowed_weight"
+"""The name under which a narrowed layer's weight is stored: ``<layer>.narrowed_weight``,
+its ``<layer>.weight`` being the guard (:func:`guard`)."""
+
+
+# ------------------------------------------------------------------------------------------
+# narrowed dense layers
+# ------------------------------------------------------------------------------------------
+
+
+def mark_narrowed(module: nn.Linear, original: tuple[int, int]) -> None:
+    """Mark ``module`` as a narrowed dense layer: a plain ``nn.Linear`` with fewer input or
+    output features than the layer it replaced, whose shape is ``original`` =
+    ``(in_features, out_features)`` (an MLP whose intermediate width was cut: the model's
+    config still gives the original width).
+
+    The checkpoint format records it (a ``"Linear"`` entry of ``layers``) and stores its
+    weight as ``<name>.narrowed_weight`` beside a guard ``<name>.weight``, so that a loader
+    without lowrank-layers fails rather than loading the original shape at random; the
+    library's loaders rebuild it as a marked ``nn.Linear`` of the narrowed shape.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Linear``.
+        ValueError: ``original`` is not two positive ints at least the module's features.
+
+    Example:
+        >>> layer = nn.Linear(64, 24)  # replaces a 64 -> 96 layer
+        >>> mark_narrowed(layer, (64, 96))
+        >>> is_narrowed(layer), getattr(layer, NARROWED_ATTR)
+        (True, (64, 96))
+    """
+    if not isinstance(module, nn.Linear):
+        raise InputTypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+    out_f, in_f = module.weight.shape
+    if (
+        not isinstance(original, (tuple, list))
+        or len(original) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) for n in original)
+        or original[0] < in_f
+        or original[1] < out_f
+    ):
+        raise InputError(
+            "original must be (in_features, out_features) of the layer the module replaced, "
+            f"each at least the module's ({in_f}, {out_f}), got {original!r}"
+        )
+    setattr(module, NARROWED_ATTR, (int(original[0]), int(original[1])))
+
+
+def is_narrowed(module: nn.Module) -> bool:
+    """Whether ``module`` is a narrowed dense layer: an ``nn.Linear`` marked by
+    :func:`mark_narrowed`."""
+    return isinstance(module, nn.Linear) and getattr(module, NARROWED_ATTR, None) is not None
+
+
+def stored_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a described layer's stored weights: its factors', or a narrowed layer's
+    weight's (the dtype of an empty guard, :func:`guard`, for a torch without FP4)."""
+    if isinstance(module, _NarrowedSlot):
+        return getattr(module, NARROWED_WEIGHT).dtype
+    if is_narrowed(module):
+        return module.weight.dtype
+    return module.S.dtype
+
+
+def is_narrowed_entry(entry: Mapping[str, Any]) -> bool:
+    """Whether a ``layers`` entry of the format describes a narrowed dense layer."""
+    return entry.get("type") == NARROWED_TYPE
+
+
+def stored_keys(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """``{state-dict key: key in the checkpoint}`` for the tensors stored under another
+    name than the model's: each narrowed layer's ``<name>.weight`` is stored as
+    ``<name>.narrowed_weight`` (its ``<name>.weight`` is the guard)."""
+    return {
+        _key(name, "weight"): _key(name, NARROWED_WEIGHT)
+        for name, entry in layers.items()
+        if is_narrowed_entry(entry)
+    }
+
+
+def _key(layer_name: str, tensor: str) -> str:
+    return f"{layer_name}.{tensor}" if layer_name else tensor
+
+
+class _NarrowedSlot(nn.Module):
+    """A narrowed layer while its tensors load: the weight under the checkpoint's name
+    ``narrowed_weight``, the bias as ``bias``. It computes the layer; :func:`restore_narrowed`
+    puts the ``nn.Linear`` back, with these parameters."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.register_parameter(NARROWED_WEIGHT, linear.weight)
+        self.register_parameter("bias", linear.bias)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.__dict__["linear"] = linear  # not a submodule: no keys of its own
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, getattr(self, NARROWED_WEIGHT), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, narrowed"
+
+    def restored(self) -> nn.Linear:
+        """The ``nn.Linear``, holding the parameters this slot holds now (loading with
+        ``assign=True`` replaces them)."""
+        linear = self.__dict__["linear"]
+        for name, stored in (("weight", NARROWED_WEIGHT), ("bias", "bias")):
+            p = self._parameters[stored]
+            if p is not None and not isinstance(p, nn.Parameter):
+                p = nn.Parameter(p, requires_grad=p.requires_grad)
+            linear.register_parameter(name, p)
+        linear.train(self.training)
+        return linear
+
+
+def restore_narrowed(model: nn.Module) -> list[str]:
+    """Put back, wherever :func:`restructure` left a narrowed layer's loading slot, the
+    marked ``nn.Linear`` holding its (now loaded) parameters. A slot that accelerate's
+    ``dispatch_model`` hooked (an offloaded or multi-device ``device_map``) stays: its
+    hook loads the tensors by the checkpoint's names. It computes the same layer and is
+    described and saved as the narrowed layer (:func:`lowrank_layers_of`), but is not an
+    ``nn.Linear``.
+
+    Returns:
+        The names of the layers restored.
+    """
+    holders = module_holders(model)
+    restored = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, _NarrowedSlot) or hasattr(module, "_hf_hook"):
+            continue
+        linear = module.restored()
+        for parent, child_name, _ in holders.get(id(module), []):
+            setattr(parent, child_name, linear)
+        restored.append(name)
+    return restored
+
+
+def _narrowed_for(module: nn.Module, entry: dict[str, Any], name: str, path: Path) -> nn.Module:
+    """The loading slot of a narrowed layer described by ``entry``, in place of ``module``:
+    the dense layer of the original shape, or a narrowed ``nn.Linear`` (kept, in the slot)."""
+    try:
+        in_f, out_f = int(entry["in_features"]), int(entry["out_features"])
+        original = (int(entry["original_in_features"]), int(entry["original_out_features"]))
+        bias = bool(entry["bias"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: layer {name!r}: malformed Linear entry ({exc})") from None
+    if isinstance(module, _NarrowedSlot):
+        module = module.__dict__["linear"]
+    if is_narrowed(module):
+        have = (module.in_features, module.out_features, module.bias is not None)
+        if have == (in_f, out_f, bias) and getattr(module, NARROWED_ATTR) == original:
+            return _NarrowedSlot(module)
+        raise CheckpointError(
+            f"{path}: layer {name!r} is narrowed to {out_f}x{in_f} in the checkpoint but to "
+            f"{module.out_features}x{module.in_features} in the model"
+        )
+    sizes = features(module)
+    ref = next(iter(module.parameters()), None)
+    if sizes is None or ref is None:
+        raise CheckpointError(
+            f"{path}: layer {name!r} is a {type(module).__name__} in the model, which cannot "
+            "hold a narrowed Linear"
+        )
+    if tuple(sizes) != original:
+        raise CheckpointError(
+            f"{path}: layer {name!r} was {original[1]}x{original[0]} before narrowing in the "
+            f"checkpoint but is {sizes[1]}x{sizes[0]} in the model"
+        )
+    linear = nn.Linear(in_f, out_f, bias=bias, device=ref.device, dtype=ref.dtype)
+    mark_narrowed(linear, original)
+    return _NarrowedSlot(linear)
+
+
 # ------------------------------------------------------------------------------------------
 # describing a model's layers
 # ------------------------------------------------------------------------------------------
 
 
 def _layer_entry(module: nn.Module) -> dict[str, Any] | None:
-    """The format's description of a low-rank layer; None for any other module."""
+    """The format's description of a low-rank or narrowed layer; None for any other module."""
+    if isinstance(module, _NarrowedSlot):  # left in its loading slot (see restore_narrowed)
+        module = module.__dict__["linear"]
+    if is_narrowed(module):
+        out_f, in_f = module.weight.shape
+        original = getattr(module, NARROWED_ATTR)
+        return {
+            "type": NARROWED_TYPE,
+            "in_features": int(in_f),
+            "out_features": int(out_f),
+            "original_in_features": int(original[0]),
+            "original_out_features": int(original[1]),
+            "bias": module.bias is not None,
+        }
     if isinstance(module, AdaptiveLowRankLinear) and not module.is_lowrank:
         return None  # dense phase: an ordinary Linear-shaped weight
     if not isinstance(module, (LowRankLinear, AdaptiveLowRankLinear, DynamicLowRankLinear)):
@@ -98,7 +307,8 @@ def _layer_entry(module: nn.Module) -> dict[str, Any] | None:
 
 
 def lowrank_layers_of(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The checkpoint format's description of every low-rank layer of ``model``, by name."""
+    """The checkpoint format's description of every low-rank layer of ``model``, and of
+    every narrowed dense layer (:func:`mark_narrowed`), by name."""
     layers = {}
     for name, module in model.named_modules():
         entry = _layer_entry(module)
@@ -242,7 +452,12 @@ def check_format(meta: Mapping[str, str], where: Path) -> tuple[dict[str, Any], 
 def restructure(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], where: str) -> None:
     """Replace each listed module of ``model`` (on any device, ``meta`` too) by the low-rank
     layer its entry describes, before the tensors are loaded (``where`` names the source in
-    errors)."""
+    errors).
+
+    A narrowed layer (a ``"Linear"`` entry) gets a loading slot that holds its weight under
+    the checkpoint's name ``narrowed_weight``: once the tensors are loaded,
+    :func:`restore_narrowed` puts the marked ``nn.Linear`` in its place.
+    """
     holders = module_holders(model)
     for name, entry in layers.items():
         try:
@@ -251,7 +466,10 @@ def restructure(model: nn.Module, layers: Mapping[str, Mapping[str, Any]], where
             raise CheckpointError(
                 f"{where}: layer {name!r} ({entry.get('type')}) is not in the model"
             ) from None
-        new = _layer_for(module, dict(entry), name, Path(where))
+        if is_narrowed_entry(entry):
+            new = _narrowed_for(module, dict(entry), name, Path(where))
+        else:
+            new = _layer_for(module, dict(entry), name, Path(where))
         if isinstance(new, DynamicLowRankLinear) and "active_rank" in entry:
             new.set_extra_state({"rank": int(entry["active_rank"])})
         if new is not module:

@@ -44,7 +44,10 @@ from .checkpoint_format import (
     lowrank_quantization_config,
     open_checkpoint,
     read_metadata,
+    restore_narrowed,
     restructure,
+    stored_dtype,
+    stored_keys,
 )
 from .common import InputError, InputTypeError
 from .safetensors_io import CheckpointError
@@ -69,11 +72,13 @@ def mark_lowrank_config(model: nn.Module) -> bool:
     """Make ``model.save_pretrained`` write a folder that reloads as the low-rank model.
 
     For a transformers model (one with a ``config`` holding ``to_dict``) with low-rank
-    layers: sets ``model.config.quantization_config`` (see
+    or narrowed layers (:func:`~lowrank_layers.checkpoint_format.mark_narrowed`; a
+    narrowed layer's weight is saved as ``<name>.narrowed_weight``): sets
+    ``model.config.quantization_config`` (see
     :func:`~lowrank_layers.checkpoint_format.lowrank_quantization_config`) and attaches the
     ``lowrank-layers`` quantizer as ``model.hf_quantizer``, which ``save_pretrained``
     consults: it refreshes the layer description at save time (so later rank changes are
-    saved too) and stores, for each low-rank layer ``<name>``, a guard tensor
+    saved too) and stores, for each low-rank or narrowed layer ``<name>``, a guard tensor
     ``<name>.weight`` (:func:`~lowrank_layers.checkpoint_format.guard`), so that a dense load
     without lowrank-layers fails, ``ignore_mismatched_sizes=True`` or not, rather than
     initialising the layer at random. A no-op returning
@@ -289,6 +294,7 @@ def _patterns(existing: Any, added: list[str]) -> set[str] | list[str]:
 
 
 def _after_weight_loading(self: Any, model: nn.Module, **kwargs: Any) -> None:
+    restore_narrowed(model)  # the loading slots of narrowed layers: nn.Linear again
     # an ordinary model: half(), to(dtype) and Trainer work as for a dense one
     model.is_quantized = False
     model.config._is_quantized = False
@@ -306,9 +312,12 @@ def _state_dict_and_metadata(self: Any, model: nn.Module, *args: Any) -> tuple[d
         )
     self.quantization_config.layers = layers  # save_pretrained writes the config next
     model.config.quantization_config = self.quantization_config
-    state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    renamed = stored_keys(layers)  # narrowed layers' weights: <name>.weight is the guard
+    state = {
+        renamed.get(k, k): v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)
+    }
     for name in layers:
-        state[guard_key(name)] = guard(model.get_submodule(name).S.dtype)
+        state[guard_key(name)] = guard(stored_dtype(model.get_submodule(name)))
     return state, {}
 
 

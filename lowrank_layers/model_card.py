@@ -13,6 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .checkpoint_format import is_narrowed_entry
+
 __all__ = ["linear_layer_count", "model_card", "with_model_card"]
 
 _START = "<!-- lowrank-layers: start -->"
@@ -21,14 +23,20 @@ _FRONT_MATTER = "---\nlibrary_name: lowrank-layers\ntags:\n- lowrank-layers\n- l
 
 
 def _section(layers: Mapping[str, Mapping[str, Any]], linear_layers: int | None) -> str:
-    n = len(layers)
+    narrowed = [e for e in layers.values() if is_narrowed_entry(e)]
+    lowrank = [e for e in layers.values() if not is_narrowed_entry(e)]
+    n = len(lowrank)
     of = f" of its {linear_layers}" if linear_layers is not None else ""
-    dense = sum(e["in_features"] * e["out_features"] for e in layers.values())
-    factors = sum(e["rank"] * (e["in_features"] + e["out_features"] + 1) for e in layers.values())
+    also = f" and {len(narrowed)} are narrowed (`nn.Linear` of fewer features)" if narrowed else ""
+    dense = sum(e["in_features"] * e["out_features"] for e in lowrank) + sum(
+        e["original_in_features"] * e["original_out_features"] for e in narrowed
+    )
+    factors = sum(e["rank"] * (e["in_features"] + e["out_features"] + 1) for e in lowrank)
+    factors += sum(e["in_features"] * e["out_features"] for e in narrowed)
     return f"""{_START}
 ## lowrank-layers
 
-A lowrank-layers checkpoint: {n}{of} linear layers are low-rank (`U diag(S) Vh`);
+A lowrank-layers checkpoint: {n}{of} linear layers are low-rank (`U diag(S) Vh`){also};
 their weights hold {factors:,} parameters where the dense layers held {dense:,}. The
 layers are described in the safetensors metadata and, in a transformers model folder, in
 `config.json` (`quantization_config`).

@@ -30,10 +30,12 @@ from .atomic import atomic_destination, clean_leftovers, commit, named_path, rem
 from .checkpoint import copy_model_folder, write_config_entry, write_model_card
 from .checkpoint_format import (
     FORMAT_NAME,
+    NARROWED_WEIGHT,
     check_format,
     format_metadata,
     guard,
     guard_key,
+    is_narrowed_entry,
     lowrank_quantization_config,
     open_checkpoint,
 )
@@ -720,7 +722,8 @@ def weight_spectra(
     """Singular values of every 2-D floating-point ``*.weight`` in a checkpoint.
 
     Low-rank layers of a lowrank-layers checkpoint report the singular values of their
-    stored factors (``diag(D)·U·diag(S)·Vᵀ``, computed from the small factors). Tensors are
+    stored factors (``diag(D)·U·diag(S)·Vᵀ``, computed from the small factors); narrowed
+    dense layers, those of their stored (narrowed) weight. Tensors are
     read one at a time; each exact SVD runs in float32.
     """
     check_patterns("include", include)
@@ -749,6 +752,10 @@ def weight_spectra(
             spectra.append(WeightSpectrum(module, W.shape[0], W.shape[1], sv))
         for module, entry in sorted(layers.items()):
             if include is not None and not name_matches(module, include):
+                continue
+            if is_narrowed_entry(entry):  # a dense weight, stored under another name
+                W = get(f"{module}.{NARROWED_WEIGHT}").to(torch.float32)
+                spectra.append(WeightSpectrum(module, *W.shape, torch.linalg.svdvals(W)))
                 continue
             parts = {
                 n: get(f"{module}.{n}").to(torch.float32)
