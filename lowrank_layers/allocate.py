@@ -18,26 +18,33 @@ The second moments come from one gradient pass (:mod:`~lowrank_layers.sensitivit
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .common import InputError, InputTypeError, check_choice, check_fraction
 from .factorize import whitening_factor
+from .narrow import Mlp, Narrowing, WidthCurve, width_curve
 from .policy import factor_parameters, resolve_rank, saves_parameters
 from .sensitivity import Sensitivity, collect_sensitivity
 from .speed import SpeedRule
 
 __all__ = [
     "SPECTRAL_ALLOCATIONS",
+    "Allocation",
+    "GroupOptions",
     "LayerOptions",
     "Sensitivity",
+    "allocate_loss_aware",
     "allocate_ranks",
     "collect_sensitivity",
     "loss_aware_ranks",
+    "mlp_options",
     "rank_options",
     "solve_budget",
 ]
@@ -53,6 +60,44 @@ class LayerOptions:
     ranks: list[int | None]
     params: list[int]
     loss: list[float]
+
+    @property
+    def dense_params(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def choices(self) -> list[int | None]:
+        """The candidates :func:`solve_budget` picks from: the ranks."""
+        return self.ranks
+
+
+@dataclass
+class GroupOptions:
+    """An MLP's candidates (:func:`mlp_options`): ``choices[k]`` is a
+    :class:`~lowrank_layers.narrow.Narrowing` (the MLP cut to fewer intermediate channels)
+    or ``{layer: rank or None}`` (each layer factorized or dense), costing ``params[k]``
+    parameters and adding an estimated ``loss[k]``."""
+
+    mlp: Mlp
+    dense_params: int
+    choices: list[Narrowing | dict[str, int | None]]
+    params: list[int]
+    loss: list[float]
+
+
+@dataclass
+class Allocation:
+    """A loss-aware plan (:func:`allocate_loss_aware`).
+
+    Attributes:
+        ranks: ``{layer: rank or None (dense)}`` for every layer not in a narrowed MLP.
+        narrowed: ``{MLP output layer: Narrowing}`` for the MLPs cut in width.
+        options: each layer's (or MLP's, under its output layer's name) candidates.
+    """
+
+    ranks: dict[str, int | None]
+    narrowed: dict[str, Narrowing]
+    options: dict[str, LayerOptions | GroupOptions]
 
 
 def _saving_rank(out_f: int, in_f: int, ratio: float) -> int | None:
@@ -112,8 +157,8 @@ def rank_options(
 
 
 def solve_budget(
-    options: Mapping[str, LayerOptions], budget: float, *, resolution: int = 4000
-) -> dict[str, int | None]:
+    options: Mapping[str, LayerOptions | GroupOptions], budget: float, *, resolution: int = 4000
+) -> dict[str, Any]:
     """Pick one candidate per layer minimising the summed loss within ``budget``.
 
     An exact dynamic programme (knapsack) over the candidates, with costs rounded *up* to
@@ -121,12 +166,12 @@ def solve_budget(
     Ties go to the cheaper candidate and the earlier layer name: deterministic.
 
     Args:
-        options: ``{layer: LayerOptions}``.
+        options: ``{layer: LayerOptions}`` (an MLP's :class:`GroupOptions` too).
         budget: the fraction (0, 1] of the layers' dense parameters to keep.
         resolution: cost units the budget is divided into.
 
     Returns:
-        ``{layer: rank or None}`` (None: keep dense).
+        ``{layer: rank or None}`` (None: keep dense); an MLP's entry is its choice.
 
     Raises:
         ValueError: the budget is out of range, or below the cheapest candidates' total.
@@ -137,7 +182,7 @@ def solve_budget(
     if not options:
         return {}
     names = sorted(options)
-    total = sum(o.out_features * o.in_features for o in options.values())
+    total = sum(o.dense_params for o in options.values())
     allowed = budget * total
     cheapest = sum(min(options[n].params) for n in names)
     if cheapest > allowed:
@@ -154,7 +199,7 @@ def solve_budget(
         opt = options[n]
         new = np.full(cap + 1, inf)
         pick = np.zeros(cap + 1, dtype=np.int16)
-        order = sorted(range(len(opt.ranks)), key=lambda k: opt.params[k])
+        order = sorted(range(len(opt.choices)), key=lambda k: opt.params[k])
         for k in order:
             w = math.ceil(opt.params[k] / unit - 1e-9)
             if w > cap:
@@ -169,11 +214,11 @@ def solve_budget(
     c = int(np.argmin(best))  # least loss; argmin returns the smallest such capacity
     if not math.isfinite(best[c]):  # pragma: no cover - excluded by the cheapest check
         raise InputError(f"budget={budget} cannot be met")
-    plan: dict[str, int | None] = {}
+    plan: dict[str, Any] = {}
     for li in range(len(names) - 1, -1, -1):
         n = names[li]
         k = int(choices[li, c])
-        plan[n] = options[n].ranks[k]
+        plan[n] = options[n].choices[k]
         c -= math.ceil(options[n].params[k] / unit - 1e-9)
     return {n: plan[n] for n in names}
 
@@ -193,14 +238,8 @@ def loss_aware_ranks(
     grid: Sequence[float] | None = None,
     speed: SpeedRule | None = None,
 ) -> tuple[dict[str, int | None], dict[str, LayerOptions]]:
-    """Per-layer ranks (None: keep dense) minimising the estimated loss within ``budget``.
-
-    ``budget`` is the fraction of all ``modules``' weight parameters kept. A layer without
-    sensitivity (no gradient reached it: its output does not feed the objective, such as
-    BERT's pooler for the hidden states) cannot be ranked by its effect: it gets the
-    largest rank within ``budget`` of its own weight (a uniform ratio), and the others share
-    what is left. With ``speed``, ranks not expected to be fast enough are no candidates
-    (the layer may stay dense).
+    """Per-layer ranks (None: keep dense) minimising the estimated loss within ``budget``:
+    :func:`allocate_loss_aware` without MLP width reduction.
 
     Returns:
         ``(plan, options)``: ``{layer: rank or None}`` for every module, and the candidates
@@ -209,16 +248,50 @@ def loss_aware_ranks(
     Raises:
         ValueError: ``budget`` out of range, or too small for the smallest candidates.
     """
+    result = allocate_loss_aware(modules, sensitivity, budget, grid=grid, speed=speed)
+    return result.ranks, result.options  # type: ignore[return-value]
+
+
+def allocate_loss_aware(
+    modules: Mapping[str, nn.Module],
+    sensitivity: Mapping[str, Sensitivity],
+    budget: float,
+    *,
+    mlps: Sequence[Mlp] = (),
+    grid: Sequence[float] | None = None,
+    speed: SpeedRule | None = None,
+) -> Allocation:
+    """The plan minimising the estimated loss within ``budget``: each layer's rank or dense,
+    and each of ``mlps`` either cut in width (:mod:`~lowrank_layers.narrow`) or left to its
+    layers' ranks, whichever costs less loss for its parameters.
+
+    ``budget`` is the fraction of all ``modules``' weight parameters kept. A layer without
+    sensitivity (no gradient reached it: its output does not feed the objective, such as
+    BERT's pooler for the hidden states) cannot be ranked by its effect: it gets the
+    largest rank within ``budget`` of its own weight (a uniform ratio), and the others share
+    what is left. With ``speed``, ranks not expected to be fast enough are no candidates
+    (the layer may stay dense); a narrowed MLP is as much faster as it is smaller.
+
+    Raises:
+        ValueError: ``budget`` out of range, or too small for the smallest candidates.
+    """
     check_fraction("budget", budget)
-    options = {
+    options: dict[str, LayerOptions | GroupOptions] = {
         n: rank_options(m.weight, sensitivity[n], grid=grid, speed=speed)
         for n, m in modules.items()
         if n in sensitivity
     }
-    plan: dict[str, int | None] = {}
+    for mlp in mlps:
+        if all(n in options for n in mlp.layers):
+            layer_opts = {n: options.pop(n) for n in mlp.layers}
+            s = sensitivity[mlp.output]
+            curve = width_curve(modules[mlp.output].weight, s.input_cov, s.grad_cov)
+            options[mlp.output] = mlp_options(mlp, layer_opts, curve, grid=grid)  # type: ignore[arg-type]
+    plan: dict[str, Any] = {}
     fixed_cost = 0
+    grouped = {n for o in options.values() if isinstance(o, GroupOptions) for n in o.mlp.layers}
     for n, m in modules.items():
-        if n in options:
+        if n in options or n in grouped:
             continue
         out_f, in_f = m.weight.shape
         r = _saving_rank(out_f, in_f, budget)
@@ -230,14 +303,66 @@ def loss_aware_ranks(
             fixed_cost += out_f * in_f
     if options:
         total = sum(m.weight.numel() for m in modules.values())
-        ranked = sum(o.out_features * o.in_features for o in options.values())
+        ranked = sum(o.dense_params for o in options.values())
         share = (budget * total - fixed_cost) / ranked
         if share <= 0:
             raise InputError(
                 f"budget={budget} is used up by the {len(plan)} layers without sensitivity"
             )
         plan.update(solve_budget(options, min(share, 1.0)))
-    return {n: plan[n] for n in modules}, options
+    narrowed: dict[str, Narrowing] = {}
+    ranks: dict[str, int | None] = {}
+    for n, choice in plan.items():
+        if isinstance(choice, Narrowing):
+            narrowed[n] = choice
+        elif isinstance(choice, dict):
+            ranks.update(choice)
+        else:
+            ranks[n] = choice
+    order = [n for n in modules if n in ranks]
+    return Allocation({n: ranks[n] for n in order}, narrowed, options)
+
+
+def mlp_options(
+    mlp: Mlp,
+    layer_options: Mapping[str, LayerOptions],
+    curve: WidthCurve,
+    *,
+    grid: Sequence[float] | None = None,
+) -> GroupOptions:
+    """An MLP's candidates: its width cut to each fraction of ``grid`` (default 0.05, 0.10,
+    ..., 0.95, with ``curve``'s loss), and every combination of its layers' own candidates
+    that no other combination beats in both parameters and loss."""
+    combos: list[tuple[int, float, Narrowing | dict[str, int | None]]] = []
+    names = list(mlp.layers)
+    grids = [layer_options[n] for n in names]
+    for picks in itertools.product(*(range(len(o.ranks)) for o in grids)):
+        params = sum(o.params[k] for o, k in zip(grids, picks, strict=True))
+        loss = sum(o.loss[k] for o, k in zip(grids, picks, strict=True))
+        combos.append((params, loss, dict(zip(names, picks, strict=True))))  # type: ignore[arg-type]
+    front = _pareto(combos)
+    choices = [
+        (p, loss, {n: layer_options[n].ranks[k] for n, k in pick.items()})  # type: ignore[union-attr]
+        for p, loss, pick in front
+    ]
+    fractions = [k / 20 for k in range(1, 20)] if grid is None else list(grid)
+    widths = sorted({max(1, round(f * mlp.width)) for f in fractions} - {mlp.width})
+    for w in widths:
+        choices.append((mlp.params(w), float(curve.loss[w]), Narrowing(mlp, curve.channels(w))))
+    dense = sum(o.dense_params for o in grids)
+    return GroupOptions(
+        mlp, dense, [c for _, _, c in choices], [p for p, _, _ in choices],
+        [loss for _, loss, _ in choices],
+    )  # fmt: skip
+
+
+def _pareto(items: list[tuple[int, float, Any]]) -> list[tuple[int, float, Any]]:
+    """The items no other beats in both cost (first) and loss (second), cheapest first."""
+    front: list[tuple[int, float, Any]] = []
+    for item in sorted(items, key=lambda t: (t[0], t[1])):
+        if not front or item[1] < front[-1][1]:
+            front.append(item)
+    return front
 
 
 # ------------------------------------------------------------------------------------------

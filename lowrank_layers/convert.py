@@ -39,6 +39,7 @@ from .hf_quantizer import mark_lowrank_config
 from .layer_plan import Shape, check_rank, converted_report, guard_reasons, plan_layer, shape_of
 from .linear import FACTOR_NAMES, LowRankLinear
 from .linears import features
+from .narrow import Narrowing, narrowed_layer
 from .policy import RankPolicy, factor_parameters, layer_seed, threshold_reason
 from .readers import weight_reader_policy
 from .report import ConversionReport, LayerReport, skipped_report, warn_if_none_converted
@@ -168,15 +169,17 @@ def convert_planned(
     progress: bool = False,
     optimizer: torch.optim.Optimizer | None = None,
     reasons: Mapping[str, str] | None = None,
+    narrowed: Mapping[str, Narrowing] | None = None,
 ) -> ConversionReport:
-    """:func:`convert_model` with its ``config`` made, and ``reasons``: why layers that a
-    plan made elsewhere keeps dense stay so (``compress``'s loss-aware plan), for the
-    report."""
+    """:func:`convert_model` with its ``config`` made, ``reasons``: why layers that a plan
+    made elsewhere keeps dense stay so, and ``narrowed``: the MLPs it cuts in width
+    (``{output layer: Narrowing}``; ``compress``'s loss-aware plan), for the report."""
     _check_data(config, calibration, input_stats, propagate)
     check_optimizer(optimizer)
     selection = select_layers(model, config)
     report = ConversionReport(model_params_before=parameter_count(model))
     run = _Conversion(selection, config)
+    run.narrowed = {n: cut for cut in (narrowed or {}).values() for n in cut.mlp.layers}
     run.plan(reasons or {})  # first: a layer that stays dense needs no statistics
     run.collect(model, calibration, input_stats, eval_batches, propagate)
     refuse_missing(optimizer, run.weights_to_convert(), "convert_model", "convert", OPTIMIZER_FIX)
@@ -251,6 +254,7 @@ class _Conversion:
     rules: dict[str, RankPolicy] = field(default_factory=dict)
     dense_reason: dict[str, str] = field(default_factory=dict)
     entries: dict[str, LayerReport] = field(default_factory=dict)
+    narrowed: dict[str, Narrowing] = field(default_factory=dict)  # each layer of a cut MLP
 
     def todo(self) -> dict[str, nn.Module]:
         """The matched layers the plan may factorize (not kept dense for a reason)."""
@@ -299,6 +303,18 @@ class _Conversion:
             self.rules = self._allocate()
         else:
             self._planned_ranks()
+        self._check_narrowed()
+
+    def _check_narrowed(self) -> None:
+        """Every layer of a narrowed MLP is converted, or none: refuse a plan that keeps
+        one of them (a cut input layer would feed its output layer the wrong width)."""
+        for fqn, cut in self.narrowed.items():
+            why = self.dense_reason.get(fqn) or self.selection.kept.get(fqn)
+            if fqn not in self.selection.eligible or why is not None:
+                raise InputError(
+                    f"the narrowed MLP of {cut.mlp.output} needs {fqn} converted, but it is "
+                    f"{'not a matched layer' if why is None else f'kept: {why}'}"
+                )
 
     def _planned_ranks(self) -> None:
         ranks = self.config.ranks or {}
@@ -310,7 +326,7 @@ class _Conversion:
             )
         for fqn in self.selection.eligible:
             r = ranks.get(fqn)
-            if fqn in self.dense_reason:
+            if fqn in self.dense_reason or fqn in self.narrowed:
                 continue
             if r is not None:
                 self.rules[fqn] = RankPolicy(rank=r)
@@ -393,6 +409,15 @@ class _Conversion:
             entry = _skip(fqn, module, self.selection.kept[fqn])
         elif fqn in self.dense_reason:
             entry = _skip(fqn, module, self.dense_reason[fqn])
+        elif fqn in self.narrowed:
+            new, entry = narrowed_layer(
+                fqn, module, self.narrowed[fqn],
+                input_cov=self.covariances.get(fqn) if stats is None else stats.input_cov,
+                cross_cov=None if stats is None else stats.cross_cov,
+                target_energy=None if stats is None else stats.target_energy,
+                eval_cov=self.eval_covs.get(fqn),
+            )  # fmt: skip
+            _replace(module, new, module, self.selection, entry)
         else:
             entry = _convert_one(
                 fqn, module, self.selection, self.config, self.rules.get(fqn),
@@ -410,7 +435,7 @@ class _Conversion:
         return [
             (fqn, module.weight)
             for fqn, module in self.selection.eligible.items()
-            if fqn in self.rules and fqn not in self.dense_reason
+            if (fqn in self.rules or fqn in self.narrowed) and fqn not in self.dense_reason
             and threshold_reason(views[fqn].out_features, views[fqn].in_features, threshold)
             is None
         ]  # fmt: skip
@@ -432,6 +457,7 @@ class _Conversion:
                     swap = ParamSwap(old, tuple(fresh[n] for n in FACTOR_NAMES if n in fresh))
                 elif fresh.get(name) is not None and fresh[name] is not old:
                     carry = name != "weight" or module is self.selection.views.get(fqn)
+                    carry = carry and fqn not in self.narrowed  # a cut layer: other shapes
                     swap = ParamSwap(old, (fresh[name],), WHOLE if carry else None)  # Conv1D: .T
                 else:
                     continue

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
-from .allocate import collect_sensitivity, loss_aware_ranks
+from .allocate import GroupOptions, allocate_loss_aware, collect_sensitivity
 from .calibrate import batch_tokens, check_batches
 from .common import InputError, InputTypeError, check_module
 from .config import ConversionConfig, HealConfig, config_from
@@ -30,6 +31,7 @@ from .heal import OBJECTIVES
 from .heal import heal as run_heal  # compress's heal= argument is a HealConfig
 from .layer_plan import NO_GRADIENT_REASON, guard_reasons
 from .memory import StageCost, measure_stage
+from .narrow import Narrowing, check_mlps, find_mlps
 from .policy import threshold_reason
 from .report import ConversionReport
 from .targets import select_layers
@@ -44,6 +46,7 @@ class CompressionReport:
     Attributes:
         conversion: the layer-by-layer :class:`~lowrank_layers.ConversionReport`.
         plan: the loss-aware plan, ``{layer: rank or None (dense)}``, when allocated.
+        narrowed: the MLPs the plan cut in width, ``{output layer: Narrowing}``.
         heal: the :class:`~lowrank_layers.heal.HealReport`, when healed.
         costs: each stage's :class:`~lowrank_layers.memory.StageCost` (``"allocation"``,
             ``"conversion"``, ``"heal"``): wall time, the process's peak resident memory
@@ -54,6 +57,7 @@ class CompressionReport:
     plan: dict[str, int | None] | None = None
     heal: Any = None
     costs: dict[str, StageCost] = field(default_factory=dict)
+    narrowed: dict[str, Narrowing] = field(default_factory=dict)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -65,6 +69,9 @@ class CompressionReport:
         if self.plan is not None:
             dense = sum(1 for r in self.plan.values() if r is None)
             lines.append(f"loss-aware plan: {dense} of {len(self.plan)} layers kept dense")
+        if self.narrowed:
+            cuts = ", ".join(f"{c.mlp.width}->{c.width}" for c in self.narrowed.values())
+            lines.append(f"MLPs cut in width: {len(self.narrowed)} ({cuts})")
         if self.heal is not None:
             lines.append(str(self.heal))
         lines.append("stages: " + "; ".join(f"{k} {v}" for k, v in self.costs.items()))
@@ -95,6 +102,7 @@ def compress(
     sensitivity_tokens: int | None = 8192,
     objective: str = "auto",
     eval_batches: Sequence[Any] | None = None,
+    narrow_mlps: bool = True,
     progress: bool = False,
     **options: Any,
 ) -> CompressionReport:
@@ -135,6 +143,10 @@ def compress(
             when the model returns ``logits``).
         eval_batches: held-out batches for the report's output errors and the healing's
             before/after metric; never the calibration data.
+        narrow_mlps: with the loss-aware allocation, an MLP (gate/up → down, fc1 → fc2) may
+            also be cut to fewer intermediate channels, its output layer refit
+            (:mod:`~lowrank_layers.narrow`): plain ``nn.Linear`` layers of smaller width,
+            chosen where they cost less loss than factorizing its layers.
         progress: tqdm bars.
         **options: the fields of :class:`~lowrank_layers.ConversionConfig`, instead of
             ``config``.
@@ -165,11 +177,11 @@ def compress(
     device = next((p.device for p in model.parameters()), None)
     if heal is not None and teacher is None:
         teacher = copy.deepcopy(model)
-    plan, reasons = None, {}
+    plan, narrowed, reasons = None, {}, {}
     if config.budget is not None and config.allocation in ("auto", "loss"):
         with measure_stage(costs, "allocation", device):
-            plan, reasons = _loss_aware_plan(
-                model, calibration, config, sensitivity_tokens, objective
+            plan, narrowed, reasons = _loss_aware_plan(
+                model, calibration, config, sensitivity_tokens, objective, narrow_mlps
             )
     if plan is not None:
         config = dataclasses.replace(config, budget=None, ranks=plan, allocation="auto")
@@ -179,9 +191,9 @@ def compress(
     with measure_stage(costs, "conversion", device):
         conversion = convert_planned(
             model, config, calibration=calibration, propagate=propagate,
-            eval_batches=eval_batches, progress=progress, reasons=reasons,
+            eval_batches=eval_batches, progress=progress, reasons=reasons, narrowed=narrowed,
         )  # fmt: skip
-    result = CompressionReport(conversion, plan, None, costs)
+    result = CompressionReport(conversion, plan, None, costs, narrowed)
     if heal is not None:
         with measure_stage(costs, "heal", device):
             result.heal = run_heal(
@@ -234,10 +246,11 @@ def _loss_aware_plan(
     config: ConversionConfig,
     sensitivity_tokens: int | None,
     objective: str,
-) -> tuple[dict[str, int | None] | None, dict[str, str]]:
+    narrow_mlps: bool,
+) -> tuple[dict[str, int | None] | None, dict[str, Narrowing], dict[str, str]]:
     """Each layer's rank (None: dense) from one gradient pass (:mod:`~lowrank_layers.allocate`),
-    and why the guard keeps layers dense; the plan is None when there is no layer to rank
-    (``convert_model`` reports why).
+    the MLPs cut in width, and why the guard keeps layers dense; the plan is None when there
+    is no layer to rank (``convert_model`` reports why).
 
     The guard's layers (:func:`~lowrank_layers.layer_plan.guard_reasons`) and, with
     ``guard``, those no gradient of the objective reaches stay dense outside the budget,
@@ -252,7 +265,7 @@ def _loss_aware_plan(
         and (name not in reasons or name == selection.output_layer)
     }
     if all(name in reasons for name in observed):  # nothing the budget could go to
-        return None, reasons
+        return None, {}, reasons
     subset = _first_tokens(calibration, sensitivity_tokens)
     probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
     sens = collect_sensitivity(model, subset, observed, objective=probe, seed=config.seed)
@@ -260,18 +273,38 @@ def _loss_aware_plan(
         reasons.update((name, NO_GRADIENT_REASON) for name in observed if name not in sens)
     layers = {name: m for name, m in observed.items() if name not in reasons}
     if not layers:
-        return None, reasons
-    plan, options = loss_aware_ranks(layers, sens, config.budget, speed=config.speed)  # type: ignore[arg-type]
-    for name, rank in plan.items():
+        return None, {}, reasons
+    mlps = []
+    if narrow_mlps:
+        found = [m for m in find_mlps(layers) if all(n in sens for n in m.layers)]
+        mlps, _ = check_mlps(model, found, _head(calibration[0], 2), seed=config.seed)
+    result = allocate_loss_aware(
+        layers,
+        sens,
+        config.budget,
+        mlps=mlps,
+        speed=config.speed,  # type: ignore[arg-type]
+    )
+    for name, rank in result.ranks.items():
         if rank is None:
-            reasons[name] = _plan_reason(options.get(name), config)
-    return {**plan, **dict.fromkeys(reasons)}, reasons
+            reasons[name] = _plan_reason(result.options.get(name), config)
+    return {**result.ranks, **dict.fromkeys(reasons)}, result.narrowed, reasons
+
+
+def _head(batch: Any, rows: int) -> Any:
+    """The first ``rows`` sequences of a batch (a tensor or a dict of tensors)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:rows]
+    if isinstance(batch, Mapping):
+        return {k: v[:rows] if isinstance(v, torch.Tensor) and v.ndim else v
+                for k, v in batch.items()}  # fmt: skip
+    return batch
 
 
 def _plan_reason(options: Any, config: ConversionConfig) -> str:
     """Why the loss-aware plan keeps a layer dense (``options``: its candidates, None for a
     layer without sensitivity, given the budget's own ratio)."""
-    if options is None:
+    if options is None or isinstance(options, GroupOptions):
         return f"the budget's ratio {config.budget} saves nothing in it (no gradient reaches it)"
     if len(options.ranks) == 1:  # "dense" was the only candidate
         rule = (

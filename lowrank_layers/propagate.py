@@ -53,11 +53,12 @@ __all__ = ["PropagatedStats", "PropagationReport", "convert_propagated"]
 
 @dataclass
 class PropagatedStats:
-    """What one layer is factorized from (all float64, ``(in, in)``, means over tokens).
+    """What one layer is factorized from (all float64, means over tokens).
 
     Attributes:
         input_cov: ``E[x̂ x̂ᵀ]``, the inputs of the partially converted model.
-        cross_cov: ``E[x x̂ᵀ]`` (None when ``x̂ = x``, outside the propagation).
+        cross_cov: ``E[x x̂ᵀ]`` (None when ``x̂ = x``, outside the propagation); ``(in, k)``
+            when the converted input has ``k`` features (a narrowed MLP's output layer).
         target_energy: ``E‖W·x‖²``, the original layer's output energy on the original
             inputs (None with ``cross_cov``); the denominator of the relative error.
         tokens: how many tokens were averaged.
@@ -323,22 +324,28 @@ def _stage_stats(
     current: list[torch.Tensor],
 ) -> PropagatedStats:
     """Run ``block`` on the converted stream up to ``layer``; its propagated statistics."""
+    # the converted layer's input may be narrower than the original's (a narrowed MLP's
+    # output layer, lowrank_layers.narrow): E[x̂ x̂ᵀ] is (k, k), E[x x̂ᵀ] (in, k)
     d = inputs[0].shape[-1]
     dev = inputs[0].device
-    hat = torch.zeros(d, d, dtype=torch.float64, device=dev)
-    cross = torch.zeros_like(hat)
+    hat: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
     count = 0
     b = 0
 
     def hook(module: nn.Module, args: tuple) -> None:
-        nonlocal count
+        nonlocal count, hat, cross
         xh = token_rows(args[0], chain.masks[b])
         x = inputs[b]
-        if xh.shape != x.shape:
+        if xh.shape[0] != x.shape[0]:
             raise RuntimeError(
                 f"propagation: {name} saw {tuple(xh.shape)} tokens in the converted model "
                 f"but {tuple(x.shape)} in the original"
             )
+        if hat is None or cross is None:
+            k = xh.shape[-1]
+            hat = torch.zeros(k, k, dtype=torch.float64, device=dev)
+            cross = torch.zeros(d, k, dtype=torch.float64, device=dev)
         hat.add_((xh.mT @ xh).to(torch.float64))
         cross.add_((x.mT @ xh).to(torch.float64))
         count += x.shape[0]
@@ -353,6 +360,9 @@ def _stage_stats(
     finally:
         handle.remove()
     n = max(1, count)
+    if hat is None or cross is None:  # no batch reached the layer
+        hat = torch.zeros(d, d, dtype=torch.float64, device=dev)
+        cross = torch.zeros_like(hat)
     return PropagatedStats(hat / n, cross / n, None, count)
 
 
