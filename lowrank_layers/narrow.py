@@ -105,8 +105,9 @@ def _linear_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _parent(name: str, up: int) -> str | None:
+    """The module ``up`` levels above ``name`` ("" for the root), None above the root."""
     parts = name.split(".")
-    return ".".join(parts[:-up]) if len(parts) > up else None
+    return ".".join(parts[:-up]) if len(parts) >= up else None
 
 
 def find_mlps(modules: Mapping[str, nn.Module]) -> list[Mlp]:
