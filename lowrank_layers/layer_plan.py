@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .checkpoint_format import is_narrowed
 from .config import ConversionConfig
 from .policy import RankPolicy, break_even_reason, factor_parameters, saves_parameters
 from .report import LayerReport
@@ -28,6 +29,7 @@ from .speed import report_speedups
 from .targets import Selection, is_embedding_name
 
 __all__ = [
+    "NARROWED_REASON",
     "NO_GRADIENT_REASON",
     "Shape",
     "check_rank",
@@ -119,12 +121,22 @@ def guard_reason(
     )
 
 
+NARROWED_REASON = (
+    "cut in width by an earlier compress (a narrowed MLP layer): the checkpoint format "
+    "records its width only as a dense layer"
+)
+
+
 def guard_reasons(selection: Selection, config: ConversionConfig) -> dict[str, str]:
     """:func:`guard_reason` for every layer of ``selection`` the guard keeps dense, with the
     model's output layer as such (unless it is converted as an embedding-like layer, with
-    ``embeddings=True``)."""
+    ``embeddings=True``); and, guard or not, every layer an earlier ``compress`` cut in
+    width (:data:`NARROWED_REASON`)."""
     reasons = {}
     for fqn, view in selection.views.items():
+        if is_narrowed(view):
+            reasons[fqn] = NARROWED_REASON
+            continue
         output = fqn == selection.output_layer and not (
             config.embeddings and is_embedding_name(fqn)
         )

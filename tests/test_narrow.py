@@ -255,3 +255,19 @@ def test_compress_without_narrowing_and_heal_through_a_cut(gen):
     down = model.get_submodule("model.layers.0.mlp.down_proj")
     assert report.narrowed and report.heal is not None
     assert is_narrowed(down) and down.weight.requires_grad
+
+
+def test_a_narrowed_layer_is_not_converted_again(gen):
+    """Factorizing a cut layer would lose the width the format records: a second
+    conversion keeps it dense and says why."""
+    from lowrank_layers import convert_model
+    from lowrank_layers.layer_plan import NARROWED_REASON
+
+    model = llama_with_dead_channels()
+    calib = token_batches(6, gen)
+    first = compress(model, calib, budget=0.6, exclude=["lm_head"], guard=False)
+    cut = {n for c in first.narrowed.values() for n in c.mlp.layers}
+    again = convert_model(model, param_ratio=0.3, exclude=["lm_head"], guard=False)
+    rows = {x.name: x for x in again.layers}
+    assert cut and all(rows[n].reason == NARROWED_REASON for n in cut)
+    assert all(is_narrowed(model.get_submodule(n)) for n in cut)
