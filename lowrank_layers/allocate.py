@@ -21,7 +21,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +32,7 @@ from .factorize import whitening_factor
 from .narrow import Mlp, Narrowing, WidthCurve, width_curve
 from .policy import factor_parameters, resolve_rank, saves_parameters
 from .sensitivity import Sensitivity, collect_sensitivity
-from .speed import SpeedRule
+from .speed import DEFAULT_SPEED_MODEL, SpeedRule, dense_seconds, lowrank_seconds
 
 __all__ = [
     "SPECTRAL_ALLOCATIONS",
@@ -42,7 +42,9 @@ __all__ = [
     "Sensitivity",
     "allocate_loss_aware",
     "allocate_ranks",
+    "check_speedup_target",
     "collect_sensitivity",
+    "layer_seconds",
     "loss_aware_ranks",
     "mlp_options",
     "rank_options",
@@ -53,17 +55,23 @@ __all__ = [
 @dataclass
 class LayerOptions:
     """A layer's candidates: ``ranks[k]`` (None = keep dense) costs ``params[k]`` parameters
-    and adds an estimated ``loss[k]``."""
+    (and ``seconds[k]``, its modelled forward time, when priced) and adds an estimated
+    ``loss[k]``."""
 
     out_features: int
     in_features: int
     ranks: list[int | None]
     params: list[int]
     loss: list[float]
+    seconds: list[float] = field(default_factory=list)  # modelled forward time, if priced
 
     @property
     def dense_params(self) -> int:
         return self.out_features * self.in_features
+
+    @property
+    def dense_seconds(self) -> float:
+        return self.seconds[-1]  # "dense" is the last candidate
 
     @property
     def choices(self) -> list[int | None]:
@@ -83,6 +91,8 @@ class GroupOptions:
     choices: list[Narrowing | dict[str, int | None]]
     params: list[int]
     loss: list[float]
+    seconds: list[float] = field(default_factory=list)
+    dense_seconds: float = 0.0
 
 
 @dataclass
@@ -93,11 +103,14 @@ class Allocation:
         ranks: ``{layer: rank or None (dense)}`` for every layer not in a narrowed MLP.
         narrowed: ``{MLP output layer: Narrowing}`` for the MLPs cut in width.
         options: each layer's (or MLP's, under its output layer's name) candidates.
+        predicted_speedup: with a speed target, the modelled forward speed-up of all the
+            layers together (dense time over planned time) at the target's token count.
     """
 
     ranks: dict[str, int | None]
     narrowed: dict[str, Narrowing]
     options: dict[str, LayerOptions | GroupOptions]
+    predicted_speedup: float | None = None
 
 
 def _saving_rank(out_f: int, in_f: int, ratio: float) -> int | None:
@@ -116,12 +129,14 @@ def rank_options(
     *,
     grid: Sequence[float] | None = None,
     speed: SpeedRule | None = None,
+    tokens: int | None = None,
 ) -> LayerOptions:
     """A layer's estimated loss at each candidate rank (see the module docstring).
 
     Candidates: the largest rank within each ``param_ratio`` of ``grid`` (default 0.05,
     0.10, ..., 0.95) that saves parameters (and, with ``speed``, is expected to be fast
-    enough), and "keep dense" (cost ``out·in``, loss 0).
+    enough), and "keep dense" (cost ``out·in``, loss 0). With ``tokens``, each is also
+    priced in modelled forward seconds at that many tokens per call.
     """
     W = weight.detach().float()
     out_f, in_f = W.shape
@@ -153,11 +168,35 @@ def rank_options(
     options.ranks.append(None)
     options.params.append(out_f * in_f)
     options.loss.append(0.0)
+    if tokens is not None:
+        options.seconds = [
+            layer_seconds(out_f, in_f, r, tokens, weight.dtype) for r in options.ranks
+        ]
     return options
 
 
+def layer_seconds(
+    out_features: int, in_features: int, rank: int | None, tokens: int, dtype: torch.dtype
+) -> float:
+    """The modelled forward time of a layer at ``rank`` (None: ``nn.Linear``), with a bias
+    and no row scales, at ``tokens`` per call (:mod:`~lowrank_layers.speed`)."""
+    element = torch.empty(0, dtype=dtype).element_size()
+    if rank is None:
+        return dense_seconds(
+            in_features, out_features, tokens, element=element, model=DEFAULT_SPEED_MODEL
+        )
+    return lowrank_seconds(
+        in_features, out_features, rank, tokens, row_scales=False, bias=True,
+        element=element, model=DEFAULT_SPEED_MODEL,
+    )  # fmt: skip
+
+
 def solve_budget(
-    options: Mapping[str, LayerOptions | GroupOptions], budget: float, *, resolution: int = 4000
+    options: Mapping[str, LayerOptions | GroupOptions],
+    budget: float,
+    *,
+    resolution: int = 4000,
+    cost: str = "params",
 ) -> dict[str, Any]:
     """Pick one candidate per layer minimising the summed loss within ``budget``.
 
@@ -167,8 +206,10 @@ def solve_budget(
 
     Args:
         options: ``{layer: LayerOptions}`` (an MLP's :class:`GroupOptions` too).
-        budget: the fraction (0, 1] of the layers' dense parameters to keep.
+        budget: the fraction (0, 1] of the layers' dense parameters to keep (with
+            ``cost="seconds"``: of their modelled forward time).
         resolution: cost units the budget is divided into.
+        cost: ``"params"`` or ``"seconds"`` (the options must be priced).
 
     Returns:
         ``{layer: rank or None}`` (None: keep dense); an MLP's entry is its choice.
@@ -179,16 +220,22 @@ def solve_budget(
     import numpy as np
 
     check_fraction("budget", budget)
+    check_choice("cost", cost, ("params", "seconds"))
     if not options:
         return {}
     names = sorted(options)
-    total = sum(o.dense_params for o in options.values())
+    costs = {n: o.params if cost == "params" else o.seconds for n, o in options.items()}
+    total = sum(o.dense_params if cost == "params" else o.dense_seconds for o in options.values())
     allowed = budget * total
-    cheapest = sum(min(options[n].params) for n in names)
+    cheapest = sum(min(costs[n]) for n in names)
     if cheapest > allowed:
+        if cost == "params":
+            have, need = f"{int(allowed):,} of {total:,} parameters", f"{cheapest:,}"
+        else:
+            have, need = f"{allowed:.3g} of {total:.3g} modelled seconds", f"{cheapest:.3g}"
         raise InputError(
-            f"budget={budget} keeps {int(allowed):,} of {total:,} parameters, but the "
-            f"smallest candidate ranks of the {len(names)} layers already need {cheapest:,}"
+            f"budget={budget} keeps {have}, but the smallest candidate ranks of the "
+            f"{len(names)} layers already need {need}"
         )
     unit = allowed / resolution
     cap = resolution
@@ -199,9 +246,9 @@ def solve_budget(
         opt = options[n]
         new = np.full(cap + 1, inf)
         pick = np.zeros(cap + 1, dtype=np.int16)
-        order = sorted(range(len(opt.choices)), key=lambda k: opt.params[k])
+        order = sorted(range(len(opt.choices)), key=lambda k: costs[n][k])
         for k in order:
-            w = math.ceil(opt.params[k] / unit - 1e-9)
+            w = math.ceil(costs[n][k] / unit - 1e-9)
             if w > cap:
                 continue
             cand = np.full(cap + 1, inf)
@@ -219,7 +266,7 @@ def solve_budget(
         n = names[li]
         k = int(choices[li, c])
         plan[n] = options[n].choices[k]
-        c -= math.ceil(options[n].params[k] / unit - 1e-9)
+        c -= math.ceil(costs[n][k] / unit - 1e-9)
     return {n: plan[n] for n in names}
 
 
@@ -255,11 +302,13 @@ def loss_aware_ranks(
 def allocate_loss_aware(
     modules: Mapping[str, nn.Module],
     sensitivity: Mapping[str, Sensitivity],
-    budget: float,
+    budget: float | None,
     *,
     mlps: Sequence[Mlp] = (),
     grid: Sequence[float] | None = None,
     speed: SpeedRule | None = None,
+    target_speedup: float | None = None,
+    tokens: int = 1,
 ) -> Allocation:
     """The plan minimising the estimated loss within ``budget``: each layer's rank or dense,
     and each of ``mlps`` either cut in width (:mod:`~lowrank_layers.narrow`) or left to its
@@ -272,12 +321,25 @@ def allocate_loss_aware(
     what is left. With ``speed``, ranks not expected to be fast enough are no candidates
     (the layer may stay dense); a narrowed MLP is as much faster as it is smaller.
 
+    With ``target_speedup`` instead of ``budget``: the least-loss plan whose modelled forward
+    time of all the layers together, at ``tokens`` per call (:mod:`~lowrank_layers.speed`),
+    is at most ``1 / target_speedup`` of theirs dense (layers without sensitivity stay
+    dense); :attr:`Allocation.predicted_speedup` says what the plan reaches.
+
     Raises:
-        ValueError: ``budget`` out of range, or too small for the smallest candidates.
+        ValueError: ``budget`` out of range, or too small for the smallest candidates; both
+            or neither of ``budget`` and ``target_speedup``.
     """
-    check_fraction("budget", budget)
+    if (budget is None) == (target_speedup is None):
+        raise InputError("give budget= or target_speedup=, exactly one of them")
+    if target_speedup is not None:
+        check_speedup_target(target_speedup)
+    else:
+        check_fraction("budget", budget)
+    cost = "params" if budget is not None else "seconds"
+    priced = tokens if target_speedup is not None else None
     options: dict[str, LayerOptions | GroupOptions] = {
-        n: rank_options(m.weight, sensitivity[n], grid=grid, speed=speed)
+        n: rank_options(m.weight, sensitivity[n], grid=grid, speed=speed, tokens=priced)
         for n, m in modules.items()
         if n in sensitivity
     }
@@ -286,30 +348,79 @@ def allocate_loss_aware(
             layer_opts = {n: options.pop(n) for n in mlp.layers}
             s = sensitivity[mlp.output]
             curve = width_curve(modules[mlp.output].weight, s.input_cov, s.grad_cov)
-            options[mlp.output] = mlp_options(mlp, layer_opts, curve, grid=grid)  # type: ignore[arg-type]
-    plan: dict[str, Any] = {}
-    fixed_cost = 0
+            dtype = modules[mlp.output].weight.dtype
+            options[mlp.output] = mlp_options(
+                mlp,
+                layer_opts,
+                curve,
+                grid=grid,
+                tokens=priced,
+                dtype=dtype,  # type: ignore[arg-type]
+            )
     grouped = {n for o in options.values() if isinstance(o, GroupOptions) for n in o.mlp.layers}
-    for n, m in modules.items():
-        if n in options or n in grouped:
-            continue
-        out_f, in_f = m.weight.shape
-        r = _saving_rank(out_f, in_f, budget)
-        if r is not None and _pays(speed, out_f, in_f, r, m.weight.dtype):
-            plan[n] = r
-            fixed_cost += factor_parameters(out_f, in_f, r, row_scales=False)
-        else:  # too small to save anything at this budget: dense, at full cost
-            plan[n] = None
-            fixed_cost += out_f * in_f
+    fixed = {n: m for n, m in modules.items() if n not in options and n not in grouped}
+    plan, fixed_cost = _fixed_plan(fixed, budget, speed, priced)
     if options:
-        total = sum(m.weight.numel() for m in modules.values())
-        ranked = sum(o.dense_params for o in options.values())
-        share = (budget * total - fixed_cost) / ranked
+        if cost == "params":
+            total = sum(m.weight.numel() for m in modules.values())
+            share = (budget * total - fixed_cost) / sum(o.dense_params for o in options.values())  # type: ignore[operator]
+        else:
+            total = fixed_cost + sum(o.dense_seconds for o in options.values())
+            share = (total / target_speedup - fixed_cost) / (total - fixed_cost)  # type: ignore[operator]
+            fastest = fixed_cost + sum(min(o.seconds) for o in options.values())
+            if total / fastest < target_speedup:  # type: ignore[operator]
+                raise InputError(
+                    f"target_speedup={target_speedup}: the fastest candidates of these layers "
+                    f"reach {total / fastest:.2f}x (modelled, at {tokens} token(s) per call)"
+                )
         if share <= 0:
             raise InputError(
-                f"budget={budget} is used up by the {len(plan)} layers without sensitivity"
+                f"{'budget=' + str(budget) if budget is not None else 'the speed target'} is "
+                f"used up by the {len(plan)} layers without sensitivity"
             )
-        plan.update(solve_budget(options, min(share, 1.0)))
+        plan.update(solve_budget(options, min(share, 1.0), cost=cost))
+    result = _split_plan(plan, modules, options)
+    if target_speedup is not None:
+        result.predicted_speedup = _predicted_speedup(result, modules, tokens)
+    return result
+
+
+def check_speedup_target(value: object) -> None:
+    """Refuse a speed target that is not a number above 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
+        raise InputError(
+            f"target_speedup must be a number above 1 (1.3: 30% faster), got {value!r}"
+        )
+
+
+def _fixed_plan(
+    fixed: Mapping[str, nn.Module], budget: float | None, speed: SpeedRule | None,
+    tokens: int | None,
+) -> tuple[dict[str, Any], float]:  # fmt: skip
+    """Layers without sensitivity: the budget's own ratio (dense under a speed target), and
+    what they cost together (parameters, or modelled seconds at ``tokens``)."""
+    plan: dict[str, Any] = {}
+    total = 0.0
+    for n, m in fixed.items():
+        out_f, in_f = m.weight.shape
+        r = None if budget is None else _saving_rank(out_f, in_f, budget)
+        if r is not None and not _pays(speed, out_f, in_f, r, m.weight.dtype):
+            r = None  # too small to save anything at this budget: dense, at full cost
+        plan[n] = r
+        if tokens is not None:
+            total += layer_seconds(out_f, in_f, r, tokens, m.weight.dtype)
+        else:
+            total += (
+                out_f * in_f if r is None else factor_parameters(out_f, in_f, r, row_scales=False)
+            )
+    return plan, total
+
+
+def _split_plan(
+    plan: Mapping[str, Any],
+    modules: Mapping[str, nn.Module],
+    options: dict[str, LayerOptions | GroupOptions],
+) -> Allocation:
     narrowed: dict[str, Narrowing] = {}
     ranks: dict[str, int | None] = {}
     for n, choice in plan.items():
@@ -319,8 +430,24 @@ def allocate_loss_aware(
             ranks.update(choice)
         else:
             ranks[n] = choice
-    order = [n for n in modules if n in ranks]
-    return Allocation({n: ranks[n] for n in order}, narrowed, options)
+    return Allocation({n: ranks[n] for n in modules if n in ranks}, narrowed, options)
+
+
+def _predicted_speedup(result: Allocation, modules: Mapping[str, nn.Module], tokens: int) -> float:
+    """Dense modelled time over planned modelled time, all the layers together."""
+    dense = planned = 0.0
+    for n, m in modules.items():
+        out_f, in_f = m.weight.shape
+        dense += layer_seconds(out_f, in_f, None, tokens, m.weight.dtype)
+        if n in result.ranks:
+            planned += layer_seconds(out_f, in_f, result.ranks[n], tokens, m.weight.dtype)
+    for cut in result.narrowed.values():
+        for n in cut.mlp.layers:
+            m = modules[n]
+            out_f, in_f = m.weight.shape
+            shape = (out_f, cut.width) if n == cut.mlp.output else (cut.width, in_f)
+            planned += layer_seconds(*shape, None, tokens, m.weight.dtype)
+    return dense / planned
 
 
 def mlp_options(
@@ -329,31 +456,44 @@ def mlp_options(
     curve: WidthCurve,
     *,
     grid: Sequence[float] | None = None,
+    tokens: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> GroupOptions:
     """An MLP's candidates: its width cut to each fraction of ``grid`` (default 0.05, 0.10,
     ..., 0.95, with ``curve``'s loss), and every combination of its layers' own candidates
-    that no other combination beats in both parameters and loss."""
-    combos: list[tuple[int, float, Narrowing | dict[str, int | None]]] = []
+    that no other combination beats in both cost and loss. With ``tokens`` (the layers'
+    options priced at it, weights of ``dtype``) the cost is modelled seconds, else
+    parameters."""
     names = list(mlp.layers)
     grids = [layer_options[n] for n in names]
+    timed = tokens is not None
+    combos = []  # (cost, loss, (params, seconds, loss, choice))
     for picks in itertools.product(*(range(len(o.ranks)) for o in grids)):
-        params = sum(o.params[k] for o, k in zip(grids, picks, strict=True))
-        loss = sum(o.loss[k] for o, k in zip(grids, picks, strict=True))
-        combos.append((params, loss, dict(zip(names, picks, strict=True))))  # type: ignore[arg-type]
-    front = _pareto(combos)
-    choices = [
-        (p, loss, {n: layer_options[n].ranks[k] for n, k in pick.items()})  # type: ignore[union-attr]
-        for p, loss, pick in front
-    ]
+        chosen = list(zip(grids, picks, strict=True))
+        params = sum(o.params[k] for o, k in chosen)
+        loss = sum(o.loss[k] for o, k in chosen)
+        secs = sum(o.seconds[k] for o, k in chosen) if timed else 0.0
+        ranks = {n: o.ranks[k] for n, (o, k) in zip(names, chosen, strict=True)}
+        combos.append((secs if timed else params, loss, (params, secs, loss, ranks)))
+    choices: list[tuple[int, float, float, Any]] = [c for _, _, c in _pareto(combos)]
     fractions = [k / 20 for k in range(1, 20)] if grid is None else list(grid)
     widths = sorted({max(1, round(f * mlp.width)) for f in fractions} - {mlp.width})
     for w in widths:
-        choices.append((mlp.params(w), float(curve.loss[w]), Narrowing(mlp, curve.channels(w))))
-    dense = sum(o.dense_params for o in grids)
+        secs = 0.0
+        if tokens is not None:
+            secs = layer_seconds(mlp.hidden, w, None, tokens, dtype)
+            secs += len(mlp.inputs) * layer_seconds(w, mlp.hidden, None, tokens, dtype)
+        cut = Narrowing(mlp, curve.channels(w))
+        choices.append((mlp.params(w), secs, float(curve.loss[w]), cut))
     return GroupOptions(
-        mlp, dense, [c for _, _, c in choices], [p for p, _, _ in choices],
-        [loss for _, loss, _ in choices],
-    )  # fmt: skip
+        mlp,
+        dense_params=sum(o.dense_params for o in grids),
+        choices=[c[3] for c in choices],
+        params=[c[0] for c in choices],
+        loss=[c[2] for c in choices],
+        seconds=[c[1] for c in choices] if timed else [],
+        dense_seconds=sum(o.dense_seconds for o in grids) if timed else 0.0,
+    )
 
 
 def _pareto(items: list[tuple[int, float, Any]]) -> list[tuple[int, float, Any]]:

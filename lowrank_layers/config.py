@@ -58,7 +58,10 @@ class ConversionConfig:
       (``rank=``, ``rank_ratio=``, ``energy=``, ``param_ratio=``);
     - ``budget``: keep at most this fraction (0, 1] of the converted layers' weight
       parameters over the whole model, shared by ``allocation``;
-    - ``ranks``: an explicit plan, ``{layer name: rank, or None to keep it dense}``.
+    - ``ranks``: an explicit plan, ``{layer name: rank, or None to keep it dense}``;
+    - ``target_speedup``: :func:`~lowrank_layers.compress` only: the least-loss plan whose
+      modelled forward time of the converted layers together, at ``speedup_tokens`` per
+      call (default 1: decoding), is this many times shorter than dense (above 1).
 
     Args:
         allocation: how ``budget`` is shared, the same word everywhere:
@@ -131,6 +134,7 @@ class ConversionConfig:
     policy: RankPolicy | None = None
     budget: float | None = None
     ranks: Mapping[str, int | None] | None = None
+    target_speedup: float | None = None
     allocation: Allocation = "auto"
     include: Patterns = None
     exclude: Patterns = None
@@ -183,16 +187,28 @@ class ConversionConfig:
         self._check_layer()
 
     def _check_rule(self) -> None:
-        given = [k for k in ("policy", "budget", "ranks") if getattr(self, k) is not None]
+        rules = ("policy", "budget", "ranks", "target_speedup")
+        given = [k for k in rules if getattr(self, k) is not None]
         if len(given) > 1:
             got = " and ".join(f"{k}={getattr(self, k) if k != 'ranks' else '{...}'}"
                                for k in given)  # fmt: skip
             raise InputError(
                 f"give one rank rule — a policy (rank, rank_ratio, energy, param_ratio), "
-                f"budget or ranks — got {got}"
+                f"budget, ranks or target_speedup — got {got}"
             )
         if self.budget is not None:
             check_fraction("budget", self.budget)
+        elif self.target_speedup is not None:
+            value = self.target_speedup
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 1:
+                raise InputError(
+                    f"target_speedup must be a number above 1 (1.3: 30% faster), got {value!r}"
+                )
+            if self.allocation not in ("auto", "loss"):
+                raise InputError(
+                    f"target_speedup is met by the loss-aware allocation; allocation="
+                    f"{self.allocation!r} shares a parameter budget: give budget= instead"
+                )
         elif self.ranks is not None:
             if not isinstance(self.ranks, Mapping):
                 raise InputTypeError(
@@ -205,9 +221,10 @@ class ConversionConfig:
     def _check_layer(self) -> None:
         if self.layer != "adaptive":
             return
-        if self.budget is not None or self.ranks is not None:
+        if self.budget is not None or self.ranks is not None or self.target_speedup is not None:
             raise InputError(
-                "budget and ranks apply to layer='lowrank' or 'dynamic'; an adaptive layer "
+                "budget, ranks and target_speedup apply to layer='lowrank' or 'dynamic'; an "
+                "adaptive layer "
                 "is factorized later, by switch_to_lowrank, with a rank policy"
             )
         if self.method != "svd" or self.seed != 0:
@@ -229,6 +246,8 @@ class ConversionConfig:
             return str(self.policy)
         if self.budget is not None:
             return f"budget={self.budget}"
+        if self.target_speedup is not None:
+            return f"target_speedup={self.target_speedup}"
         return None if self.ranks is None else "ranks"
 
     @property

@@ -206,6 +206,12 @@ def check_convert_config(config: ConversionConfig, *, calibrated: bool) -> None:
     is loaded or changed."""
     if config.allocation == "loss":
         raise InputError(f"convert_model: allocation='loss' needs a gradient pass; {COMPRESS_HINT}")
+    if config.target_speedup is not None:
+        raise InputError(
+            "convert_model: target_speedup is met by compress's loss-aware allocation (a "
+            "gradient pass on calibration data): call compress(model, calibration, "
+            f"target_speedup={config.target_speedup})"
+        )
     if config.budget is not None and calibrated:
         raise InputError(f"convert_model: {COMPRESS_HINT}")
     if config.rule is None:

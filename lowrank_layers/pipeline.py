@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .allocate import GroupOptions, allocate_loss_aware, collect_sensitivity
+from .allocate import Allocation, GroupOptions, allocate_loss_aware, collect_sensitivity
 from .calibrate import batch_tokens, check_batches
 from .common import InputError, InputTypeError, check_module
 from .config import ConversionConfig, HealConfig, config_from
@@ -47,6 +47,9 @@ class CompressionReport:
         conversion: the layer-by-layer :class:`~lowrank_layers.ConversionReport`.
         plan: the loss-aware plan, ``{layer: rank or None (dense)}``, when allocated.
         narrowed: the MLPs the plan cut in width, ``{output layer: Narrowing}``.
+        target_speedup, predicted_speedup, speedup_tokens: with a speed target, the target
+            and the plan's modelled speed-up of the layers it ranked, at that many tokens
+            per call (measure the model's own: the speed model prices the layers only).
         heal: the :class:`~lowrank_layers.heal.HealReport`, when healed.
         costs: each stage's :class:`~lowrank_layers.memory.StageCost` (``"allocation"``,
             ``"conversion"``, ``"heal"``): wall time, the process's peak resident memory
@@ -58,6 +61,9 @@ class CompressionReport:
     heal: Any = None
     costs: dict[str, StageCost] = field(default_factory=dict)
     narrowed: dict[str, Narrowing] = field(default_factory=dict)
+    target_speedup: float | None = None
+    predicted_speedup: float | None = None
+    speedup_tokens: int | None = None
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -69,6 +75,12 @@ class CompressionReport:
         if self.plan is not None:
             dense = sum(1 for r in self.plan.values() if r is None)
             lines.append(f"loss-aware plan: {dense} of {len(self.plan)} layers kept dense")
+        if self.predicted_speedup is not None:
+            lines.append(
+                f"speed target {self.target_speedup:g}x at {self.speedup_tokens} token(s) per "
+                f"call: the plan's modelled speed-up of the ranked layers "
+                f"{self.predicted_speedup:.2f}x"
+            )
         if self.narrowed:
             cuts = ", ".join(f"{c.mlp.width}->{c.width}" for c in self.narrowed.values())
             lines.append(f"MLPs cut in width: {len(self.narrowed)} ({cuts})")
@@ -177,14 +189,21 @@ def compress(
     device = next((p.device for p in model.parameters()), None)
     if heal is not None and teacher is None:
         teacher = copy.deepcopy(model)
+    allocation = None
     plan, narrowed, reasons = None, {}, {}
-    if config.budget is not None and config.allocation in ("auto", "loss"):
+    target, tokens = config.target_speedup, config.speedup_tokens or 1
+    aims = config.budget is not None or config.target_speedup is not None
+    if aims and config.allocation in ("auto", "loss"):
         with measure_stage(costs, "allocation", device):
-            plan, narrowed, reasons = _loss_aware_plan(
+            allocation, reasons = _loss_aware_plan(
                 model, calibration, config, sensitivity_tokens, objective, narrow_mlps
             )
-    if plan is not None:
-        config = dataclasses.replace(config, budget=None, ranks=plan, allocation="auto")
+    if allocation is not None:
+        plan = {**allocation.ranks, **dict.fromkeys(reasons)}
+        narrowed = allocation.narrowed
+    if plan is not None or config.target_speedup is not None:  # no layer to rank: none
+        config = dataclasses.replace(config, budget=None, target_speedup=None,
+                                     ranks=plan or {}, allocation="auto")  # fmt: skip
     elif config.budget is not None:  # uniform, or no layer to rank (convert_model says why)
         config = dataclasses.replace(config, budget=None, param_ratio=config.budget,
                                      allocation="auto")  # fmt: skip
@@ -194,6 +213,9 @@ def compress(
             eval_batches=eval_batches, progress=progress, reasons=reasons, narrowed=narrowed,
         )  # fmt: skip
     result = CompressionReport(conversion, plan, None, costs, narrowed)
+    if allocation is not None and target is not None:
+        result.target_speedup, result.speedup_tokens = target, tokens
+        result.predicted_speedup = allocation.predicted_speedup
     if heal is not None:
         with measure_stage(costs, "heal", device):
             result.heal = run_heal(
@@ -247,10 +269,10 @@ def _loss_aware_plan(
     sensitivity_tokens: int | None,
     objective: str,
     narrow_mlps: bool,
-) -> tuple[dict[str, int | None] | None, dict[str, Narrowing], dict[str, str]]:
-    """Each layer's rank (None: dense) from one gradient pass (:mod:`~lowrank_layers.allocate`),
-    the MLPs cut in width, and why the guard keeps layers dense; the plan is None when there
-    is no layer to rank (``convert_model`` reports why).
+) -> tuple[Allocation | None, dict[str, str]]:
+    """Each layer's rank (None: dense) and the MLPs cut in width, from one gradient pass
+    (:mod:`~lowrank_layers.allocate`), and why layers stay dense; the allocation is None
+    when there is no layer to rank (``convert_model`` reports why).
 
     The guard's layers (:func:`~lowrank_layers.layer_plan.guard_reasons`) and, with
     ``guard``, those no gradient of the objective reaches stay dense outside the budget,
@@ -265,7 +287,7 @@ def _loss_aware_plan(
         and (name not in reasons or name == selection.output_layer)
     }
     if all(name in reasons for name in observed):  # nothing the budget could go to
-        return None, {}, reasons
+        return None, reasons
     subset = _first_tokens(calibration, sensitivity_tokens)
     probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
     sens = collect_sensitivity(model, subset, observed, objective=probe, seed=config.seed)
@@ -273,22 +295,19 @@ def _loss_aware_plan(
         reasons.update((name, NO_GRADIENT_REASON) for name in observed if name not in sens)
     layers = {name: m for name, m in observed.items() if name not in reasons}
     if not layers:
-        return None, {}, reasons
+        return None, reasons
     mlps = []
     if narrow_mlps:
         found = [m for m in find_mlps(layers) if all(n in sens for n in m.layers)]
         mlps, _ = check_mlps(model, found, _head(calibration[0], 2), seed=config.seed)
     result = allocate_loss_aware(
-        layers,
-        sens,
-        config.budget,
-        mlps=mlps,
-        speed=config.speed,  # type: ignore[arg-type]
-    )
+        layers, sens, config.budget, mlps=mlps, speed=config.speed,
+        target_speedup=config.target_speedup, tokens=config.speedup_tokens or 1,
+    )  # fmt: skip
     for name, rank in result.ranks.items():
         if rank is None:
             reasons[name] = _plan_reason(result.options.get(name), config)
-    return {**result.ranks, **dict.fromkeys(reasons)}, result.narrowed, reasons
+    return result, reasons
 
 
 def _head(batch: Any, rows: int) -> Any:
