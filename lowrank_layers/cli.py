@@ -132,6 +132,13 @@ def _add_rule_flags(parser: argparse.ArgumentParser) -> None:
         help="keep at most this fraction of all converted weights, ranks chosen per layer "
         "(needs a transformers model folder as SRC; see --allocation)",
     )
+    policy.add_argument(
+        "--target-speedup",
+        type=_positive_float,
+        metavar="X",
+        help="with --calibrate: the least-loss plan whose modelled forward speed-up of the "
+        "converted layers, at --speedup-tokens per call (default 1), reaches X (above 1)",
+    )
     parser.add_argument(
         "--allocation",
         choices=["auto", "loss", "uniform", "minimax", "greedy"],
@@ -199,6 +206,11 @@ def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--calib-max-length", type=_positive_int, default=256)
     parser.add_argument(
+        "--no-narrow-mlps",
+        action="store_true",
+        help="with --calibrate: never cut an MLP's intermediate width (only per-layer ranks)",
+    )
+    parser.add_argument(
         "--no-propagate",
         action="store_true",
         help="with --calibrate: factorize every layer from the original model's inputs "
@@ -265,6 +277,7 @@ def _config(args: argparse.Namespace) -> ConversionConfig:
         energy=args.energy,
         param_ratio=args.param_ratio,
         budget=args.budget,
+        target_speedup=args.target_speedup,
         allocation=args.allocation,
         include=args.include,
         exclude=args.exclude,
@@ -289,6 +302,8 @@ def _run_convert(args: argparse.Namespace) -> None:
     config = _config(args)
     staged = {
         "--no-propagate": args.no_propagate,
+        "--no-narrow-mlps": args.no_narrow_mlps,
+        "--target-speedup": args.target_speedup is not None,
         "--heal-steps": args.heal_steps is not None,
         "--heal-seconds": args.heal_seconds is not None,
     }
@@ -340,6 +355,7 @@ def _run_convert_with_model(args: argparse.Namespace, config: ConversionConfig) 
         max_length=args.calib_max_length,
         heal=heal,
         propagate=not args.no_propagate,
+        narrow_mlps=not args.no_narrow_mlps,
         overwrite=args.overwrite,
         progress=not args.no_progress and sys.stderr.isatty(),
     )

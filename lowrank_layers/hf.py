@@ -52,6 +52,7 @@ def convert_pretrained(
     max_length: int = 256,
     heal: HealConfig | None = None,
     propagate: bool = True,
+    narrow_mlps: bool = True,
     overwrite: bool = False,
     progress: bool = False,
 ) -> ConversionReport | CompressionReport:
@@ -59,7 +60,7 @@ def convert_pretrained(
 
     With ``calibration_texts`` (tokenized with the folder's tokenizer, ``max_length``
     tokens each) the model goes through :func:`~lowrank_layers.compress` (loss-aware
-    allocation, ``propagate``, optional ``heal``); without, through
+    allocation, ``propagate``, ``narrow_mlps``, optional ``heal``); without, through
     :func:`~lowrank_layers.convert_model` (a rank policy, or a budget shared from the
     spectra). ``dst`` gets ``model.safetensors`` (see :func:`save_lowrank`), copies of
     the folder's other files except its weights, and the model card ``README.md`` (added
@@ -97,7 +98,10 @@ def convert_pretrained(
         batches = text_batches(tokenizer, calibration_texts, max_length=max_length)
     report: ConversionReport | CompressionReport
     if batches is not None:
-        report = compress(model, batches, config, heal=heal, propagate=propagate, progress=progress)
+        report = compress(
+            model, batches, config, heal=heal, propagate=propagate, narrow_mlps=narrow_mlps,
+            progress=progress,
+        )  # fmt: skip
     else:
         report = convert_model(model, config, progress=progress)
     with atomic_destination(dst, is_dir=True, overwrite=overwrite) as tmp:
