@@ -126,6 +126,16 @@ def tokens(gen: torch.Generator, shape=(2, 8), vocab: int = 64) -> torch.Tensor:
     return torch.randint(1, vocab, shape, generator=gen)
 
 
+def token_batches(n: int, gen: torch.Generator, length: int = 32) -> list[dict]:
+    """``n`` batches of 4 random sequences of ``length`` token ids in ``[0, 64)``, with an
+    all-ones ``attention_mask``."""
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 64, (4, length), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return out
+
+
 def saved(model: nn.Module, folder) -> str:
     """``model.save_pretrained(folder)``; the folder's path."""
     model.save_pretrained(folder)

@@ -28,12 +28,7 @@ def linears(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def token_batches(n: int, gen: torch.Generator, length: int = 32) -> list[dict]:
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 64, (4, length), generator=gen)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return out
+token_batches = helpers.token_batches
 
 
 def spd(n: int, gen: torch.Generator, rows: int = 400) -> torch.Tensor:

@@ -17,12 +17,7 @@ def tiny_llama(seed: int = 0):
     return helpers.tiny_llama(layers=3, vocab=64, seed=seed)
 
 
-def token_batches(n: int, gen: torch.Generator, length: int = 32) -> list[dict]:
-    out = []
-    for _ in range(n):
-        ids = torch.randint(0, 64, (4, length), generator=gen)
-        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return out
+token_batches = helpers.token_batches
 
 
 def linear_params(report) -> tuple[int, int]:
