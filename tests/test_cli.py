@@ -325,8 +325,10 @@ def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
         (["convert", "{src}", "{out}", "--rank", "2", "--no-narrow-mlps"], "need --calibrate"),
         (["convert", "{src}", "{out}", "--target-speedup", "1.3"], "--target-speedup need --"),
         (["convert", "{src}", "{out}", "--rank", "2", "--target-speedup", "1.3"], "not allowed"),
-        (["convert", "{tmp}", "{out}", "--target-speedup", "1", "--calibrate", "{tmp}"],
-         "target_speedup must be a number above 1"),
+        (
+            ["convert", "{tmp}", "{out}", "--target-speedup", "1", "--calibrate", "{tmp}"],
+            "target_speedup must be a number above 1",
+        ),
         (["convert", "{src}", "{out}", "--budget", "0.5", "--heal-seconds", "0"], "a number > 0"),
         (["convert", "{tmp}", "{out}", "--budget", "0.5", "--heal-steps", "5"], "need --calibrate"),
         (
