@@ -272,8 +272,10 @@ def test_small_run_measures_each_row(small_run):
         name = row["model"]
         kept = int(row["Linear params kept"].split()[0].replace(",", ""))
         assert kept - pooler <= 0.5 * (linear - pooler)  # at most the budget of the others
-        # only Linear weights were replaced: the model lost exactly what they lost
-        assert total - int(row["total params"].replace(",", "")) == linear - kept
+        # only Linear layers were replaced: the model lost what their weights lost, plus
+        # the biases of the intermediate channels an MLP cut dropped (6 MLPs of 1536)
+        extra = total - int(row["total params"].replace(",", "")) - (linear - kept)
+        assert 0 <= extra <= 6 * 1536, name
         assert -1 < float(row["embedding cosine"]) < 1 - 1e-3, name  # the embeddings moved
         assert float(row["round-trip max diff"]) <= 1e-6, name  # reloads into the dense model
         assert float(row["latency ms"]) > 0
