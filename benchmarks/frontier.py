@@ -285,8 +285,10 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             for r in points:
                 text = r.setting.split(" + ")[0].split(",")[0].removeprefix("compress ")
                 text = text if kind in ("compress", "healed") else r.setting.split()[0]
+                left = kind == "healed"  # left of the point, apart from its twin's label
                 ax.annotate(text, (r.speedup, r.quality), textcoords="offset points",
-                            xytext=(5, 4), fontsize=8, color=color)  # fmt: skip
+                            xytext=(-5 if left else 5, 4), ha="right" if left else "left",
+                            fontsize=8, color=color)  # fmt: skip
         smollm2 = name.startswith("SmolLM2")
         ax.set_title(name)
         ax.set_xlabel(
