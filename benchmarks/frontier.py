@@ -308,6 +308,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=110)
+        os.chmod(tmp, 0o644)  # mkstemp's file is private to its owner
         os.replace(tmp, path)
     finally:
         plt.close(fig)
