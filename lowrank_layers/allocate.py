@@ -51,6 +51,9 @@ __all__ = [
     "solve_budget",
 ]
 
+# the candidate fractions of each layer's parameters (ranks) and of each MLP's width
+DEFAULT_GRID: tuple[float, ...] = tuple(k / 20 for k in range(1, 20))
+
 
 @dataclass
 class LayerOptions:
@@ -154,7 +157,7 @@ def rank_options(
     weight_i = torch.flip(weight_i, [0]).clamp_min(0).to(torch.float64)  # descending σ
     tail = torch.flip(torch.cumsum(torch.flip(weight_i, [0]), 0), [0])  # tail[r] = Σ_{i>=r}
     tail = torch.cat([tail, tail.new_zeros(1)])
-    grid = [k / 20 for k in range(1, 20)] if grid is None else list(grid)
+    grid = DEFAULT_GRID if grid is None else list(grid)
     ranks: list[int | None] = []
     for ratio in grid:
         r = _saving_rank(out_f, in_f, ratio)
@@ -467,16 +470,21 @@ def mlp_options(
     names = list(mlp.layers)
     grids = [layer_options[n] for n in names]
     timed = tokens is not None
-    combos = []  # (cost, loss, (params, seconds, loss, choice))
-    for picks in itertools.product(*(range(len(o.ranks)) for o in grids)):
-        chosen = list(zip(grids, picks, strict=True))
-        params = sum(o.params[k] for o, k in chosen)
-        loss = sum(o.loss[k] for o, k in chosen)
-        secs = sum(o.seconds[k] for o, k in chosen) if timed else 0.0
-        ranks = {n: o.ranks[k] for n, (o, k) in zip(names, chosen, strict=True)}
-        combos.append((secs if timed else params, loss, (params, secs, loss, ranks)))
-    choices: list[tuple[int, float, float, Any]] = [c for _, _, c in _pareto(combos)]
-    fractions = [k / 20 for k in range(1, 20)] if grid is None else list(grid)
+    # the Pareto front of the combinations, folded in layer by layer: a combination on the
+    # front of the whole is made of combinations on the fronts of its parts (cost and loss
+    # add up), so no front is lost, and a fine grid costs |front|·|options| per layer
+    # instead of the product of all the layers' options
+    front: list[tuple[float, float, Any]] = [(0.0, 0.0, (0, 0.0, 0.0, {}))]
+    for n, o in zip(names, grids, strict=True):
+        combos = []
+        for _, _, (params, secs, loss, ranks) in front:
+            for k, r in enumerate(o.ranks):
+                p, t = params + o.params[k], secs + (o.seconds[k] if timed else 0.0)
+                c = (p, t, loss + o.loss[k], {**ranks, n: r})
+                combos.append((t if timed else p, c[2], c))
+        front = _pareto(combos)
+    choices: list[tuple[int, float, float, Any]] = [c for _, _, c in front]
+    fractions = DEFAULT_GRID if grid is None else list(grid)
     widths = sorted({max(1, round(f * mlp.width)) for f in fractions} - {mlp.width})
     for w in widths:
         secs = 0.0
@@ -623,7 +631,6 @@ def _minimax_ranks(
 ) -> tuple[dict[str, int], int]:
     """Ranks reaching the smallest common residual-energy fraction within ``allowed``."""
     import bisect
-    import itertools
 
     residual = {}  # residual[n][r-1] = fraction of energy left at rank r (decreasing in r)
     caps = {}

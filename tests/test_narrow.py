@@ -2,12 +2,14 @@
 estimate checked against its definition, the refit against least squares, and the
 narrowed model end to end (report, save and reload, healing)."""
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
 
 from lowrank_layers import HealConfig, compress, load_pretrained
-from lowrank_layers.allocate import allocate_loss_aware
+from lowrank_layers.allocate import LayerOptions, allocate_loss_aware, mlp_options
 from lowrank_layers.checkpoint_format import NARROWED_ATTR, is_narrowed
 from lowrank_layers.narrow import (
     Mlp,
@@ -173,6 +175,33 @@ def test_dead_channels_go_first_and_cost_nothing(gen):
     assert report.output_error == pytest.approx(0.0, abs=1e-5)  # the refit's 1e-6 ridge
     assert report.params_before == 128 and report.params_after == 80
     assert "MLP width 16 -> 10" in report.note
+
+
+def test_mlp_options_hold_the_pareto_front_of_every_combination(gen):
+    """The layer-by-layer fold gives exactly the combinations of the brute-force product
+    that no other beats in both parameters and loss (random candidates, no ties)."""
+    mlp = Mlp(inputs=("gate", "up"), output="down", hidden=8, width=24)
+    options = {}
+    for name in mlp.layers:
+        n = 6
+        params = sorted(torch.randperm(150, generator=gen)[:n].add(1).tolist())
+        loss = sorted(torch.rand(n, generator=gen).tolist(), reverse=True)
+        options[name] = LayerOptions(8, 24, [*range(1, n), None], params, [*loss[:-1], 0.0])
+    curve = width_curve(torch.randn(8, 24, generator=gen), spd(24, gen), spd(8, gen))
+    got = mlp_options(mlp, options, curve, grid=[0.5])
+    folded = {(p, round(q, 12)) for c, p, q in zip(got.choices, got.params, got.loss, strict=True)
+              if isinstance(c, dict)}  # fmt: skip
+    combos = []
+    for picks in itertools.product(*(range(6) for _ in mlp.layers)):
+        chosen = [(options[n], k) for n, k in zip(mlp.layers, picks, strict=True)]
+        combos.append((sum(o.params[k] for o, k in chosen), sum(o.loss[k] for o, k in chosen)))
+
+    def beaten(p: int, q: float) -> bool:
+        return any((p2 <= p and q2 < q) or (p2 < p and q2 <= q) for p2, q2 in combos)
+
+    front = {(p, round(q, 12)) for p, q in combos if not beaten(p, q)}
+    assert folded == front and len(front) > 3
+    assert any(isinstance(c, Narrowing) and c.width == 12 for c in got.choices)
 
 
 def test_narrowed_output_layer_needs_statistics():
