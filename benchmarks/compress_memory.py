@@ -1,0 +1,168 @@
+"""Peak memory of `compress` on SmolLM2-135M, measured from outside the process.
+
+A child process loads SmolLM2-135M-Instruct (float32; the lm_head is tied to the
+embeddings, counted once), tokenizes 64 BBC articles (256 tokens, batches of 8) and runs
+`compress(model, batches, budget=0.8, exclude=["lm_head"])`. The parent takes the child's
+whole-life peak resident memory from `os.wait4` (`ru_maxrss`). The child reports its
+resident memory after loading the model and the data (the baseline), each stage's
+`CompressionReport.costs`, and the held-out perplexity of the original and the compressed
+model (the 32 articles after the calibration ones, as `budget_routes.py`; one article per
+batch here, so that evaluating stays far below the pipeline's peak).
+
+The library resets the process's peak (`VmHWM`) at the start of each stage to give each
+stage its own figure, and the kernel's `ru_maxrss` is that same counter: with the resets,
+`os.wait4` would only see the last stage's peak. The child therefore disables them by
+default, and its stage peaks are then "since start" (cumulative): the stage where the
+figure jumps holds the peak. `--stage-resets` keeps the library's resets for per-stage
+figures (the `os.wait4` peak is then only the last stage's).
+
+    python benchmarks/compress_memory.py [--budget 0.8] [--calib-docs 64] [--seed 0]
+        [--stage-resets] [--out out/compress_memory.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import markdown_table
+
+GIB = 2**30
+
+
+def _resident_bytes() -> int:
+    """This process's current resident memory (``VmRSS``)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmRSS in /proc/self/status")
+
+
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def child(args: argparse.Namespace) -> None:
+    """Load, measure the baseline, compress, evaluate; write the figures to ``args.child``."""
+    import torch
+    from common import load_bbc_news
+    from conversion_quality import load_smollm2, perplexity
+
+    import lowrank_layers.memory
+    from lowrank_layers import compress
+    from lowrank_layers.text import text_batches
+
+    torch.set_num_threads(args.threads)
+    if not args.stage_resets:  # keep the whole-life peak that os.wait4 reports
+        lowrank_layers.memory.reset_peak_rss = lambda: False
+    texts, _ = load_bbc_news(seed=0)
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
+    c, e = args.calib_docs, args.calib_docs + args.eval_docs
+    model, tokenizer = load_smollm2()
+    calib = text_batches(tokenizer, [texts[i] for i in order[:c]], max_length=256)
+    evals = text_batches(tokenizer, [texts[i] for i in order[c:e]], max_length=256, batch_size=1)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
+    figures = {
+        "weights_fp32": sum(p.numel() * 4 for p in model.parameters()),
+        "weights": weights,
+        "baseline_rss": _resident_bytes(),
+        "load_peak": _max_rss_bytes(),
+        "calib_tokens": int(sum(int(b["attention_mask"].sum()) for b in calib)),
+    }
+    figures["ppl_original"] = perplexity(model, evals)
+    start = time.perf_counter()
+    report = compress(model, calib, budget=args.budget, exclude=["lm_head"], seed=args.seed)
+    figures["seconds"] = time.perf_counter() - start
+    figures["compress_peak"] = _max_rss_bytes()
+    figures["costs"] = {
+        stage: {"seconds": c.seconds, "peak_rss": c.peak_rss, "since_start": c.since_start}
+        for stage, c in report.costs.items()
+    }
+    figures["ppl_compressed"] = perplexity(model, evals)
+    figures["plan"] = report.plan
+    Path(args.child).write_text(json.dumps(figures))
+
+
+def run_child(argv: list[str]) -> tuple[dict, int]:
+    """Run this script as a child; its figures and its peak resident bytes from ``os.wait4``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "figures.json"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        proc = subprocess.Popen([sys.executable, __file__, *argv, "--child", str(out)], env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise SystemExit(f"the child failed with status {os.waitstatus_to_exitcode(status)}")
+        return json.loads(out.read_text()), usage.ru_maxrss * 1024
+
+
+def table(f: dict, peak: int, stage_resets: bool) -> str:
+    """The markdown table of one run's figures."""
+    fp32 = f["weights_fp32"]
+    added = peak - f["baseline_rss"]
+    since = ", since the last stage began" if stage_resets else ""
+    rows = [
+        ("model weights, fp32 (tied once)", f"{fp32 / GIB:.2f}", "1.00x"),
+        ("loaded baseline: model + data (VmRSS)", f"{f['baseline_rss'] / GIB:.2f}", "-"),
+        ("peak while loading (ru_maxrss)", f"{f['load_peak'] / GIB:.2f}", "-"),
+        (f"**peak of the process (os.wait4{since})**", f"{peak / GIB:.2f}", "-"),
+        ("**peak minus baseline**", f"{added / GIB:.2f}", f"{added / fp32:.2f}x"),
+    ]
+    for stage, c in f["costs"].items():
+        since = " (since start)" if c["since_start"] else ""
+        over = (c["peak_rss"] - f["baseline_rss"]) / fp32
+        rows.append((f"stage {stage}: peak RSS{since}, {c['seconds']:.0f} s",
+                     f"{c['peak_rss'] / GIB:.2f}", f"{over:.2f}x"))  # fmt: skip
+    return markdown_table(["what", "GiB", "over baseline, x fp32 weights"], rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget", type=float, default=0.8)
+    parser.add_argument("--calib-docs", type=int, default=64)
+    parser.add_argument("--eval-docs", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="compress's seed (the gradient "
+                        "pass's token subset and sampled targets)")  # fmt: skip
+    parser.add_argument("--stage-resets", action="store_true",
+                        help="keep the library's per-stage VmHWM resets (os.wait4 then sees "
+                        "only the last stage)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    argv = [f"--budget={args.budget}", f"--calib-docs={args.calib_docs}", f"--seed={args.seed}",
+            f"--eval-docs={args.eval_docs}", f"--threads={args.threads}"]  # fmt: skip
+    f, peak = run_child(argv + (["--stage-resets"] if args.stage_resets else []))
+    ratio = f["ppl_compressed"] / f["ppl_original"]
+    text = (
+        f"SmolLM2-135M, compress(budget={args.budget}, exclude=['lm_head'], seed={args.seed}) on "
+        f"{args.calib_docs} BBC articles ({f['calib_tokens']} tokens), in a child process; "
+        f"compress took {f['seconds']:.0f} s; held-out perplexity {f['ppl_original']:.3f} -> "
+        f"{f['ppl_compressed']:.3f} ({ratio:.3f}x); "
+        f"{'per-stage VmHWM resets kept' if args.stage_resets else 'VmHWM resets disabled'}\n\n"
+        + table(f, peak, args.stage_resets)
+    )
+    if f["compress_peak"] < peak:
+        text += (
+            f"\n\nThe evaluation after compress raised the peak from "
+            f"{f['compress_peak'] / GIB:.2f} GiB."
+        )
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n\nplan: " + json.dumps(f["plan"]) + "\n")
+
+
+if __name__ == "__main__":
+    main()
