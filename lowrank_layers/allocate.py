@@ -51,8 +51,11 @@ __all__ = [
     "solve_budget",
 ]
 
-# the candidate fractions of each layer's parameters (ranks) and of each MLP's width
-DEFAULT_GRID: tuple[float, ...] = tuple(k / 20 for k in range(1, 20))
+# the candidate fractions of each layer's parameters (ranks) and of each MLP's width: every
+# 1%, a few singular values apart, so that the knapsack picks singular values across the
+# layers by their loss per parameter (ZS-SVD's global selection); on SmolLM2 it beat 5%
+# steps at 80% and 60% (benchmarks/allocation_variants.py, docs/benchmarks.md)
+DEFAULT_GRID: tuple[float, ...] = tuple(k / 100 for k in range(1, 100))
 
 
 @dataclass
@@ -136,8 +139,8 @@ def rank_options(
 ) -> LayerOptions:
     """A layer's estimated loss at each candidate rank (see the module docstring).
 
-    Candidates: the largest rank within each ``param_ratio`` of ``grid`` (default 0.05,
-    0.10, ..., 0.95) that saves parameters (and, with ``speed``, is expected to be fast
+    Candidates: the largest rank within each ``param_ratio`` of ``grid`` (default 0.01,
+    0.02, ..., 0.99) that saves parameters (and, with ``speed``, is expected to be fast
     enough), and "keep dense" (cost ``out·in``, loss 0). With ``tokens``, each is also
     priced in modelled forward seconds at that many tokens per call.
     """
@@ -462,8 +465,8 @@ def mlp_options(
     tokens: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> GroupOptions:
-    """An MLP's candidates: its width cut to each fraction of ``grid`` (default 0.05, 0.10,
-    ..., 0.95, with ``curve``'s loss), and every combination of its layers' own candidates
+    """An MLP's candidates: its width cut to each fraction of ``grid`` (default 0.01, 0.02,
+    ..., 0.99, with ``curve``'s loss), and every combination of its layers' own candidates
     that no other combination beats in both cost and loss. With ``tokens`` (the layers'
     options priced at it, weights of ``dtype``) the cost is modelled seconds, else
     parameters."""

@@ -38,6 +38,7 @@ from .blocks import (
     main_output,
 )
 from .calibrate import padding_mask, run_batch
+from .checkpoint_format import is_narrowed
 from .common import (
     InputError,
     check_int,
@@ -205,9 +206,11 @@ def trainable_parameters(model: nn.Module, train: Sequence[str]) -> dict[str, nn
         model: the converted model.
         train: any of ``"factors"`` (``U``, ``S``, ``V``, ``D`` of every low-rank layer:
             ``LowRankLinear``, ``DynamicLowRankLinear``, ``AdaptiveLowRankLinear`` after
-            its switch), ``"biases"`` (those layers' biases) and ``"norms"`` (the parameters
-            of ``nn.LayerNorm``, ``nn.RMSNorm``, ``nn.GroupNorm`` and of every module whose
-            class name ends in ``Norm``, such as ``LlamaRMSNorm``).
+            its switch; and the weight of every layer of an MLP cut in width,
+            :mod:`~lowrank_layers.narrow`), ``"biases"`` (those layers' biases) and
+            ``"norms"`` (the parameters of ``nn.LayerNorm``, ``nn.RMSNorm``,
+            ``nn.GroupNorm`` and of every module whose class name ends in ``Norm``, such as
+            ``LlamaRMSNorm``).
 
     Returns:
         ``{qualified name: parameter}``, in ``named_modules()`` order; a parameter held at
@@ -221,9 +224,9 @@ def trainable_parameters(model: nn.Module, train: Sequence[str]) -> dict[str, nn
     seen: set[int] = set()
     for name, module in model.named_modules():
         names: list[str] = []
-        if _is_lowrank(module):
+        if _is_lowrank(module) or is_narrowed(module):
             if "factors" in groups:
-                names += FACTOR_NAMES
+                names += ["weight"] if is_narrowed(module) else FACTOR_NAMES
             if "biases" in groups:
                 names.append("bias")
         elif "norms" in groups and _is_norm(module):
@@ -340,13 +343,13 @@ def _blocks_of(
     student: nn.Module, teacher: nn.Module, chosen: dict[int, nn.Parameter]
 ) -> tuple[str, list[nn.Module], list[nn.Module]]:
     """The student's block container, its blocks and the teacher's matching blocks."""
-    layers = [name for name, m in student.named_modules() if _is_lowrank(m)]
+    layers = [n for n, m in student.named_modules() if _is_lowrank(m) or is_narrowed(m)]
     found = find_blocks(student, layers)
     if found is None:
         raise InputError(
             f"heal: mode='blockwise' found no repeated blocks in the {type(student).__name__} "
             "(an nn.ModuleList or nn.Sequential of at least two modules of one type holding "
-            "its low-rank layers), so it cannot be processed block by block; use "
+            "its low-rank or cut layers), so it cannot be processed block by block; use "
             "mode='end_to_end'"
         )
     container, blocks = found
@@ -488,7 +491,7 @@ def _chosen_parameters(
         raise InputError(
             f"heal: nothing to train: train={tuple(_check_train(train))} selects no parameter "
             f"of the {type(student).__name__} (factors and biases are those of lowrank_layers "
-            "layers, norms those of normalisation modules)"
+            "layers and of MLP layers cut in width, norms those of normalisation modules)"
         )
     teacher_ids = {id(p) for p in teacher.parameters()}
     shared = [name for name, p in params.items() if id(p) in teacher_ids]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from lowrank_layers import HealConfig, compress, load_pretrained
+from lowrank_layers import HealConfig, compress, heal, load_pretrained
 from lowrank_layers.allocate import LayerOptions, allocate_loss_aware, mlp_options
 from lowrank_layers.checkpoint_format import NARROWED_ATTR, is_narrowed
+from lowrank_layers.heal import trainable_parameters
 from lowrank_layers.narrow import (
     Mlp,
     Narrowing,
@@ -277,8 +278,26 @@ def test_compress_without_narrowing_and_heal_through_a_cut(gen):
     report = compress(model, calib, budget=0.6, exclude=["lm_head"], guard=False,
                       heal=HealConfig(steps=3, lr=1e-3))  # fmt: skip
     down = model.get_submodule("model.layers.0.mlp.down_proj")
-    assert report.narrowed and report.heal is not None
+    assert report.narrowed and report.heal is not None and report.heal.steps == 3
     assert is_narrowed(down) and down.weight.requires_grad
+
+
+def test_healing_trains_the_layers_of_a_cut_mlp(gen):
+    """A plan may cut MLPs and factorize nothing: "factors" then means the cut layers'
+    weights (blockwise too), and healing changes them."""
+    teacher = llama_with_dead_channels()
+    calib = token_batches(6, gen)
+    model = llama_with_dead_channels()
+    report = compress(model, calib, budget=0.6, exclude=["lm_head"], guard=False)
+    cut = {n for c in report.narrowed.values() for n in c.mlp.layers}
+    assert cut and all(is_narrowed(model.get_submodule(n)) for n in cut)
+    chosen = trainable_parameters(model, ("factors", "biases"))
+    assert {f"{n}.weight" for n in cut} <= set(chosen)
+    assert not any(n.startswith("model.embed") for n in chosen)
+    for mode in ("end_to_end", "blockwise"):
+        before = {n: model.get_submodule(n).weight.detach().clone() for n in cut}
+        heal(model, teacher, calib, steps=2, lr=1e-2, mode=mode)
+        assert all(not torch.equal(model.get_submodule(n).weight, w) for n, w in before.items())
 
 
 def test_a_narrowed_layer_is_not_converted_again(gen):
