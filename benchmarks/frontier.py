@@ -9,6 +9,9 @@ For each model, one row per setting, all measured in one run:
   HealConfig(seconds=s), heal_batches=...)` runs after converting (`heal(student,
   original, heal_batches, seconds=s)`, end to end, lr 1e-4, seed 0), applied to a copy of
   the training-free result so that both rows come from one conversion;
+- with `--speed-targets`, `compress(model, batches, target_speedup=t)` for each: the
+  least-loss plan whose modelled decode speed-up of the Linear layers (1 token per call)
+  reaches `t`, its measured speed-up beside it;
 - torch's int8 dynamic quantization of every `nn.Linear`
   (`torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)`), the
   alternative a user would try.
@@ -36,8 +39,8 @@ healing's for a healed row.
 The plot (quality against speed-up, one panel per model) is written to `docs/frontier.png`.
 
     python benchmarks/frontier.py [--models smollm2 minilm] [--budgets 0.9 0.8 0.7 0.6 0.5]
-        [--heal-seconds 180] [--threads 2] [--repeats 5] [--out table.md]
-        [--plot docs/frontier.png]
+        [--speed-targets 1.3] [--heal-seconds 180] [--threads 2] [--repeats 5]
+        [--out table.md] [--plot docs/frontier.png]
 """
 
 from __future__ import annotations
@@ -233,9 +236,21 @@ def measure(case: Case, group: list[tuple[str, str, nn.Module, str]]) -> list[Ro
     return rows
 
 
-def sweep(case: Case, budgets: Sequence[float], heal_seconds: float) -> list[Row]:
-    """The rows of one model: each budget training-free (and healed), int8, the original."""
+def sweep(
+    case: Case, budgets: Sequence[float], heal_seconds: float, targets: Sequence[float] = ()
+) -> list[Row]:
+    """The rows of one model: each budget training-free (and healed), each speed target,
+    int8, the original."""
     rows: list[Row] = []
+    for target in targets:  # compress(target_speedup=t): the modelled against the measured
+        model = copy.deepcopy(case.original)
+        start = time.perf_counter()
+        report = compress(model, case.calibration, target_speedup=target, exclude=case.exclude)
+        secs = time.perf_counter() - start
+        setting = (f"compress to {target:g}x (modelled {report.predicted_speedup:.2f}x at "
+                   f"{report.speedup_tokens} token), {len(report.narrowed)} MLPs cut")  # fmt: skip
+        rows += measure(case, [(setting, "target", model, f"{secs:.0f}")])
+        del model
     for budget in budgets:
         model = copy.deepcopy(case.original)
         start = time.perf_counter()
@@ -269,9 +284,11 @@ def plot(rows: Sequence[Row], path: Path) -> None:
     models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
     styles = {"original": ("*", "black", 14), "compress": ("o", "tab:blue", 7),
-              "healed": ("^", "tab:green", 7), "int8": ("s", "tab:red", 8)}  # fmt: skip
+              "healed": ("^", "tab:green", 7), "target": ("D", "tab:purple", 7),
+              "int8": ("s", "tab:red", 8)}  # fmt: skip
     labels = {"original": "original", "compress": "compress (training-free)",
-              "healed": "compress + heal", "int8": "int8 dynamic quantization"}  # fmt: skip
+              "healed": "compress + heal", "target": "compress to a speed target",
+              "int8": "int8 dynamic quantization"}  # fmt: skip
     for ax, name in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r.model == name]
         for kind, (marker, color, size) in styles.items():
@@ -285,6 +302,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             for r in points:
                 text = r.setting.split(" + ")[0].split(",")[0].removeprefix("compress ")
                 text = text if kind in ("compress", "healed") else r.setting.split()[0]
+                text = r.setting.split()[2] if kind == "target" else text
                 left = kind == "healed"  # left of the point, apart from its twin's label
                 ax.annotate(text, (r.speedup, r.quality), textcoords="offset points",
                             xytext=(-5 if left else 5, 4), ha="right" if left else "left",
@@ -320,7 +338,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2", "minilm"],
                         choices=["smollm2", "minilm"])  # fmt: skip
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--budgets", type=float, nargs="*", default=[0.9, 0.8, 0.7, 0.6, 0.5])
+    parser.add_argument("--speed-targets", type=float, nargs="*", default=[],
+                        help="also compress(target_speedup=t), training-free")  # fmt: skip
     parser.add_argument(
         "--heal-seconds", type=float, default=180.0,
         help="healing per budget (5 budgets x 180 s = 15 min); 0: no healed rows",
@@ -329,7 +349,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5,
                         help="timed repeats per model (MiniLM: 3x as many)")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None, help="also write the table here")
-    parser.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
+    parser.add_argument("--plot", default=str(DEFAULT_PLOT), help="the plot's path ('': none)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -339,15 +359,16 @@ def main() -> None:
     rows: list[Row] = []
     for name in args.models:
         case = builders[name](split, args.repeats)
-        rows += sweep(case, args.budgets, args.heal_seconds)
+        rows += sweep(case, args.budgets, args.heal_seconds, args.speed_targets)
         del case
     machine = f"Machine: {machine_description()}"
     table = markdown_table(HEADER, [r.cells() for r in rows])
     print(f"{machine}\n\n{table}")
     if args.out is not None:
         args.out.write_text(f"{machine}\n\n{table}\n", encoding="utf-8")
-    plot(rows, args.plot)
-    print(f"plot: {args.plot}", file=sys.stderr)
+    if args.plot:
+        plot(rows, Path(args.plot))
+        print(f"plot: {args.plot}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -292,7 +292,9 @@ class _GramCollector:
             entry = self.stats.get(name)
             if entry is None:
                 n = gram.shape[0]
-                entry = self.stats[name] = InputStats(torch.zeros(n, n, dtype=torch.float64))
+                entry = self.stats[name] = InputStats(
+                    torch.zeros(n, n, dtype=torch.float64, device=gram.device)
+                )
             entry.gram += gram.to(entry.gram.device)
             entry.tokens += count
 
