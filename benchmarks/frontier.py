@@ -236,6 +236,15 @@ def measure(case: Case, group: list[tuple[str, str, nn.Module, str]]) -> list[Ro
     return rows
 
 
+def compressed_copy(case: Case, **options: Any) -> tuple[nn.Module, Any, float]:
+    """A copy of the original through ``compress(copy, calibration, **options)``: the
+    copy, the report and the call's wall time."""
+    model = copy.deepcopy(case.original)
+    start = time.perf_counter()
+    report = compress(model, case.calibration, exclude=case.exclude, **options)
+    return model, report, time.perf_counter() - start
+
+
 def sweep(
     case: Case, budgets: Sequence[float], heal_seconds: float, targets: Sequence[float] = ()
 ) -> list[Row]:
@@ -243,19 +252,13 @@ def sweep(
     int8, the original."""
     rows: list[Row] = []
     for target in targets:  # compress(target_speedup=t): the modelled against the measured
-        model = copy.deepcopy(case.original)
-        start = time.perf_counter()
-        report = compress(model, case.calibration, target_speedup=target, exclude=case.exclude)
-        secs = time.perf_counter() - start
+        model, report, secs = compressed_copy(case, target_speedup=target)
         setting = (f"compress to {target:g}x (modelled {report.predicted_speedup:.2f}x at "
                    f"{report.speedup_tokens} token), {len(report.narrowed)} MLPs cut")  # fmt: skip
         rows += measure(case, [(setting, "target", model, f"{secs:.0f}")])
         del model
     for budget in budgets:
-        model = copy.deepcopy(case.original)
-        start = time.perf_counter()
-        report = compress(model, case.calibration, budget=budget, exclude=case.exclude)
-        secs = time.perf_counter() - start
+        model, report, secs = compressed_copy(case, budget=budget)
         cut = f", {len(report.narrowed)} MLPs cut" if report.narrowed else ""
         group = [(f"compress {budget:.0%}{cut}", "compress", model, f"{secs:.0f}")]
         if heal_seconds > 0:
@@ -272,6 +275,14 @@ def sweep(
     original = Row(case.title, "original", "original", q, case.quality_text(q),
                    case.speed_text(t), 1.0, 1.0, "-")  # fmt: skip
     return [original, *rows]
+
+
+def point_label(row: Row) -> str:
+    """A point's label: the budget ("80%"), the speed target ("1.3x") or the setting's
+    first word ("original", "int8")."""
+    if row.kind in ("compress", "healed"):
+        return row.setting.split(" + ")[0].split(",")[0].removeprefix("compress ")
+    return row.setting.split()[2 if row.kind == "target" else 0]
 
 
 def plot(rows: Sequence[Row], path: Path) -> None:
@@ -300,9 +311,7 @@ def plot(rows: Sequence[Row], path: Path) -> None:
             ax.plot(xs, ys, marker=marker, linestyle=line, color=color, markersize=size,
                     label=labels[kind])  # fmt: skip
             for r in points:
-                text = r.setting.split(" + ")[0].split(",")[0].removeprefix("compress ")
-                text = text if kind in ("compress", "healed") else r.setting.split()[0]
-                text = r.setting.split()[2] if kind == "target" else text
+                text = point_label(r)
                 left = kind == "healed"  # left of the point, apart from its twin's label
                 ax.annotate(text, (r.speedup, r.quality), textcoords="offset points",
                             xytext=(-5 if left else 5, 4), ha="right" if left else "left",

@@ -183,6 +183,11 @@ def _is_lowrank(module: nn.Module) -> bool:
     return isinstance(module, (LowRankLinear, DynamicLowRankLinear))
 
 
+def _is_compressed(module: nn.Module) -> bool:
+    """A layer the conversion changed: low rank, or a layer of an MLP cut in width."""
+    return _is_lowrank(module) or is_narrowed(module)
+
+
 def _is_norm(module: nn.Module) -> bool:
     # model families define their own norms (LlamaRMSNorm, T5LayerNorm): known by name
     return isinstance(module, NORM_TYPES) or type(module).__name__.endswith("Norm")
@@ -224,7 +229,7 @@ def trainable_parameters(model: nn.Module, train: Sequence[str]) -> dict[str, nn
     seen: set[int] = set()
     for name, module in model.named_modules():
         names: list[str] = []
-        if _is_lowrank(module) or is_narrowed(module):
+        if _is_compressed(module):
             if "factors" in groups:
                 names += ["weight"] if is_narrowed(module) else FACTOR_NAMES
             if "biases" in groups:
@@ -343,7 +348,7 @@ def _blocks_of(
     student: nn.Module, teacher: nn.Module, chosen: dict[int, nn.Parameter]
 ) -> tuple[str, list[nn.Module], list[nn.Module]]:
     """The student's block container, its blocks and the teacher's matching blocks."""
-    layers = [n for n, m in student.named_modules() if _is_lowrank(m) or is_narrowed(m)]
+    layers = [name for name, m in student.named_modules() if _is_compressed(m)]
     found = find_blocks(student, layers)
     if found is None:
         raise InputError(
