@@ -29,6 +29,7 @@ from torch import nn
 
 from .common import InputError, InputTypeError, check_choice, check_fraction
 from .factorize import whitening_factor
+from .memory import release_free_heap
 from .narrow import Mlp, Narrowing, WidthCurve, width_curve
 from .policy import factor_parameters, resolve_rank, saves_parameters
 from .sensitivity import Sensitivity, collect_sensitivity
@@ -150,13 +151,14 @@ def rank_options(
     # σᵢ² and the singular vectors from the smaller Gram matrix of A = W·L, in float32:
     # ample for an estimate, and several times faster than a float64 SVD
     A = W @ L.float()
-    G = sensitivity.grad_cov.float()
-    if out_f <= in_f:  # A·Aᵀ = U·Σ²·Uᵀ:  σᵢ²·uᵢᵀ G uᵢ
+    if out_f <= in_f and not sensitivity.projected:  # A·Aᵀ = U·Σ²·Uᵀ:  σᵢ²·uᵢᵀ G uᵢ
+        G = sensitivity.grad_cov.float()
         lam, U = torch.linalg.eigh(A @ A.mT)
         weight_i = lam.clamp_min(0) * ((G @ U) * U).sum(0)
-    else:  # AᵀA = V·Σ²·Vᵀ, A·vᵢ = σᵢ·uᵢ:  σᵢ²·uᵢᵀ G uᵢ = vᵢᵀ·(Aᵀ G A)·vᵢ
+    else:  # AᵀA = V·Σ²·Vᵀ, A·vᵢ = σᵢ·uᵢ:  σᵢ²·uᵢᵀ G uᵢ = vᵢᵀ·Lᵀ(Wᵀ G W)L·vᵢ
         _, V = torch.linalg.eigh(A.mT @ A)
-        weight_i = ((A.mT @ G @ A @ V) * V).sum(0)
+        M = L.float().mT @ sensitivity.weight_grad_cov(W).float() @ L.float()
+        weight_i = ((M @ V) * V).sum(0)
     weight_i = torch.flip(weight_i, [0]).clamp_min(0).to(torch.float64)  # descending σ
     tail = torch.flip(torch.cumsum(torch.flip(weight_i, [0]), 0), [0])  # tail[r] = Σ_{i>=r}
     tail = torch.cat([tail, tail.new_zeros(1)])
@@ -344,16 +346,18 @@ def allocate_loss_aware(
         check_fraction("budget", budget)
     cost = "params" if budget is not None else "seconds"
     priced = tokens if target_speedup is not None else None
-    options: dict[str, LayerOptions | GroupOptions] = {
-        n: rank_options(m.weight, sensitivity[n], grid=grid, speed=speed, tokens=priced)
-        for n, m in modules.items()
-        if n in sensitivity
-    }
+    options: dict[str, LayerOptions | GroupOptions] = {}
+    for n, m in modules.items():
+        if n in sensitivity:
+            options[n] = rank_options(m.weight, sensitivity[n], grid=grid, speed=speed,
+                                      tokens=priced)  # fmt: skip
+            release_free_heap()  # its float64 working matrices, fragmented in glibc's heap
     for mlp in mlps:
         if all(n in options for n in mlp.layers):
             layer_opts = {n: options.pop(n) for n in mlp.layers}
             s = sensitivity[mlp.output]
-            curve = width_curve(modules[mlp.output].weight, s.input_cov, s.grad_cov)
+            curve = width_curve(s.input_cov, s.weight_grad_cov(modules[mlp.output].weight))
+            release_free_heap()
             dtype = modules[mlp.output].weight.dtype
             options[mlp.output] = mlp_options(
                 mlp,

@@ -296,7 +296,8 @@ def _run_convert(args: argparse.Namespace) -> None:
     """Three routes, by what the flags need: with --calibrate, compress (the model runs on
     the text); with --budget, the model's spectra (convert_model); else the tensors alone
     (convert_checkpoint)."""
-    from .offline import convert_checkpoint, pin_mmap_threshold
+    from .memory import pin_mmap_threshold
+    from .offline import convert_checkpoint
 
     _check_destination(args.dst, args.overwrite)
     config = _config(args)

@@ -237,15 +237,14 @@ class WidthCurve:
         return self.order[:width].sort().values
 
 
-def width_curve(
-    weight: torch.Tensor, input_cov: torch.Tensor, grad_cov: torch.Tensor
-) -> WidthCurve:
-    """The channel order and estimated loss at every width of an MLP whose output layer has
-    ``weight`` (``d x I``), input second moment ``input_cov`` (``E[h hᵀ]``, ``I x I``) and
-    output-gradient second moment ``grad_cov`` (``d x d``); see the module docstring."""
+def width_curve(input_cov: torch.Tensor, weight_grad_cov: torch.Tensor) -> WidthCurve:
+    """The channel order and estimated loss at every width of an MLP whose output layer
+    ``W`` (``d x I``) has the input second moment ``input_cov`` (``E[h hᵀ]``, ``I x I``) and
+    the output-gradient second moment ``weight_grad_cov`` seen from its input,
+    ``Wᵀ·E[g gᵀ]·W`` (``I x I``, :meth:`~lowrank_layers.sensitivity.Sensitivity.weight_grad_cov`);
+    see the module docstring."""
     C = input_cov.double()
-    W = weight.detach().to(C.device, torch.float32)
-    M = (W.mT @ grad_cov.to(W) @ W).double()
+    M = weight_grad_cov.to(C)
     order = torch.argsort(C.diagonal() * M.diagonal(), descending=True, stable=True)
     Cp = C[order][:, order]
     n = C.shape[0]

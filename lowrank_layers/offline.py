@@ -11,15 +11,13 @@ per-layer decision :func:`~lowrank_layers.convert_model` shares).
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import json
 import math
 import multiprocessing
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +42,7 @@ from .config import ConversionConfig, config_from
 from .factorize import NONFINITE_REASON, factorize, relative_error
 from .layer_plan import Shape, check_rank, converted_report, plan_layer
 from .linear import FACTOR_NAMES
+from .memory import pin_mmap_threshold, release_free_heap
 from .policy import factor_parameters, layer_seed, select_rank
 from .report import ConversionReport, LayerReport, skipped_report, warn_if_none_converted
 from .safetensors_io import (
@@ -69,7 +68,6 @@ __all__ = [
     "CONV1D_NAMES",
     "WeightSpectrum",
     "convert_checkpoint",
-    "pin_mmap_threshold",
     "weight_spectra",
 ]
 
@@ -479,7 +477,7 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
                 written.append(key)
                 reports.append(entry)
                 del tensor, entry
-                _release_free_heap()
+                release_free_heap()
                 continue
             factors, layer_report, layer_entry = entry
             dtype = tensor.dtype
@@ -492,62 +490,9 @@ def _convert_job(job: _Job, progress: bool = False) -> tuple:
             layer_report.seconds = time.perf_counter() - start
             reports.append(layer_report)
             layers[module] = layer_entry
-            _release_free_heap()
+            release_free_heap()
         size = writer.finish(format_metadata(layers, {}))
     return reports, written, layers, size
-
-
-@functools.cache
-def _libc_function(name: str) -> Callable[..., int] | None:
-    """``name`` from glibc (``malloc_trim``, ``mallopt``); None under another C library."""
-    try:
-        lib = ctypes.CDLL(None)
-        if not hasattr(lib, "gnu_get_libc_version"):
-            return None  # musl, macOS: their allocators behave differently
-        return getattr(lib, name)
-    except (AttributeError, OSError, TypeError):  # TypeError: CDLL(None) on Windows
-        return None
-
-
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def pin_mmap_threshold(threshold: int = 1 << 20) -> bool:
-    """Serve every C allocation of ``threshold`` bytes or more with its own ``mmap`` (glibc).
-
-    For a process that does nothing but convert: the CLI's ``convert`` and the worker
-    processes of :func:`convert_checkpoint` call it. glibc otherwise raises its mmap
-    threshold to the size of the largest block freed (up to 32 MiB), and from then on
-    serves the factorization's ``(·, rank)`` working matrices from its heap, where, once
-    freed, they stay resident and fragmented: 30-60 MiB beside a 4096x8192 float32
-    weight, which ``malloc_trim`` between steps does not fully recover. With the
-    threshold pinned each such block goes back to the OS when freed, at the price of
-    faulting its pages in again when it is next allocated (~40k page faults, ~0.15 s of
-    system time per 4096x8192 weight, a few percent of its factorization).
-    :func:`convert_checkpoint` does not call it itself: a pinned threshold stays for the
-    life of the process, and would change the allocator of the caller's own work.
-
-    Returns:
-        Whether the threshold was set (False under another C library).
-    """
-    mallopt = _libc_function("mallopt")
-    return mallopt is not None and bool(mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-
-
-def _release_free_heap() -> None:
-    """Return the C heap's free pages to the OS: glibc's ``malloc_trim(0)``, else nothing.
-
-    glibc serves blocks below its mmap threshold from the heap, and that threshold rises
-    to the size of any large block freed (up to 32 MiB): after the first tensor, the
-    factorization's ``(·, rank)`` working matrices come from the heap, and once freed
-    they stay resident, fragmented so the heap cannot shrink from its top: 50-80 MiB
-    beside the next 4096x8192 float32 tensor, in a process whose mmap threshold is not
-    pinned (:func:`pin_mmap_threshold`). Costs 7-15 ms per call after a factorization
-    of that size (well under 1% of it), less after smaller ones.
-    """
-    trim = _libc_function("malloc_trim")
-    if trim is not None:
-        trim(0)
 
 
 def _factorize_tensor(
@@ -579,7 +524,7 @@ def _factorize_tensor(
     # the SVD's freed working matrices may stay in the heap, fragmented: give their pages
     # back before relative_error allocates its own (float64 (·, rank) matrices and blocks
     # of rows: ≤ 45 MiB for 4096x8192 at rank 410, ≤ 60 MiB when the error is below 10%)
-    _release_free_heap()
+    release_free_heap()
     reason = check_rank(shape, factors.rank, rule, config)
     if reason is not None:
         return skipped(reason)

@@ -30,7 +30,7 @@ from .convert import convert_planned
 from .heal import OBJECTIVES
 from .heal import heal as run_heal  # compress's heal= argument is a HealConfig
 from .layer_plan import NO_GRADIENT_REASON, guard_reasons
-from .memory import StageCost, measure_stage
+from .memory import StageCost, measure_stage, release_free_heap
 from .narrow import Narrowing, check_mlps, find_mlps
 from .policy import threshold_reason
 from .report import ConversionReport
@@ -288,6 +288,10 @@ def _loss_aware_plan(
     }
     if all(name in reasons for name in observed):  # nothing the budget could go to
         return None, reasons
+    mlps = []
+    if narrow_mlps:  # checked before the gradient pass: not beside its statistics' peak
+        found = find_mlps({n: m for n, m in observed.items() if n not in reasons})
+        mlps, _ = check_mlps(model, found, _head(calibration[0], 2), seed=config.seed)
     subset = _first_tokens(calibration, sensitivity_tokens)
     probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
     sens = collect_sensitivity(model, subset, observed, objective=probe, seed=config.seed)
@@ -296,10 +300,7 @@ def _loss_aware_plan(
     layers = {name: m for name, m in observed.items() if name not in reasons}
     if not layers:
         return None, reasons
-    mlps = []
-    if narrow_mlps:
-        found = [m for m in find_mlps(layers) if all(n in sens for n in m.layers)]
-        mlps, _ = check_mlps(model, found, _head(calibration[0], 2), seed=config.seed)
+    mlps = [m for m in mlps if all(n in layers and n in sens for n in m.layers)]
     result = allocate_loss_aware(
         layers, sens, config.budget, mlps=mlps, speed=config.speed,
         target_speedup=config.target_speedup, tokens=config.speedup_tokens or 1,
@@ -307,6 +308,8 @@ def _loss_aware_plan(
     for name, rank in result.ranks.items():
         if rank is None:
             reasons[name] = _plan_reason(result.options.get(name), config)
+    del sens
+    release_free_heap()  # the statistics, freed: their pages back before the conversion
     return result, reasons
 
 

@@ -47,6 +47,7 @@ from torch import nn
 from .blocks import BlockChain, StopForward, capture_chain, find_blocks
 from .calibrate import collect_input_stats, token_rows
 from .common import InputError, progress_bar
+from .memory import release_free_heap
 
 __all__ = ["PropagatedStats", "PropagationReport", "convert_propagated"]
 
@@ -151,6 +152,7 @@ def convert_propagated(
             original = _convert_block(
                 chain, i, block_layers, original, current, convert, propagated
             )
+            release_free_heap()  # the block's inputs, freed
     for name in outside:
         stats = outside_stats.get(name)
         if stats is None:
@@ -299,6 +301,8 @@ def _convert_block(
             target = seen.energy[name] / n
             convert(name, layers[name], dataclasses.replace(stats, target_energy=target))
             done.append(name)
+        del stats
+        release_free_heap()  # the stage's statistics and working matrices, freed
     _advance(chain, block, current)
     return nxt
 

@@ -92,14 +92,19 @@ def test_solve_budget_errors():
     assert solve_budget({}, 0.5) == {}
 
 
-def test_rank_options_estimate_is_the_kfac_quadratic(gen):
-    """The estimate at rank r is ½·tr(G·ΔW·C·ΔWᵀ) for the whitened truncation ΔW."""
-    W = torch.randn(12, 10, generator=gen, dtype=torch.float64)
-    X = torch.randn(300, 10, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.2, 10)
-    Gm = torch.randn(300, 12, generator=gen, dtype=torch.float64)
+@pytest.mark.parametrize(("out_f", "in_f"), [(12, 10), (10, 12)])
+@pytest.mark.parametrize("projected", [False, True])
+def test_rank_options_estimate_is_the_kfac_quadratic(gen, out_f, in_f, projected):
+    """The estimate at rank r is ½·tr(G·ΔW·C·ΔWᵀ) for the whitened truncation ΔW, from
+    ``E[g gᵀ]`` or from its projection ``Wᵀ E[g gᵀ] W`` (either shape)."""
+    W = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    X = torch.randn(300, in_f, generator=gen, dtype=torch.float64) * torch.linspace(2, 0.2, in_f)
+    Gm = torch.randn(300, out_f, generator=gen, dtype=torch.float64)
     C, G = X.mT @ X / 300, Gm.mT @ Gm / 300
-    opt = rank_options(W, Sensitivity(C, G, 300), grid=[0.2, 0.5])
+    moment = W.mT @ G @ W if projected else G
+    opt = rank_options(W, Sensitivity(C, moment, 300, projected), grid=[0.2, 0.5])
     assert opt.ranks[-1] is None and opt.loss[-1] == 0.0 and opt.params[-1] == 120
+    assert len(opt.ranks) == 3
     for r, loss in zip(opt.ranks[:-1], opt.loss[:-1], strict=True):
         dW = W - factorize(W, rank=r, input_cov=C).dense()
         assert loss == pytest.approx(0.5 * float(torch.trace(G @ dW @ C @ dW.mT)), rel=1e-4)

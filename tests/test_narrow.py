@@ -116,8 +116,8 @@ def test_width_curve_is_the_kfac_loss_of_the_refit_at_every_width(gen):
     d, width = 6, 20
     C, G = spd(width, gen), spd(d, gen)
     W = torch.randn(d, width, generator=gen)
-    curve = width_curve(W, C, G)
     M = W.double().mT @ G @ W.double()
+    curve = width_curve(C, M)
     expected_order = torch.argsort(C.diagonal() * M.diagonal(), descending=True)
     assert torch.equal(curve.order, expected_order)
     for k in (1, 5, 13, 19):
@@ -165,7 +165,8 @@ def test_dead_channels_go_first_and_cost_nothing(gen):
     x = torch.randn(300, 8, generator=gen)
     h = torch.relu(fc1(x)).detach().double()
     C = h.mT @ h / h.shape[0]
-    curve = width_curve(fc2.weight, C, torch.eye(8, dtype=torch.float64))
+    W = fc2.weight.detach().double()
+    curve = width_curve(C, W.mT @ W)  # E[g gᵀ] = I
     assert set(curve.channels(10).tolist()) == set(range(10))
     assert float(curve.loss[10]) <= 1e-9 * float(curve.loss[0])  # the Cholesky jitter
     cut = Narrowing(mlp, curve.channels(10))
@@ -188,7 +189,8 @@ def test_mlp_options_hold_the_pareto_front_of_every_combination(gen):
         params = sorted(torch.randperm(150, generator=gen)[:n].add(1).tolist())
         loss = sorted(torch.rand(n, generator=gen).tolist(), reverse=True)
         options[name] = LayerOptions(8, 24, [*range(1, n), None], params, [*loss[:-1], 0.0])
-    curve = width_curve(torch.randn(8, 24, generator=gen), spd(24, gen), spd(8, gen))
+    W = torch.randn(8, 24, generator=gen, dtype=torch.float64)
+    curve = width_curve(spd(24, gen), W.mT @ spd(8, gen) @ W)
     got = mlp_options(mlp, options, curve, grid=[0.5])
     folded = {(p, round(q, 12)) for c, p, q in zip(got.choices, got.params, got.loss, strict=True)
               if isinstance(c, dict)}  # fmt: skip

@@ -28,12 +28,12 @@ def close(a: torch.Tensor, b: torch.Tensor, rtol: float = RTOL) -> bool:
 class Tiny(nn.Module):
     """Two layers and a head; the second's output is scaled up."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_features: int = 10) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.a = nn.Linear(16, 16)
         self.b = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 10)
+        self.out = nn.Linear(16, out_features)
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None, scale=1.0):
         h = self.a(x) + x
@@ -108,12 +108,31 @@ def test_kl_moments_equal_a_direct_autograd_computation(gen, micro, grad_tokens)
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj", "lm_head"]
     ref = reference_moments(model, batch, names, "kl", seed=3, grad_tokens=grad_tokens)
     sens = collect_sensitivity(model, [batch], seed=3, grad_tokens=grad_tokens,
-                               micro_batch_tokens=micro)  # fmt: skip
+                               micro_batch_tokens=micro, project=False)  # fmt: skip
     for name in names:
         C, G, tokens = ref[name]
         assert sens[name].tokens == tokens == 49
         assert float(G.diagonal().sum()) > 0
+        assert not sens[name].projected
         assert close(sens[name].input_cov, C) and close(sens[name].grad_cov, G), name
+    assert_projected_moments(model, [batch], names, ref, seed=3, grad_tokens=grad_tokens,
+                             micro_batch_tokens=micro)  # fmt: skip
+
+
+def assert_projected_moments(model, data, names, ref, **options):
+    """With the default ``project=True``: the layers with more outputs than inputs (and only
+    they) store ``Wᵀ E[g gᵀ] W``, equal to the reference's; ``weight_grad_cov`` gives it
+    for every layer."""
+    projected = collect_sensitivity(model, data, **options)
+    modules = dict(model.named_modules())
+    assert any(modules[n].out_features > modules[n].in_features for n in names)
+    for name in names:
+        C, G, _ = ref[name]
+        W = modules[name].weight.detach().double()
+        s = projected[name]
+        assert s.projected == (W.shape[0] > W.shape[1]), name
+        assert s.grad_cov.shape == (min(W.shape),) * 2
+        assert close(s.input_cov, C) and close(s.weight_grad_cov(W), W.mT @ G @ W), name
 
 
 def test_mse_moments_equal_a_direct_autograd_computation(gen):
@@ -121,11 +140,14 @@ def test_mse_moments_equal_a_direct_autograd_computation(gen):
     x = torch.randn(6, 5, 16, generator=gen)
     names = ["a", "b", "out"]
     ref = reference_moments(model, x, names, "mse", seed=0, grad_tokens=512)
-    sens = collect_sensitivity(model, [x], objective="mse", micro_batch_tokens=10)
+    sens = collect_sensitivity(model, [x], objective="mse", micro_batch_tokens=10, project=False)
     for name in names:
         C, G, tokens = ref[name]
         assert sens[name].tokens == tokens == 30
         assert close(sens[name].input_cov, C) and close(sens[name].grad_cov, G), name
+    wide = Tiny(out_features=40)  # its head has more outputs than inputs: projected
+    ref = reference_moments(wide, x, names, "mse", seed=0, grad_tokens=512)
+    assert_projected_moments(wide, [x], names, ref, objective="mse", micro_batch_tokens=10)
 
 
 @pytest.mark.parametrize("grad_tokens", [10_000, 40])
