@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lowrank_layers.calibrate import collect_input_stats
-from lowrank_layers.sensitivity import collect_sensitivity
+from lowrank_layers.sensitivity import _panels, _TriangleSums, collect_sensitivity
 
 from .helpers import tiny_llama
 
@@ -299,3 +299,22 @@ def test_collect_sensitivity_errors(gen):
     empty = {"x": x, "attention_mask": torch.zeros(2, 4)}
     with pytest.raises(ValueError, match=r"no token reached the layers"):
         collect_sensitivity(model, [empty], objective="mse")
+
+
+@pytest.mark.parametrize("n", [5, 64, 200, 577])
+def test_triangle_sums_give_the_full_gram_mean(gen, n):
+    """The upper-triangle panels (one for small matrices, up to eight of uneven height)
+    summed over batches of rows: the mean is the full ``XᵀX / N``, exactly symmetric, and
+    the panels hold about half of it."""
+    sums = _TriangleSums()
+    parts = [torch.randn(rows, n, generator=gen) for rows in (7, 1, 30)]
+    for x in parts:
+        sums.add("k", x)
+    sums.add("k", torch.empty(0, n))  # no rows: nothing changes
+    stored = sum(p.numel() for p in sums.sums["k"])
+    assert stored <= (0.5 + 1 / (2 * len(_panels(n)) - 2)) * n * n + n
+    X = torch.cat(parts).double()
+    mean = sums.mean("k")
+    assert mean.shape == (n, n) and torch.equal(mean, mean.mT)
+    assert close(mean, X.mT @ X / X.shape[0], rtol=1e-5)
+    assert "k" not in sums.sums and sums.tokens["k"] == 38
