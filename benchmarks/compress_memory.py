@@ -1,7 +1,9 @@
-"""Peak memory of `compress` on SmolLM2-135M, measured from outside the process.
+"""Peak memory of `compress` on SmolLM2-135M (or Qwen2.5-Coder-0.5B), measured from outside
+the process.
 
 A child process loads SmolLM2-135M-Instruct (float32; the lm_head is tied to the
-embeddings, counted once), tokenizes 64 BBC articles (256 tokens, batches of 8) and runs
+embeddings, counted once) or, with ``--model qwen``, Qwen2.5-Coder-0.5B-Instruct (float32,
+630 M parameters, its lm_head untied), tokenizes 64 BBC articles (256 tokens, batches of 8) and runs
 `compress(model, batches, budget=0.8, exclude=["lm_head"])`. The parent takes the child's
 whole-life peak resident memory from `os.wait4` (`ru_maxrss`). The child reports its
 resident memory after loading the model and the data (the baseline), each stage's
@@ -16,8 +18,8 @@ default, and its stage peaks are then "since start" (cumulative): the stage wher
 figure jumps holds the peak. `--stage-resets` keeps the library's resets for per-stage
 figures (the `os.wait4` peak is then only the last stage's).
 
-    python benchmarks/compress_memory.py [--budget 0.8] [--calib-docs 64] [--seed 0]
-        [--stage-resets] [--out out/compress_memory.md]
+    python benchmarks/compress_memory.py [--model smollm2|qwen] [--budget 0.8]
+        [--calib-docs 64] [--seed 0] [--stage-resets] [--out out/compress_memory.md]
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import markdown_table
 
 GIB = 2**30
+NAMES = {"smollm2": "SmolLM2-135M", "qwen": "Qwen2.5-Coder-0.5B"}
 
 
 def _resident_bytes() -> int:
@@ -54,7 +57,7 @@ def child(args: argparse.Namespace) -> None:
     """Load, measure the baseline, compress, evaluate; write the figures to ``args.child``."""
     import torch
     from common import load_bbc_news
-    from conversion_quality import load_smollm2, perplexity
+    from conversion_quality import load_qwen, load_smollm2, perplexity
 
     import lowrank_layers.memory
     from lowrank_layers import compress
@@ -66,7 +69,7 @@ def child(args: argparse.Namespace) -> None:
     texts, _ = load_bbc_news(seed=0)
     order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0)).tolist()
     c, e = args.calib_docs, args.calib_docs + args.eval_docs
-    model, tokenizer = load_smollm2()
+    model, tokenizer = (load_qwen if args.model == "qwen" else load_smollm2)()
     calib = text_batches(tokenizer, [texts[i] for i in order[:c]], max_length=256)
     evals = text_batches(tokenizer, [texts[i] for i in order[c:e]], max_length=256, batch_size=1)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
@@ -126,6 +129,7 @@ def table(f: dict, peak: int, stage_resets: bool) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2")
     parser.add_argument("--budget", type=float, default=0.8)
     parser.add_argument("--calib-docs", type=int, default=64)
     parser.add_argument("--eval-docs", type=int, default=32)
@@ -141,12 +145,14 @@ def main() -> None:
     if args.child:
         child(args)
         return
-    argv = [f"--budget={args.budget}", f"--calib-docs={args.calib_docs}", f"--seed={args.seed}",
-            f"--eval-docs={args.eval_docs}", f"--threads={args.threads}"]  # fmt: skip
+    argv = [f"--model={args.model}", f"--budget={args.budget}", f"--seed={args.seed}",
+            f"--calib-docs={args.calib_docs}", f"--eval-docs={args.eval_docs}",
+            f"--threads={args.threads}"]  # fmt: skip
     f, peak = run_child(argv + (["--stage-resets"] if args.stage_resets else []))
     ratio = f["ppl_compressed"] / f["ppl_original"]
     text = (
-        f"SmolLM2-135M, compress(budget={args.budget}, exclude=['lm_head'], seed={args.seed}) on "
+        f"{NAMES[args.model]}, compress(budget={args.budget}, exclude=['lm_head'], "
+        f"seed={args.seed}) on "
         f"{args.calib_docs} BBC articles ({f['calib_tokens']} tokens), in a child process; "
         f"compress took {f['seconds']:.0f} s; held-out perplexity {f['ppl_original']:.3f} -> "
         f"{f['ppl_compressed']:.3f} ({ratio:.3f}x); "

