@@ -3,9 +3,9 @@ the process.
 
 A child process loads SmolLM2-135M-Instruct (float32; the lm_head is tied to the
 embeddings, counted once) or, with ``--model qwen``, Qwen2.5-Coder-0.5B-Instruct (float32,
-630 M parameters, its lm_head untied), tokenizes 64 BBC articles (256 tokens, batches of 8) and runs
-`compress(model, batches, budget=0.8, exclude=["lm_head"])`. The parent takes the child's
-whole-life peak resident memory from `os.wait4` (`ru_maxrss`). The child reports its
+630 M parameters, its lm_head untied), tokenizes 64 BBC articles (256 tokens, batches of
+8) and runs `compress(model, batches, budget=0.8, exclude=["lm_head"])`. The parent takes
+the child's whole-life peak resident memory from `os.wait4` (`ru_maxrss`). The child reports its
 resident memory after loading the model and the data (the baseline), each stage's
 `CompressionReport.costs`, and the held-out perplexity of the original and the compressed
 model (the 32 articles after the calibration ones, as `budget_routes.py`; one article per

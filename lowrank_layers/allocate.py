@@ -150,14 +150,15 @@ def rank_options(
     L = whitening_factor(sensitivity.input_cov, in_f)
     # σᵢ² and the singular vectors from the smaller Gram matrix of A = W·L, in float32:
     # ample for an estimate, and several times faster than a float64 SVD
-    A = W @ L.float()
+    L = L.float()
+    A = W @ L
     if out_f <= in_f and not sensitivity.projected:  # A·Aᵀ = U·Σ²·Uᵀ:  σᵢ²·uᵢᵀ G uᵢ
         G = sensitivity.grad_cov.float()
         lam, U = torch.linalg.eigh(A @ A.mT)
         weight_i = lam.clamp_min(0) * ((G @ U) * U).sum(0)
     else:  # AᵀA = V·Σ²·Vᵀ, A·vᵢ = σᵢ·uᵢ:  σᵢ²·uᵢᵀ G uᵢ = vᵢᵀ·Lᵀ(Wᵀ G W)L·vᵢ
         _, V = torch.linalg.eigh(A.mT @ A)
-        M = L.float().mT @ sensitivity.weight_grad_cov(W).float() @ L.float()
+        M = L.mT @ sensitivity.weight_grad_cov(W).float() @ L
         weight_i = ((M @ V) * V).sum(0)
     weight_i = torch.flip(weight_i, [0]).clamp_min(0).to(torch.float64)  # descending σ
     tail = torch.flip(torch.cumsum(torch.flip(weight_i, [0]), 0), [0])  # tail[r] = Σ_{i>=r}

@@ -205,20 +205,13 @@ class _TriangleSums:
         return full.div_(self.tokens[key])
 
 
-class _Moments:
-    """Per-layer running sums of Gram matrices, and the rows they summed."""
-
-    def __init__(self) -> None:
-        self.sums = _TriangleSums()
-        self.tokens = self.sums.tokens
-
-    def add(self, name: str, rows: torch.Tensor) -> None:
-        """Add ``rowsᵀ·rows``."""
-        self.sums.add(name, rows)
-
-    def mean(self, name: str) -> torch.Tensor:
-        """The mean; the sum is released."""
-        return self.sums.mean(name)
+def _own_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`~lowrank_layers.calibrate.token_rows` of ``x``, copied if they are a view of it
+    (a later in-place change of ``x`` must not reach them)."""
+    rows = token_rows(x, mask)
+    if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        rows = rows.clone()
+    return rows
 
 
 class _SharedInputs:
@@ -240,7 +233,7 @@ class _SharedInputs:
     def observe(self, name: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
         same = x is self._x and x._version == self._version
         if not same or name in self._members:  # a new input, or a layer called again
-            rows = self._rows if same else token_rows(x, mask).detach().clone()
+            rows = self._rows if same else _own_rows(x, mask)
             self.flush()
             self._x, self._version, self._rows = x, x._version, rows
         self._members.append(name)
@@ -283,7 +276,7 @@ class _GradientPass:
         self.grad_tokens = grad_tokens
         self.gen = gen
         self.inputs = _SharedInputs()  # Σ x xᵀ
-        self.grads = _Moments()  # Σ g gᵀ
+        self.grads = _TriangleSums()  # Σ g gᵀ per layer
         # the current micro-batch: its attention_mask, its token rows, those of them that
         # enter E[g gᵀ] (None: all), and the outputs made to require a gradient
         self.mask: torch.Tensor | None = None
