@@ -243,17 +243,22 @@ def width_curve(input_cov: torch.Tensor, weight_grad_cov: torch.Tensor) -> Width
     the output-gradient second moment ``weight_grad_cov`` seen from its input,
     ``Wᵀ·E[g gᵀ]·W`` (``I x I``, :meth:`~lowrank_layers.sensitivity.Sensitivity.weight_grad_cov`);
     see the module docstring."""
-    C = input_cov.double()
-    M = weight_grad_cov.to(C)
-    order = torch.argsort(C.diagonal() * M.diagonal(), descending=True, stable=True)
-    Cp = C[order][:, order]
-    n = C.shape[0]
+    # memory: the permuted C in float64 and its factor, beside the permuted M in float32
+    # (no whole-matrix temporaries: 0.6 GB for a 4864-wide MLP, where they took 1.5 GB)
+    score = input_cov.diagonal().double() * weight_grad_cov.diagonal().double()
+    order = torch.argsort(score, descending=True, stable=True)
+    Cp = input_cov[order][:, order].double()
     jitter = 1e-10 * float(Cp.diagonal().mean().clamp_min(1e-30))
-    L, info = torch.linalg.cholesky_ex(Cp + jitter * torch.eye(n, dtype=C.dtype, device=C.device))
+    Cp.diagonal().add_(jitter)
+    L, info = torch.linalg.cholesky_ex(Cp)
     if int(info) != 0:  # not positive definite even with the jitter: an eigen-based floor
+        Cp.diagonal().sub_(jitter)
         L = _psd_factor(Cp)
-    Mp = M[order][:, order].float()
-    q = ((Mp @ L.float()) * L.float()).sum(0).double().clamp_min(0)  # lᵢᵀ M lᵢ
+    del Cp
+    Lf = L.float()
+    del L
+    Mp = weight_grad_cov[order][:, order].float()
+    q = (Mp @ Lf).mul_(Lf).sum(0).double().clamp_min(0)  # lᵢᵀ M lᵢ
     tail = torch.flip(torch.cumsum(torch.flip(q, [0]), 0), [0])
     loss = 0.5 * torch.cat([tail, tail.new_zeros(1)])
     return WidthCurve(order.cpu(), loss.cpu())
