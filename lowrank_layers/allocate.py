@@ -47,9 +47,11 @@ __all__ = [
     "collect_sensitivity",
     "layer_seconds",
     "loss_aware_ranks",
+    "loss_options",
     "mlp_options",
     "rank_options",
     "solve_budget",
+    "solve_loss_aware",
 ]
 
 # the candidate fractions of each layer's parameters (ranks) and of each MLP's width: every
@@ -339,19 +341,45 @@ def allocate_loss_aware(
         ValueError: ``budget`` out of range, or too small for the smallest candidates; both
             or neither of ``budget`` and ``target_speedup``.
     """
+    check_allocation_target(budget, target_speedup)
+    priced = tokens if target_speedup is not None else None
+    options = loss_options(modules, sensitivity, mlps=mlps, grid=grid, speed=speed,
+                           tokens=priced)  # fmt: skip
+    return solve_loss_aware(modules, options, budget, speed=speed, target_speedup=target_speedup,
+                            tokens=tokens)  # fmt: skip
+
+
+def check_allocation_target(budget: float | None, target_speedup: float | None) -> None:
+    """Refuse both or neither of ``budget`` and ``target_speedup``, or either out of range."""
     if (budget is None) == (target_speedup is None):
         raise InputError("give budget= or target_speedup=, exactly one of them")
     if target_speedup is not None:
         check_speedup_target(target_speedup)
     else:
         check_fraction("budget", budget)
-    cost = "params" if budget is not None else "seconds"
-    priced = tokens if target_speedup is not None else None
+
+
+def loss_options(
+    modules: Mapping[str, nn.Module],
+    sensitivity: Mapping[str, Sensitivity],
+    *,
+    mlps: Sequence[Mlp] = (),
+    grid: Sequence[float] | None = None,
+    speed: SpeedRule | None = None,
+    tokens: int | None = None,
+) -> dict[str, LayerOptions | GroupOptions]:
+    """The candidates of :func:`allocate_loss_aware`: each layer's ranks with their
+    estimated losses (:func:`rank_options`), and each MLP of ``mlps`` whose layers all have
+    sensitivity as one group (its widths and its layers' ranks, :func:`mlp_options`), keyed
+    by its output layer; ``tokens``: price each candidate's modelled time at that many
+    tokens per call (for a speed target). Layers without sensitivity get none. The
+    candidates of disjoint sets of layers may be made apart and merged (one block at a
+    time) before :func:`solve_loss_aware`."""
     options: dict[str, LayerOptions | GroupOptions] = {}
     for n, m in modules.items():
         if n in sensitivity:
             options[n] = rank_options(m.weight, sensitivity[n], grid=grid, speed=speed,
-                                      tokens=priced)  # fmt: skip
+                                      tokens=tokens)  # fmt: skip
             release_free_heap()  # its float64 working matrices, fragmented in glibc's heap
     for mlp in mlps:
         if all(n in options for n in mlp.layers):
@@ -365,9 +393,30 @@ def allocate_loss_aware(
                 layer_opts,
                 curve,
                 grid=grid,
-                tokens=priced,
+                tokens=tokens,
                 dtype=dtype,  # type: ignore[arg-type]
             )
+    return options
+
+
+def solve_loss_aware(
+    modules: Mapping[str, nn.Module],
+    options: Mapping[str, LayerOptions | GroupOptions],
+    budget: float | None,
+    *,
+    speed: SpeedRule | None = None,
+    target_speedup: float | None = None,
+    tokens: int = 1,
+) -> Allocation:
+    """The plan of :func:`allocate_loss_aware` from its candidates (:func:`loss_options`,
+    priced at ``tokens`` for a ``target_speedup``): the layers of ``modules`` without
+    candidates get the largest rank within ``budget`` of their own weight (dense for a
+    speed target), and the budget's rest is solved exactly over the candidates. Reads only
+    the modules' weight shapes."""
+    check_allocation_target(budget, target_speedup)
+    cost = "params" if budget is not None else "seconds"
+    priced = tokens if target_speedup is not None else None
+    options = dict(options)
     grouped = {n for o in options.values() if isinstance(o, GroupOptions) for n in o.mlp.layers}
     fixed = {n: m for n, m in modules.items() if n not in options and n not in grouped}
     plan, fixed_cost = _fixed_plan(fixed, budget, speed, priced)

@@ -132,6 +132,8 @@ class BlockChain:
         args: per batch, the block's other positional arguments.
         kwargs: per batch, its keyword arguments (attention masks, position embeddings).
         masks: per batch, the batch's ``attention_mask`` (or None).
+        returns_tuple: whether a block returns a tuple led by its hidden states (else the
+            tensor alone).
     """
 
     container: str
@@ -140,6 +142,7 @@ class BlockChain:
     args: list[tuple]
     kwargs: list[dict[str, Any]]
     masks: list[torch.Tensor | None]
+    returns_tuple: bool = False
 
     def run(self, block: nn.Module, i: int, hidden: torch.Tensor) -> torch.Tensor:
         """Run ``block`` on batch ``i``'s ``hidden`` states; its output hidden states."""
@@ -203,7 +206,9 @@ def capture_chain(
     if not second:
         return None
     with torch.no_grad():
-        out = chain.run(blocks[0], 0, hidden[0])
+        raw = blocks[0](hidden[0], *args[0], **kwargs[0])
+    out = _first_tensor(raw)
+    chain.returns_tuple = not isinstance(raw, torch.Tensor)
     ref = second[0]
     if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
         return None

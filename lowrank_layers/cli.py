@@ -217,6 +217,13 @@ def _add_compress_flags(parser: argparse.ArgumentParser) -> None:
         "instead of propagating through the converted layers",
     )
     parser.add_argument(
+        "--offload",
+        action="store_true",
+        help="with --calibrate: keep the weights on disk and compress one block at a time, "
+        "for a model larger than memory (the same result; layers outside the repeated "
+        "blocks stay dense; no healing)",
+    )
+    parser.add_argument(
         "--heal-steps", type=_positive_int, help="then distil towards the original this long"
     )
     parser.add_argument("--heal-seconds", type=_positive_float, help="or this many seconds")
@@ -304,6 +311,7 @@ def _run_convert(args: argparse.Namespace) -> None:
     staged = {
         "--no-propagate": args.no_propagate,
         "--no-narrow-mlps": args.no_narrow_mlps,
+        "--offload": args.offload,
         "--target-speedup": args.target_speedup is not None,
         "--heal-steps": args.heal_steps is not None,
         "--heal-seconds": args.heal_seconds is not None,
@@ -357,6 +365,7 @@ def _run_convert_with_model(args: argparse.Namespace, config: ConversionConfig) 
         heal=heal,
         propagate=not args.no_propagate,
         narrow_mlps=not args.no_narrow_mlps,
+        offload=args.offload,
         overwrite=args.overwrite,
         progress=not args.no_progress and sys.stderr.isatty(),
     )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,10 +171,13 @@ def convert_planned(
     optimizer: torch.optim.Optimizer | None = None,
     reasons: Mapping[str, str] | None = None,
     narrowed: Mapping[str, Narrowing] | None = None,
+    block_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
 ) -> ConversionReport:
     """:func:`convert_model` with its ``config`` made, ``reasons``: why layers that a plan
     made elsewhere keeps dense stay so, and ``narrowed``: the MLPs it cuts in width
-    (``{output layer: Narrowing}``; ``compress``'s loss-aware plan), for the report."""
+    (``{output layer: Narrowing}``; ``compress``'s loss-aware plan), for the report;
+    ``block_scope``: the propagation's (:func:`~lowrank_layers.propagate.convert_propagated`),
+    for a model loaded one block at a time."""
     _check_data(config, calibration, input_stats, propagate)
     check_optimizer(optimizer)
     selection = select_layers(model, config)
@@ -184,7 +188,7 @@ def convert_planned(
     run.collect(model, calibration, input_stats, eval_batches, propagate)
     refuse_missing(optimizer, run.weights_to_convert(), "convert_model", "convert", OPTIMIZER_FIX)
     try:
-        report.propagation = run.convert(model, calibration, propagate, progress)
+        report.propagation = run.convert(model, calibration, propagate, progress, block_scope)
     except BaseException:
         run.undo()  # all or nothing: every replaced layer goes back before the error
         raise
@@ -298,8 +302,8 @@ class _Conversion:
         config, views = self.config, self.selection.views
         self.dense_reason = guard_reasons(self.selection, config)
         self.dense_reason.update((f, r) for f, r in reasons.items() if f in views)
-        for fqn, m in views.items():
-            if not all_finite(m.weight.detach()):
+        for fqn, m in views.items():  # weights still on disk (meta) are checked when loaded
+            if not m.weight.is_meta and not all_finite(m.weight.detach()):
                 self.dense_reason[fqn] = NONFINITE_REASON
         if config.policy is not None:
             self.rules = dict.fromkeys(views, config.policy)
@@ -386,7 +390,10 @@ class _Conversion:
         )
         return {f: RankPolicy(rank=r) for f, r in allocated.items()}
 
-    def convert(self, model: nn.Module, calibration: Any, propagate: bool, progress: bool) -> Any:
+    def convert(
+        self, model: nn.Module, calibration: Any, propagate: bool, progress: bool,
+        block_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
+    ) -> Any:  # fmt: skip
         """Convert every candidate (propagated ones first, in forward order); returns the
         propagation's report, if any."""
         propagation = None
@@ -397,8 +404,9 @@ class _Conversion:
             batches = calibration if isinstance(calibration, Sequence) else list(calibration)
             todo = self.todo()
             propagation = convert_propagated(
-                model, batches, todo, self.convert_one, progress=progress
-            )
+                model, batches, todo, self.convert_one, progress=progress,
+                block_scope=block_scope,
+            )  # fmt: skip
             _check_reached(todo, dict.fromkeys(self.entries))
         candidates: Iterable[tuple[str, nn.Module]] = self.selection.candidates
         if progress and not propagate:

@@ -26,6 +26,7 @@ from .config import ConversionConfig, HealConfig
 from .convert import check_convert_config, convert_model
 from .hf_quantizer import load_pretrained, mark_lowrank_config, register_with_transformers
 from .model_card import linear_layer_count
+from .offload import compress_offloaded
 from .pipeline import CompressionReport, check_compress_config, compress
 from .report import ConversionReport
 from .safetensors_io import SINGLE_FILE
@@ -53,6 +54,7 @@ def convert_pretrained(
     heal: HealConfig | None = None,
     propagate: bool = True,
     narrow_mlps: bool = True,
+    offload: bool = False,
     overwrite: bool = False,
     progress: bool = False,
 ) -> ConversionReport | CompressionReport:
@@ -65,13 +67,25 @@ def convert_pretrained(
     spectra). ``dst`` gets ``model.safetensors`` (see :func:`save_lowrank`), copies of
     the folder's other files except its weights, and the model card ``README.md`` (added
     as a section to a copied README); written atomically.
+
+    With ``offload`` (and ``calibration_texts``), the weights stay on disk and the model is
+    compressed one block at a time (:func:`~lowrank_layers.offload.compress_offloaded`),
+    for a model larger than memory: the same result, the layers outside the model's
+    repeated blocks kept dense, no healing.
     """
     if not isinstance(config, ConversionConfig):
         raise InputTypeError(
             f"convert_pretrained: config must be a ConversionConfig, got {type(config).__name__}"
         )
-    if calibration_texts is None and (heal is not None or not propagate):
-        raise InputError("convert_pretrained: heal and propagate=False need calibration_texts")
+    if calibration_texts is None and (heal is not None or not propagate or offload):
+        raise InputError(
+            "convert_pretrained: heal, propagate=False and offload need calibration_texts"
+        )
+    if offload and (heal is not None or not propagate):
+        raise InputError(
+            "convert_pretrained: offload (one block at a time from disk) neither heals nor "
+            "turns propagation off: heal=None, propagate=True"
+        )
     if calibration_texts is not None:
         check_compress_config(config)
     else:
@@ -91,11 +105,16 @@ def convert_pretrained(
     model_config = transformers.AutoConfig.from_pretrained(src)
     causal = any(a.endswith("ForCausalLM") for a in (model_config.architectures or []))
     cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    model = cls.from_pretrained(src).eval()
     batches = None
     if calibration_texts is not None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
         batches = text_batches(tokenizer, calibration_texts, max_length=max_length)
+    if offload:
+        return compress_offloaded(
+            src, dst, batches, config, narrow_mlps=narrow_mlps, overwrite=overwrite,
+            progress=progress,
+        )  # fmt: skip
+    model = cls.from_pretrained(src).eval()
     report: ConversionReport | CompressionReport
     if batches is not None:
         report = compress(

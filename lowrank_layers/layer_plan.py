@@ -31,6 +31,7 @@ from .targets import Selection, is_embedding_name
 __all__ = [
     "NARROWED_REASON",
     "NO_GRADIENT_REASON",
+    "OUTSIDE_BLOCKS_REASON",
     "Shape",
     "check_rank",
     "converted_report",
@@ -44,6 +45,11 @@ NO_GRADIENT_REASON = (
     "no gradient of the objective reaches it (its output is not used): its error cannot be "
     "weighed, so the guard keeps it dense and the budget goes to the other layers "
     "(guard=False gives it the budget's own ratio)"
+)
+# a layer outside the repeated blocks, when the model is compressed from disk block by block
+OUTSIDE_BLOCKS_REASON = (
+    "outside the model's repeated blocks: compressing from disk (one block at a time) "
+    "converts the layers inside them only"
 )
 
 

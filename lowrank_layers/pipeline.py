@@ -15,25 +15,35 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .allocate import Allocation, GroupOptions, allocate_loss_aware, collect_sensitivity
+from .allocate import (
+    Allocation,
+    GroupOptions,
+    LayerOptions,
+    collect_sensitivity,
+    loss_options,
+    solve_loss_aware,
+)
 from .calibrate import batch_tokens, check_batches
 from .common import InputError, InputTypeError, check_module
 from .config import ConversionConfig, HealConfig, config_from
 from .convert import convert_planned
 from .heal import OBJECTIVES
 from .heal import heal as run_heal  # compress's heal= argument is a HealConfig
-from .layer_plan import NO_GRADIENT_REASON, guard_reasons
+from .layer_plan import NO_GRADIENT_REASON, OUTSIDE_BLOCKS_REASON, guard_reasons
 from .memory import StageCost, measure_stage, release_free_heap
 from .narrow import Narrowing, check_mlps, find_mlps
 from .policy import threshold_reason
 from .report import ConversionReport
+from .sensitivity import Sensitivity, collect_sensitivity_blockwise
 from .targets import select_layers
 
 __all__ = ["CompressionReport", "check_compress_config", "compress"]
@@ -184,9 +194,57 @@ def compress(
     """
     check_module("model", model, "compress(model, calibration, config)")
     config = config_from(config, options, caller="compress")
+    return run_compress(
+        model, calibration, config, heal=heal, heal_batches=heal_batches, teacher=teacher,
+        propagate=propagate, sensitivity_tokens=sensitivity_tokens, objective=objective,
+        eval_batches=eval_batches, narrow_mlps=narrow_mlps, progress=progress,
+    )  # fmt: skip
+
+
+@dataclass
+class Offload:
+    """How :func:`run_compress` reaches a model held on disk
+    (:func:`~lowrank_layers.offload.compress_offloaded`): its blocks (``container``'s
+    children), the scope that loads a block for the gradient pass (``holding(block)``) and
+    the one around its conversion (``converting(i)``: loads it, writes it out, releases
+    it), a folder for the stashed hidden states, and the device the weights are read onto."""
+
+    container: str
+    blocks: list[nn.Module]
+    holding: Callable[[nn.Module], AbstractContextManager[Any]]
+    converting: Callable[[int], AbstractContextManager[Any]]
+    stash: Path | None = None
+    device: torch.device | None = None
+
+
+def run_compress(
+    model: nn.Module,
+    calibration: Sequence[Any],
+    config: ConversionConfig,
+    *,
+    heal: HealConfig | None = None,
+    heal_batches: Sequence[Any] | None = None,
+    teacher: nn.Module | None = None,
+    propagate: bool = True,
+    sensitivity_tokens: int | None = 8192,
+    objective: str = "auto",
+    eval_batches: Sequence[Any] | None = None,
+    narrow_mlps: bool = True,
+    progress: bool = False,
+    offload: Offload | None = None,
+) -> CompressionReport:
+    """:func:`compress` with its ``config`` made; ``offload``: the model is held on disk
+    and processed one block at a time (then no healing and no ``eval_batches``)."""
     _check_options(config, calibration, heal, objective)
+    if offload is not None and (heal is not None or eval_batches is not None or not propagate):
+        raise InputError(
+            "compressing from disk (one block at a time) neither heals nor takes "
+            "eval_batches, and always propagates: heal=None, eval_batches=None, propagate=True"
+        )
     costs: dict[str, StageCost] = {}
     device = next((p.device for p in model.parameters()), None)
+    if offload is not None:  # on disk: read onto its device
+        device = offload.device
     if heal is not None and teacher is None:
         teacher = copy.deepcopy(model)
     allocation = None
@@ -196,7 +254,7 @@ def compress(
     if aims and config.allocation in ("auto", "loss"):
         with measure_stage(costs, "allocation", device):
             allocation, reasons = _loss_aware_plan(
-                model, calibration, config, sensitivity_tokens, objective, narrow_mlps
+                model, calibration, config, sensitivity_tokens, objective, narrow_mlps, offload
             )
     if allocation is not None:
         plan = {**allocation.ranks, **dict.fromkeys(reasons)}
@@ -211,6 +269,7 @@ def compress(
         conversion = convert_planned(
             model, config, calibration=calibration, propagate=propagate,
             eval_batches=eval_batches, progress=progress, reasons=reasons, narrowed=narrowed,
+            block_scope=None if offload is None else offload.converting,
         )  # fmt: skip
     result = CompressionReport(conversion, plan, None, costs, narrowed)
     if allocation is not None and target is not None:
@@ -269,6 +328,7 @@ def _loss_aware_plan(
     sensitivity_tokens: int | None,
     objective: str,
     narrow_mlps: bool,
+    offload: Offload | None = None,
 ) -> tuple[Allocation | None, dict[str, str]]:
     """Each layer's rank (None: dense) and the MLPs cut in width, from one gradient pass
     (:mod:`~lowrank_layers.allocate`), and why layers stay dense; the allocation is None
@@ -276,15 +336,23 @@ def _loss_aware_plan(
 
     The guard's layers (:func:`~lowrank_layers.layer_plan.guard_reasons`) and, with
     ``guard``, those no gradient of the objective reaches stay dense outside the budget,
-    which the others share."""
+    which the others share. With ``offload`` the pass runs block by block, each block's
+    candidates made while it is loaded; layers outside the blocks stay dense."""
     selection = select_layers(model, config, warn=False)
     reasons = guard_reasons(selection, config)
+    if offload is not None:
+        inside = {id(m) for block in offload.blocks for m in block.modules()}
+        reasons.update(
+            (name, OUTSIDE_BLOCKS_REASON)
+            for name, m in selection.eligible.items()
+            if id(m) not in inside and name not in reasons
+        )
     # the output layer is observed too: if no gradient reaches it, that is the reason to give
     observed = {
         name: m
         for name, m in selection.eligible.items()
         if threshold_reason(m.out_features, m.in_features, config.threshold) is None
-        and (name not in reasons or name == selection.output_layer)
+        and (name not in reasons or (name == selection.output_layer and offload is None))
     }
     if all(name in reasons for name in observed):  # nothing the budget could go to
         return None, reasons
@@ -294,22 +362,45 @@ def _loss_aware_plan(
         mlps, _ = check_mlps(model, found, _head(calibration[0], 2), seed=config.seed)
     subset = _first_tokens(calibration, sensitivity_tokens)
     probe = {"auto": "auto", "kl": "kl"}.get(objective, "mse")
-    sens = collect_sensitivity(model, subset, observed, objective=probe, seed=config.seed)
+    priced = (config.speedup_tokens or 1) if config.target_speedup is not None else None
+    options: dict[str, LayerOptions | GroupOptions] = {}
+    if offload is None:
+        sens = collect_sensitivity(model, subset, observed, objective=probe, seed=config.seed)
+        reached = set(sens)
+    else:
+        layers = {n: m for n, m in observed.items() if n not in reasons}
+        reached = set()
+
+        def candidates(i: int, found: dict[str, Sensitivity]) -> None:
+            reached.update(found)
+            held = [m for m in mlps if all(n in found and n in layers for n in m.layers)]
+            mine = {n: layers[n] for n in found if n in layers}
+            options.update(loss_options(mine, found, mlps=held, speed=config.speed,
+                                        tokens=priced))  # fmt: skip
+
+        collect_sensitivity_blockwise(
+            model, offload.container, offload.blocks, subset, layers, objective=probe,
+            seed=config.seed, block_scope=lambda i: offload.holding(offload.blocks[i]),
+            stash=offload.stash, on_block=candidates,
+        )  # fmt: skip
     if config.guard:
-        reasons.update((name, NO_GRADIENT_REASON) for name in observed if name not in sens)
+        reasons.update((name, NO_GRADIENT_REASON) for name in observed if name not in reached)
     layers = {name: m for name, m in observed.items() if name not in reasons}
     if not layers:
         return None, reasons
-    mlps = [m for m in mlps if all(n in layers and n in sens for n in m.layers)]
-    result = allocate_loss_aware(
-        layers, sens, config.budget, mlps=mlps, speed=config.speed,
+    if offload is None:
+        mlps = [m for m in mlps if all(n in layers and n in sens for n in m.layers)]
+        options = loss_options(layers, sens, mlps=mlps, speed=config.speed, tokens=priced)
+        del sens
+        release_free_heap()  # the statistics, freed: their pages back before the solve
+    options = {n: o for n, o in options.items() if n in layers}
+    result = solve_loss_aware(
+        layers, options, config.budget, speed=config.speed,
         target_speedup=config.target_speedup, tokens=config.speedup_tokens or 1,
     )  # fmt: skip
     for name, rank in result.ranks.items():
         if rank is None:
             reasons[name] = _plan_reason(result.options.get(name), config)
-    del sens
-    release_free_heap()  # the statistics, freed: their pages back before the conversion
     return result, reasons
 
 

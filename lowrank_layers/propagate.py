@@ -28,8 +28,10 @@ inputs for the calibration tokens (SmolLM2-135M with 16k tokens: about 0.3 GB). 
 outside the blocks (a pooler, an output head) are converted with their statistics from a
 whole-model pass on each side.
 
-Models larger than memory would extend this by loading one block at a time (the chain
-only ever touches one block); that is not implemented: the model is converted in place.
+Models larger than memory load one block at a time (the chain only ever touches one
+block): :mod:`~lowrank_layers.offload` passes a ``block_scope`` that loads each block's
+weights from disk before its conversion, and writes out and releases the converted block
+after.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ def convert_propagated(
     convert: ConvertFn,
     *,
     progress: bool = False,
+    block_scope: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
 ) -> PropagationReport:
     """Convert ``layers`` in forward order, each from propagated statistics.
 
@@ -114,6 +117,9 @@ def convert_propagated(
         convert: ``convert(name, module, stats)`` factorizes one layer and puts the result
             in the model in its place (or leaves it dense).
         progress: a tqdm bar over the blocks.
+        block_scope: ``block_scope(i)`` is entered around the conversion of block ``i``
+            (:mod:`~lowrank_layers.offload` loads its weights there, and writes out and
+            releases the converted block on leaving); None: nothing around it.
 
     Returns:
         A :class:`PropagationReport`.
@@ -149,9 +155,10 @@ def convert_propagated(
         current = [h.clone() for h in chain.hidden]
         for i in iterator:
             block_layers = {n: layers[n] for n in inside[i]}
-            original = _convert_block(
-                chain, i, block_layers, original, current, convert, propagated
-            )
+            with block_scope(i) if block_scope is not None else contextlib.nullcontext():
+                original = _convert_block(
+                    chain, i, block_layers, original, current, convert, propagated
+                )
             release_free_heap()  # the block's inputs, freed
     for name in outside:
         stats = outside_stats.get(name)

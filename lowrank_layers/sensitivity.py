@@ -25,28 +25,39 @@ blocks, freed, otherwise stay resident in the C heap, fragmented.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from .blocks import has_logits, main_output
+from .blocks import BlockChain, capture_chain, has_logits, main_output
 from .calibrate import batch_tokens, linear_modules, padding_mask, run_batch, token_rows
 from .common import InputError, check_choice, check_int, restored_flags
 from .memory import release_free_heap
 
-__all__ = ["MICRO_BATCH_TOKENS", "OBJECTIVES", "Sensitivity", "collect_sensitivity"]
+__all__ = [
+    "MICRO_BATCH_TOKENS",
+    "OBJECTIVES",
+    "Sensitivity",
+    "collect_sensitivity",
+    "collect_sensitivity_blockwise",
+]
 
 OBJECTIVES: tuple[str, ...] = ("auto", "kl", "mse")
 
 # positions (padding included) per forward and backward pass of collect_sensitivity
 MICRO_BATCH_TOKENS = 256
 _SUM_DTYPE = torch.float32  # the sums' least precision (a float64 model sums in float64)
-_PROBE_ROWS = 256  # token rows per chunk of the "kl" probe's softmax and sampling
+# token rows per chunk of the "kl" probe's softmax and sampling: a chunk's probabilities and
+# their running sum are two (rows x vocabulary) float32 temporaries (39 MB each for Qwen2.5's
+# 151,936-token vocabulary); the draws do not depend on the chunking
+_PROBE_ROWS = 64
 
 
 @dataclass
@@ -485,3 +496,298 @@ def _probe_grad(
         p.scatter_add_(-1, target, torch.full(target.shape, -1.0, device=p.device))
         grad[i:j] = p * weights[i:j] if weights is not None else p
     return grad.reshape(y.shape)
+
+
+# ------------------------------------------------------------------------------------------
+# block by block: for a model whose weights are loaded one block at a time
+# ------------------------------------------------------------------------------------------
+
+
+def _no_scope(i: int) -> contextlib.AbstractContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+class _Stash:
+    """Each block's input hidden states, one list of tensors per block: in files under
+    ``folder`` (``torch.save``), or in memory without one."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.kept: dict[int, list[torch.Tensor]] = {}
+        self.devices: dict[int, list[torch.device]] = {}
+
+    def put(self, i: int, tensors: list[torch.Tensor]) -> None:
+        if self.folder is None:
+            self.kept[i] = tensors
+            return
+        self.devices[i] = [t.device for t in tensors]
+        torch.save([t.detach().cpu() for t in tensors], self.folder / f"hidden-{i:05d}.pt")
+
+    def take(self, i: int) -> list[torch.Tensor]:
+        """Block ``i``'s stashed tensors, on their devices, removed from the stash."""
+        if self.folder is None:
+            return self.kept.pop(i)
+        path = self.folder / f"hidden-{i:05d}.pt"
+        tensors = torch.load(path, weights_only=True)
+        path.unlink()
+        return [t.to(d) for t, d in zip(tensors, self.devices.pop(i), strict=True)]
+
+
+class _Passthrough(nn.Module):
+    """Stands in for a block during the head pass: returns ``value`` (the last block's
+    output) in the first block's place and its input unchanged in the others'."""
+
+    def __init__(self, value: torch.Tensor | None, returns_tuple: bool) -> None:
+        super().__init__()
+        self.value = value
+        self.returns_tuple = returns_tuple
+
+    def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self.value if self.value is not None else hidden
+        return (out,) if self.returns_tuple else out
+
+
+@contextlib.contextmanager
+def _blocks_replaced(
+    model: nn.Module, container: str, last: torch.Tensor, returns_tuple: bool
+) -> Iterator[None]:
+    """The model's blocks replaced: the first returns ``last``, the others pass on."""
+    holder = model.get_submodule(container)
+    original = list(holder)
+    try:
+        for j in range(len(original)):
+            holder[j] = _Passthrough(last if j == 0 else None, returns_tuple)
+        yield
+    finally:
+        for j, block in enumerate(original):
+            holder[j] = block
+
+
+@dataclass
+class _Part:
+    """One micro-batch of the block-by-block pass."""
+
+    batch: Any
+    sequences: int
+    rows: int
+    mask: torch.Tensor | None
+    pick: torch.Tensor | None = None
+
+
+def collect_sensitivity_blockwise(
+    model: nn.Module,
+    container: str,
+    blocks: Sequence[nn.Module],
+    batches: Sequence[Any],
+    modules: Mapping[str, nn.Module],
+    *,
+    objective: str = "auto",
+    grad_tokens: int = 512,
+    micro_batch_tokens: int | None = MICRO_BATCH_TOKENS,
+    project: bool = True,
+    seed: int = 0,
+    block_scope: Callable[[int], contextlib.AbstractContextManager[Any]] = _no_scope,
+    stash: Path | None = None,
+    on_block: Callable[[int, dict[str, Sensitivity]], None] | None = None,
+) -> dict[str, Sensitivity]:
+    """:func:`collect_sensitivity` computed one block at a time, for a model whose weights
+    are loaded one block at a time (:mod:`~lowrank_layers.offload`): the same moments, to
+    float rounding, from the same token subset and probe draws.
+
+    A forward pass carries each micro-batch through the blocks (``container``'s children
+    ``blocks``, run one at a time as :func:`~lowrank_layers.blocks.capture_chain` runs
+    them), each block's input stashed; the model's head runs once per micro-batch on the
+    last block's output (the blocks replaced by stand-ins), its probe gradient taken back
+    to that output; then each block, from the last, runs again with a gradient on its
+    stashed input, its layers' moments summed as the gradient goes through it, and that
+    gradient goes on to the block before. Each block's work happens inside
+    ``block_scope(i)`` (which may load the block's weights and release them), its moments
+    are finished before the next block starts, and ``on_block(i, moments)`` gets them
+    while the block is still in scope.
+
+    Args:
+        model, batches, objective, grad_tokens, micro_batch_tokens, project, seed: as for
+            :func:`collect_sensitivity`.
+        container: the dotted name of the block container (``"model.layers"``).
+        blocks: its blocks, in forward order.
+        modules: ``{name: nn.Linear}`` to observe, all inside the blocks.
+        block_scope: ``block_scope(i)`` is entered around each use of block ``i``.
+        stash: a folder for the blocks' input hidden states (one file per block, removed
+            when read back); None: kept in memory.
+        on_block: called with each block's index and its layers' moments, last block
+            first; then they are not kept.
+
+    Returns:
+        ``{name: Sensitivity}`` of the layers some gradient reached (empty with
+        ``on_block``: it got them).
+
+    Raises:
+        ValueError: as :func:`collect_sensitivity`; a module outside the blocks; blocks
+            that cannot be run one at a time; a model whose output is not a function of
+            its last block's output.
+    """
+    check_choice("objective", objective, OBJECTIVES)
+    check_int("grad_tokens", grad_tokens)
+    check_int("micro_batch_tokens", micro_batch_tokens, optional=True)
+    if not modules:
+        raise InputError("collect_sensitivity_blockwise: no module to observe (modules is empty)")
+    if len(batches) == 0:
+        raise InputError("collect_sensitivity_blockwise: batches is empty")
+    inside: list[dict[str, nn.Module]] = []
+    for block in blocks:
+        ids = {id(m) for m in block.modules()}
+        inside.append({n: m for n, m in modules.items() if id(m) in ids})
+    outside = [n for n in modules if not any(n in held for held in inside)]
+    if outside:
+        raise InputError(
+            f"collect_sensitivity_blockwise: {', '.join(outside[:3])} are not inside the blocks "
+            f"of {container}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    parts: list[_Part] = []
+    per_batch: list[tuple[list[int], int, int]] = []  # (its parts, tokens, sequences)
+    for batch in batches:
+        first = _first_tensor(batch)
+        sequences = first.shape[0] if first is not None and first.dim() else 1
+        per_batch.append(([], batch_tokens(batch), sequences))
+        for part, seqs in _micro_batches(batch, micro_batch_tokens):
+            per_batch[-1][0].append(len(parts))
+            parts.append(_Part(part, seqs, batch_tokens(part), padding_mask(part)))
+    results: dict[str, Sensitivity] = {}
+    params = list(dict.fromkeys([*model.parameters()]))
+    with restored_flags(model.modules(), params):
+        model.eval()
+        for p in params:
+            p.requires_grad_(False)
+        chain = capture_chain(model, container, list(blocks), [p.batch for p in parts])
+        if chain is None:
+            raise InputError(
+                f"the blocks of {container} cannot be run one at a time (the first block's "
+                "output is not the second block's input): the block-by-block gradient pass "
+                "needs them to"
+            )
+        store = _Stash(stash)
+        hidden = chain.hidden
+        chain.hidden = []
+        for i, block in enumerate(blocks):  # forward: each block's input stashed
+            store.put(i, hidden)
+            with block_scope(i), torch.no_grad():
+                hidden = [chain.run(block, p, h) for p, h in enumerate(hidden)]
+            release_free_heap()
+        grads = _head_gradients(model, chain, parts, per_batch, hidden, objective,
+                                grad_tokens, gen)  # fmt: skip
+        del hidden
+        for i in reversed(range(len(blocks))):  # backward: one block at a time, the last first
+            inputs = store.take(i)
+            with block_scope(i):
+                found = _block_moments(chain, i, inside[i], parts, inputs, grads, project)
+                if on_block is not None:
+                    on_block(i, found)
+                else:
+                    results.update(found)
+                del found
+            del inputs
+            release_free_heap()
+    return results
+
+
+def _head_gradients(
+    model: nn.Module,
+    chain: BlockChain,
+    parts: list[_Part],
+    per_batch: list[tuple[list[int], int, int]],
+    last: list[torch.Tensor],
+    objective: str,
+    grad_tokens: int,
+    gen: torch.Generator,
+) -> list[torch.Tensor | None]:
+    """The probe gradient at the last block's output, per micro-batch (None where the
+    output does not depend on it): the token subsets and draws made batch by batch in
+    :meth:`_GradientPass.run`'s order. Checked on the first micro-batch: the head run on
+    the last block's output gives the model's own output."""
+    check = parts[0]
+    with torch.no_grad():
+        whole = main_output(run_batch(model, check.batch))
+        with _blocks_replaced(model, chain.container, last[0], chain.returns_tuple):
+            head = main_output(run_batch(model, check.batch))
+    if whole.shape != head.shape or not torch.allclose(whole, head, rtol=1e-4, atol=1e-4):
+        raise InputError(
+            "the model's output is not a function of its last block's output alone (its "
+            "head reads something else the blocks make): the block-by-block gradient pass "
+            "cannot run it"
+        )
+    del whole, head
+    grads: list[torch.Tensor | None] = [None] * len(parts)
+    for indices, n, sequences in per_batch:
+        pick = None
+        if n > grad_tokens:
+            pick = torch.randperm(n, generator=gen)[:grad_tokens].sort().values
+        draws = _Draws(gen, sequences)
+        start = 0
+        for p in indices:
+            part = parts[p]
+            if pick is not None:
+                part.pick = pick[(pick >= start) & (pick < start + part.rows)] - start
+            start += part.rows
+            h = last[p].detach().requires_grad_()
+            with (
+                torch.enable_grad(),
+                _blocks_replaced(model, chain.container, h, chain.returns_tuple),
+            ):
+                out = run_batch(model, part.batch)
+                y = main_output(out)
+                if not y.requires_grad:
+                    continue
+                resolved = objective
+                if resolved == "auto":
+                    resolved = "kl" if has_logits(out) else "mse"
+                noise = functools.partial(draws.take, sequences=part.sequences)
+                grad = _probe_grad(y, resolved, part.mask, noise)
+                torch.autograd.backward(y, grad, inputs=[h])
+            grads[p] = h.grad
+            del out, y, grad, h
+            release_free_heap()
+    return grads
+
+
+def _block_moments(
+    chain: BlockChain,
+    i: int,
+    modules: dict[str, nn.Module],
+    parts: list[_Part],
+    inputs: list[torch.Tensor],
+    grads: list[torch.Tensor | None],
+    project: bool,
+) -> dict[str, Sensitivity]:
+    """Block ``i`` run again on its stashed ``inputs`` with a gradient: its layers' moments;
+    ``grads`` (at its output) become the gradients at its input, in place."""
+    gradient_pass = _GradientPass("auto", 0, torch.Generator(), project)
+    handles = [m.register_forward_hook(gradient_pass.hook_for(n, m)) for n, m in modules.items()]
+    block = chain.blocks[i]
+    try:
+        for p, part in enumerate(parts):
+            if grads[p] is None:
+                continue
+            gradient_pass.mask, gradient_pass.rows, gradient_pass.pick = (
+                part.mask, part.rows, part.pick,
+            )  # fmt: skip
+            h = inputs[p].detach().requires_grad_()
+            try:
+                with torch.enable_grad():
+                    out = chain.run(block, p, h)
+                    gradient_pass.inputs.flush()
+                    torch.autograd.backward(out, grads[p], inputs=[h])
+            finally:
+                gradient_pass.clear()
+            grads[p] = h.grad
+            del out, h
+            release_free_heap()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not modules:
+        return {}
+    try:
+        return gradient_pass.result(modules)
+    except InputError:  # no gradient reached this block's layers
+        return {}

@@ -79,6 +79,11 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
 
 
+# the attribute marking a meta parameter whose values are read from disk when its module
+# runs, and the hooks that read them (lowrank_layers.offload): such a layer can be converted
+ON_DISK = "lowrank_on_disk"
+
+
 def _hooks_reason(module: nn.Module) -> str | None:
     """Why a module with hooks or parametrizations cannot be replaced, or None.
 
@@ -107,6 +112,8 @@ def _hooks_reason(module: nn.Module) -> str | None:
         for hook in hooks.values():
             if isinstance(hook, tuple):  # (hook, with_module) in older state-dict hooks
                 hook = hook[0]
+            if getattr(hook, ON_DISK, False):  # reads the weights from disk: not the layer's
+                continue
             what = getattr(hook, "__qualname__", None) or type(hook).__name__
             found.append(f"{kind} {what}")
     if found:
@@ -150,7 +157,7 @@ def structural_reason(
     sharers = [o for o in sharers if all(o != h[2] for h in holders.get(id(module), []))]
     if sharers:
         return f"weight shared with {', '.join(sorted(sharers))}"
-    if module.weight.device.type == "meta":
+    if module.weight.device.type == "meta" and not getattr(module.weight, ON_DISK, False):
         return "weight is on the meta device (load it first)"
     return None
 

@@ -323,6 +323,7 @@ def test_inspect_table_and_plot(dense_file, tmp_path, capsys):
         (["convert", "{src}", "{out}", "--rank", "2", "--heal-steps", "5"], "need --calibrate"),
         (["convert", "{src}", "{out}", "--rank", "2", "--no-propagate"], "need --calibrate"),
         (["convert", "{src}", "{out}", "--rank", "2", "--no-narrow-mlps"], "need --calibrate"),
+        (["convert", "{src}", "{out}", "--rank", "2", "--offload"], "--offload need --calibrate"),
         (["convert", "{src}", "{out}", "--target-speedup", "1.3"], "--target-speedup need --"),
         (["convert", "{src}", "{out}", "--rank", "2", "--target-speedup", "1.3"], "not allowed"),
         (
@@ -616,3 +617,23 @@ def test_calibrate_draws_documents_across_subfolders_and_says_so(tmp_path, capsy
     assert classes == ["business"] * 2 + ["politics"] * 2 + ["sport"] * 2 + ["tech"] * 2
     assert main([*argv, "--seed", "5"]) == 0 and taken[1] == taken[0]  # the seed decides
     assert main([*argv, "--seed", "6"]) == 0 and taken[2] != taken[0]
+
+
+def test_offload_flag_reaches_convert_pretrained(tmp_path, monkeypatch):
+    from lowrank_layers import hf
+
+    texts = tmp_path / "text.txt"
+    texts.write_text("one document")
+    model = tmp_path / "model"
+    model.mkdir()
+    calls = []
+
+    def convert_pretrained(src, dst, config, *, calibration_texts, **kwargs):
+        calls.append(kwargs)
+        return "report"
+
+    monkeypatch.setattr(hf, "convert_pretrained", convert_pretrained)
+    argv = ["convert", str(model), str(tmp_path / "out"), "--budget", "0.75",
+            "--calibrate", str(texts), "--no-progress"]  # fmt: skip
+    assert main([*argv, "--offload"]) == 0 and calls[-1]["offload"] is True
+    assert main(argv) == 0 and calls[-1]["offload"] is False

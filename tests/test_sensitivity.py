@@ -9,7 +9,12 @@ import torch
 from torch import nn
 
 from lowrank_layers.calibrate import collect_input_stats
-from lowrank_layers.sensitivity import _panels, _TriangleSums, collect_sensitivity
+from lowrank_layers.sensitivity import (
+    _panels,
+    _TriangleSums,
+    collect_sensitivity,
+    collect_sensitivity_blockwise,
+)
 
 from .helpers import tiny_llama
 
@@ -318,3 +323,101 @@ def test_triangle_sums_give_the_full_gram_mean(gen, n):
     assert mean.shape == (n, n) and torch.equal(mean, mean.mT)
     assert close(mean, X.mT @ X / X.shape[0], rtol=1e-5)
     assert "k" not in sums.sums and sums.tokens["k"] == 38
+
+
+def _llama_batches(gen: torch.Generator) -> list[dict]:
+    batches = []
+    for _ in range(3):
+        ids = torch.randint(0, 64, (3, 40), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    batches[1]["attention_mask"][0, 30:] = 0  # padding stays out
+    return batches
+
+
+@pytest.mark.parametrize("objective", ["kl", "mse"])
+@pytest.mark.parametrize("stash", [False, True])
+def test_blockwise_moments_equal_the_whole_model_pass(gen, tmp_path, objective, stash):
+    """The block-by-block pass draws the same token subset and probes and sums the same
+    products: its moments are the whole-model pass's, to float32 rounding (1e-5)."""
+    model = tiny_llama(layers=3)
+    batches = _llama_batches(gen)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and n.startswith("model.layers.")}  # fmt: skip
+    options = {"objective": objective, "grad_tokens": 70, "micro_batch_tokens": 80, "seed": 3}
+    whole = collect_sensitivity(model, batches, modules, **options)
+    blocks = list(model.model.layers)
+    seen = []
+    found = collect_sensitivity_blockwise(
+        model, "model.layers", blocks, batches, modules, **options,
+        block_scope=lambda i: _recording(seen, i), stash=tmp_path if stash else None,
+    )  # fmt: skip
+    assert set(found) == set(whole) == set(modules)
+    for name, s in whole.items():
+        b = found[name]
+        assert b.tokens == s.tokens and b.projected == s.projected
+        for field in ("input_cov", "grad_cov"):
+            x, y = getattr(s, field), getattr(b, field)
+            assert float((x - y).norm() / x.norm()) < 1e-5, (name, field)
+    # each block's work inside its scope: forward in order, then backward from the last
+    assert seen == [0, 1, 2, 2, 1, 0]
+    assert list(tmp_path.iterdir()) == []  # the stashed hidden states are removed once read
+    assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def _recording(seen: list[int], i: int):
+    import contextlib
+
+    seen.append(i)
+    return contextlib.nullcontext()
+
+
+def test_blockwise_hands_each_block_its_moments_and_keeps_none(gen):
+    model = tiny_llama(layers=2)
+    batches = _llama_batches(gen)
+    modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)
+               and n.startswith("model.layers.")}  # fmt: skip
+    got: dict[int, list[str]] = {}
+    result = collect_sensitivity_blockwise(
+        model, "model.layers", list(model.model.layers), batches, modules,
+        on_block=lambda i, s: got.setdefault(i, sorted(s)),
+    )  # fmt: skip
+    assert result == {}
+    assert list(got) == [1, 0]  # the last block first
+    assert got[0] == sorted(n for n in modules if n.startswith("model.layers.0."))
+
+
+def test_blockwise_errors(gen):
+    model = tiny_llama(layers=2)
+    batches = _llama_batches(gen)
+    blocks = list(model.model.layers)
+    inside = {"model.layers.0.mlp.down_proj": model.model.layers[0].mlp.down_proj}
+    with pytest.raises(ValueError, match=r"lm_head are not inside the blocks of model\.layers"):
+        collect_sensitivity_blockwise(model, "model.layers", blocks, batches,
+                                      {"lm_head": model.lm_head})  # fmt: skip
+    with pytest.raises(ValueError, match="no module to observe"):
+        collect_sensitivity_blockwise(model, "model.layers", blocks, batches, {})
+    with pytest.raises(ValueError, match="batches is empty"):
+        collect_sensitivity_blockwise(model, "model.layers", blocks, [], inside)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        collect_sensitivity_blockwise(model, "model.layers", blocks, batches, inside,
+                                      objective="nll")  # fmt: skip
+
+    class Skip(nn.Module):  # the head reads the first block's output beside the last one's
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList(
+                [nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)]
+            )
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            first = h = self.layers[0](x)
+            for block in self.layers[1:]:
+                h = block(h)
+            return self.head(h + first)
+
+    net = Skip()
+    data = [torch.randn(4, 8, generator=gen) for _ in range(2)]
+    with pytest.raises(ValueError, match="not a function of its last block's output alone"):
+        collect_sensitivity_blockwise(net, "layers", list(net.layers), data,
+                                      {"layers.2.0": net.layers[2][0]})  # fmt: skip
