@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,12 +173,14 @@ def convert_planned(
     reasons: Mapping[str, str] | None = None,
     narrowed: Mapping[str, Narrowing] | None = None,
     block_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
+    stash: Path | None = None,
 ) -> ConversionReport:
     """:func:`convert_model` with its ``config`` made, ``reasons``: why layers that a plan
     made elsewhere keeps dense stay so, and ``narrowed``: the MLPs it cuts in width
     (``{output layer: Narrowing}``; ``compress``'s loss-aware plan), for the report;
-    ``block_scope``: the propagation's (:func:`~lowrank_layers.propagate.convert_propagated`),
-    for a model loaded one block at a time."""
+    ``block_scope`` and ``stash``: the propagation's
+    (:func:`~lowrank_layers.propagate.convert_propagated`), for a model loaded one block at
+    a time."""
     _check_data(config, calibration, input_stats, propagate)
     check_optimizer(optimizer)
     selection = select_layers(model, config)
@@ -188,7 +191,9 @@ def convert_planned(
     run.collect(model, calibration, input_stats, eval_batches, propagate)
     refuse_missing(optimizer, run.weights_to_convert(), "convert_model", "convert", OPTIMIZER_FIX)
     try:
-        report.propagation = run.convert(model, calibration, propagate, progress, block_scope)
+        report.propagation = run.convert(
+            model, calibration, propagate, progress, block_scope, stash
+        )
     except BaseException:
         run.undo()  # all or nothing: every replaced layer goes back before the error
         raise
@@ -393,6 +398,7 @@ class _Conversion:
     def convert(
         self, model: nn.Module, calibration: Any, propagate: bool, progress: bool,
         block_scope: Callable[[int], AbstractContextManager[Any]] | None = None,
+        stash: Path | None = None,
     ) -> Any:  # fmt: skip
         """Convert every candidate (propagated ones first, in forward order); returns the
         propagation's report, if any."""
@@ -405,7 +411,7 @@ class _Conversion:
             todo = self.todo()
             propagation = convert_propagated(
                 model, batches, todo, self.convert_one, progress=progress,
-                block_scope=block_scope,
+                block_scope=block_scope, stash=stash,
             )  # fmt: skip
             _check_reached(todo, dict.fromkeys(self.entries))
         candidates: Iterable[tuple[str, nn.Module]] = self.selection.candidates

@@ -177,11 +177,15 @@ def check_mlps(
 
 
 def _output_inputs(model: nn.Module, mlps: Sequence[Mlp], batch: Any) -> dict[str, torch.Tensor]:
+    """Each MLP's output-layer input on ``batch``; the pass stops once it has them all (the
+    model's head, a large vocabulary's logits, never runs)."""
     seen: dict[str, torch.Tensor] = {}
 
     def record(name: str) -> Any:
         def hook(module: nn.Module, args: tuple) -> None:
             seen.setdefault(name, args[0].detach().clone())
+            if len(seen) == len(mlps):
+                raise StopForward
 
         return hook
 
@@ -189,7 +193,7 @@ def _output_inputs(model: nn.Module, mlps: Sequence[Mlp], batch: Any) -> dict[st
         model.get_submodule(m.output).register_forward_pre_hook(record(m.output)) for m in mlps
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), contextlib.suppress(StopForward):
             run_batch(model, batch)
     finally:
         for h in handles:

@@ -145,16 +145,13 @@ class DiskModel:
         self.unload(self.tensors)  # marked placeholders, tied places sharing one
 
     def _checkpoint_key(self, name: str, prefix: str) -> str:
-        if name in self.files.weight_map:
-            return name
-        if (
-            prefix
-            and name.startswith(prefix + ".")
-            and name[len(prefix) + 1 :] in (self.files.weight_map)
-        ):
-            return name[len(prefix) + 1 :]
-        if prefix and f"{prefix}.{name}" in self.files.weight_map:
-            return f"{prefix}.{name}"
+        """The checkpoint's name for the parameter ``name``: itself, or with the model's
+        ``base_model_prefix`` taken off or put on (a base model's checkpoint read into a
+        model with a head, or the other way); "" when the checkpoint has neither."""
+        short = name.removeprefix(f"{prefix}.") if prefix else name
+        for key in (name, short, f"{prefix}.{name}" if prefix else name):
+            if key in self.files.weight_map:
+                return key
         return ""
 
     @classmethod

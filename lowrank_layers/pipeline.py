@@ -270,6 +270,7 @@ def run_compress(
             model, config, calibration=calibration, propagate=propagate,
             eval_batches=eval_batches, progress=progress, reasons=reasons, narrowed=narrowed,
             block_scope=None if offload is None else offload.converting,
+            stash=None if offload is None else offload.stash,
         )  # fmt: skip
     result = CompressionReport(conversion, plan, None, costs, narrowed)
     if allocation is not None and target is not None:

@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,6 +108,7 @@ def convert_propagated(
     *,
     progress: bool = False,
     block_scope: Callable[[int], contextlib.AbstractContextManager[Any]] | None = None,
+    stash: Path | None = None,
 ) -> PropagationReport:
     """Convert ``layers`` in forward order, each from propagated statistics.
 
@@ -120,6 +123,8 @@ def convert_propagated(
         block_scope: ``block_scope(i)`` is entered around the conversion of block ``i``
             (:mod:`~lowrank_layers.offload` loads its weights there, and writes out and
             releases the converted block on leaving); None: nothing around it.
+        stash: a folder for each block's layer inputs, written as the original block runs
+            and read back (and removed) at their stage; None: kept in memory.
 
     Returns:
         A :class:`PropagationReport`.
@@ -157,7 +162,7 @@ def convert_propagated(
             block_layers = {n: layers[n] for n in inside[i]}
             with block_scope(i) if block_scope is not None else contextlib.nullcontext():
                 original = _convert_block(
-                    chain, i, block_layers, original, current, convert, propagated
+                    chain, i, block_layers, original, current, convert, propagated, stash
                 )
             release_free_heap()  # the block's inputs, freed
     for name in outside:
@@ -210,9 +215,10 @@ class _OriginalPass:
     tokens, grouped by shared input tensor (groups in first-call order), its calls, and
     its output energy ``Σ‖W·x‖²`` (the bias taken off)."""
 
-    def __init__(self, layers: dict[str, nn.Module]) -> None:
+    def __init__(self, layers: dict[str, nn.Module], stash: Path | None = None) -> None:
         self.layers = layers
-        self.inputs: dict[str, list[torch.Tensor]] = {}  # group key -> per batch tokens
+        self.stash = stash
+        self.inputs: dict[str, list[Any]] = {}  # group key -> per batch tokens (or _Stashed)
         self.group_of: dict[str, str] = {}
         self.order: list[str] = []  # groups in first-call order
         self.calls: dict[str, int] = {}
@@ -230,7 +236,10 @@ class _OriginalPass:
             if group is None:
                 group = self._seen[key] = name
                 self._keep.append(x)
-                self.inputs.setdefault(group, []).append(token_rows(x, self.mask))
+                rows = token_rows(x, self.mask)
+                if self.stash is not None:
+                    rows = _Stashed.save(rows, self.stash)
+                self.inputs.setdefault(group, []).append(rows)
                 if group not in self.order:
                     self.order.append(group)
             self.group_of.setdefault(name, group)
@@ -280,12 +289,13 @@ def _convert_block(
     current: list[torch.Tensor],
     convert: ConvertFn,
     done: list[str],
+    stash: Path | None = None,
 ) -> list[torch.Tensor]:
     """Convert one block's layers stage by stage; advance ``current`` in place and return
     the original stream's next hidden states."""
     block = chain.blocks[i]
     # 1. the original block: each layer's input, grouped by shared input tensor
-    seen = _OriginalPass(layers)
+    seen = _OriginalPass(layers, stash)
     nxt = seen.run(chain, block, original)
     if not any(x.shape[0] for xs in seen.inputs.values() for x in xs) and layers:
         raise InputError(
@@ -320,7 +330,7 @@ def _convert_unpaired(
     """A layer called several times per batch (or not at all): its inputs cannot be paired
     token by token; convert the block's layers from the original inputs."""
     for g in seen.order:
-        X = torch.cat(seen.inputs[g])
+        X = torch.cat([_fetch(x) for x in seen.inputs[g]])
         cov = (X.mT @ X).to(torch.float64) / max(1, X.shape[0])
         for n in stages[g]:
             convert(n, seen.layers[n], PropagatedStats(cov, None, None, X.shape[0]))
@@ -331,10 +341,11 @@ def _stage_stats(
     block: nn.Module,
     name: str,
     layer: nn.Module,
-    inputs: list[torch.Tensor],
+    inputs: list[Any],
     current: list[torch.Tensor],
 ) -> PropagatedStats:
-    """Run ``block`` on the converted stream up to ``layer``; its propagated statistics."""
+    """Run ``block`` on the converted stream up to ``layer``; its propagated statistics
+    (``inputs``: the original inputs per batch, tensors or :class:`_Stashed`)."""
     # the converted layer's input may be narrower than the original's (a narrowed MLP's
     # output layer, lowrank_layers.narrow): E[x̂ x̂ᵀ] is (k, k), E[x x̂ᵀ] (in, k)
     d = inputs[0].shape[-1]
@@ -347,7 +358,7 @@ def _stage_stats(
     def hook(module: nn.Module, args: tuple) -> None:
         nonlocal count, hat, cross
         xh = token_rows(args[0], chain.masks[b])
-        x = inputs[b]
+        x = _fetch(inputs[b])
         if xh.shape[0] != x.shape[0]:
             raise RuntimeError(
                 f"propagation: {name} saw {tuple(xh.shape)} tokens in the converted model "
@@ -357,8 +368,10 @@ def _stage_stats(
             k = xh.shape[-1]
             hat = torch.zeros(k, k, dtype=torch.float64, device=dev)
             cross = torch.zeros(d, k, dtype=torch.float64, device=dev)
-        hat.add_((xh.mT @ xh).to(torch.float64))
-        cross.add_((x.mT @ xh).to(torch.float64))
+        # float32 products added into float64 sums (promoted element by element, no float64
+        # temporary of the sums' size)
+        hat.add_(xh.mT @ xh)
+        cross.add_(x.mT @ xh)
         count += x.shape[0]
         raise StopForward
 
@@ -381,3 +394,31 @@ def _advance(chain: BlockChain, block: nn.Module, current: list[torch.Tensor]) -
     with torch.no_grad():
         for b in range(len(current)):
             current[b] = chain.run(block, b, current[b])
+
+
+@dataclass
+class _Stashed:
+    """One batch's layer inputs in a file (a model compressed from disk keeps a block's
+    layer inputs there, not in memory); read back once, then removed."""
+
+    path: Path
+    shape: torch.Size
+    device: torch.device
+
+    _count = itertools.count()
+
+    @classmethod
+    def save(cls, rows: torch.Tensor, folder: Path) -> _Stashed:
+        path = folder / f"layer-input-{next(cls._count):08d}.pt"
+        torch.save(rows.detach().cpu().contiguous(), path)
+        return cls(path, rows.shape, rows.device)
+
+    def load(self) -> torch.Tensor:
+        rows = torch.load(self.path, weights_only=True).to(self.device)
+        self.path.unlink()
+        return rows
+
+
+def _fetch(x: Any) -> torch.Tensor:
+    """A batch's layer inputs: the tensor, or read back from its stash file."""
+    return x.load() if isinstance(x, _Stashed) else x

@@ -532,3 +532,21 @@ def test_calibration_must_be_batches_not_text_or_one_batch(call):
                        r"in a list, calibration=\[batch\]"):  # fmt: skip
         run(batch)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("n", [48, 600, 1100])  # one panel, two, three uneven
+def test_whitening_factor_works_on_its_own_copy_and_matches_the_direct_form(gen, n):
+    """Symmetrized and regularised in place by row panels: the caller's float64 matrix is
+    untouched, and ``L·Lᵀ`` is ``(C + Cᵀ)/2 + εI`` with ``ε = 1e-6·trace/n``."""
+    X = torch.randn(n + 50, n, generator=gen, dtype=torch.float64)
+    C = X.mT @ X / len(X)
+    C = C + 1e-9 * torch.randn(n, n, generator=gen, dtype=torch.float64)  # not quite symmetric
+    before = C.clone()
+    L = whitening_factor(C, n)
+    assert torch.equal(C, before)
+    sym = (C + C.mT) / 2
+    target = sym + 1e-6 * float(sym.diagonal().sum()) / n * torch.eye(n, dtype=torch.float64)
+    assert torch.equal(L, torch.linalg.cholesky(target))
+    cross = C.clone()
+    factorize(torch.randn(8, n, generator=gen), rank=2, input_cov=C, cross_cov=cross)
+    assert torch.equal(C, before) and torch.equal(cross, before)
