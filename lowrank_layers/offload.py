@@ -23,8 +23,9 @@ How (:class:`DiskModel` holds the pieces):
    saves each ``nn.Linear``'s weight for the input gradient).
 3. The plan is solved over all the candidates (small), as in memory.
 4. The propagated conversion (:mod:`~lowrank_layers.propagate`) loads each block, converts
-   it, and writes the converted block's tensors into the output file before releasing it.
-   The tensors outside the blocks are copied across at the end, one at a time.
+   it, and writes the converted block's tensors into the output file before releasing it;
+   the block's layer inputs wait for their stage on disk. The tensors outside the blocks
+   are copied across at the end, one at a time.
 
 The result is the folder :func:`~lowrank_layers.hf.convert_pretrained` writes for the same
 model in memory, the same plan and the same factors to float rounding: it reloads with
