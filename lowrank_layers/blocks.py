@@ -18,8 +18,10 @@ and callers fall back to whole-model passes.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,11 +32,14 @@ from .common import InputError, InputTypeError
 
 __all__ = [
     "BlockChain",
+    "Stashed",
     "StopForward",
     "capture_chain",
     "find_blocks",
     "has_logits",
     "main_output",
+    "stash_tensor",
+    "unstash",
 ]
 
 
@@ -213,3 +218,35 @@ def capture_chain(
     if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-4, atol=1e-5):
         return None
     return chain
+
+
+@dataclass
+class Stashed:
+    """A tensor kept in a file until it is needed (:func:`stash_tensor`): a model processed one
+    block at a time from disk (:mod:`~lowrank_layers.offload`) keeps its blocks' hidden
+    states and layer inputs there, not in memory. Read back once, then removed."""
+
+    path: Path
+    shape: torch.Size
+    device: torch.device
+
+    _count = itertools.count()
+
+    def load(self) -> torch.Tensor:
+        value = torch.load(self.path, weights_only=True).to(self.device)
+        self.path.unlink()
+        return value
+
+
+def stash_tensor(tensor: torch.Tensor, folder: Path | None) -> torch.Tensor | Stashed:
+    """``tensor`` written into ``folder`` (a :class:`Stashed`), or itself without one."""
+    if folder is None:
+        return tensor
+    path = folder / f"stashed-{next(Stashed._count):08d}.pt"
+    torch.save(tensor.detach().cpu().contiguous(), path)
+    return Stashed(path, tensor.shape, tensor.device)
+
+
+def unstash(value: torch.Tensor | Stashed) -> torch.Tensor:
+    """The tensor :func:`stash_tensor` was given (read back, and its file removed)."""
+    return value.load() if isinstance(value, Stashed) else value

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BlockChain, StopForward, capture_chain, find_blocks
+from .blocks import BlockChain, StopForward, capture_chain, find_blocks, stash_tensor, unstash
 from .calibrate import collect_input_stats, token_rows
 from .common import InputError, progress_bar
 from .memory import release_free_heap
@@ -218,7 +217,7 @@ class _OriginalPass:
     def __init__(self, layers: dict[str, nn.Module], stash: Path | None = None) -> None:
         self.layers = layers
         self.stash = stash
-        self.inputs: dict[str, list[Any]] = {}  # group key -> per batch tokens (or _Stashed)
+        self.inputs: dict[str, list[Any]] = {}  # group key -> per batch tokens (or Stashed)
         self.group_of: dict[str, str] = {}
         self.order: list[str] = []  # groups in first-call order
         self.calls: dict[str, int] = {}
@@ -236,9 +235,7 @@ class _OriginalPass:
             if group is None:
                 group = self._seen[key] = name
                 self._keep.append(x)
-                rows = token_rows(x, self.mask)
-                if self.stash is not None:
-                    rows = _Stashed.save(rows, self.stash)
+                rows = stash_tensor(token_rows(x, self.mask), self.stash)
                 self.inputs.setdefault(group, []).append(rows)
                 if group not in self.order:
                     self.order.append(group)
@@ -330,7 +327,7 @@ def _convert_unpaired(
     """A layer called several times per batch (or not at all): its inputs cannot be paired
     token by token; convert the block's layers from the original inputs."""
     for g in seen.order:
-        X = torch.cat([_fetch(x) for x in seen.inputs[g]])
+        X = torch.cat([unstash(x) for x in seen.inputs[g]])
         cov = (X.mT @ X).to(torch.float64) / max(1, X.shape[0])
         for n in stages[g]:
             convert(n, seen.layers[n], PropagatedStats(cov, None, None, X.shape[0]))
@@ -345,7 +342,8 @@ def _stage_stats(
     current: list[torch.Tensor],
 ) -> PropagatedStats:
     """Run ``block`` on the converted stream up to ``layer``; its propagated statistics
-    (``inputs``: the original inputs per batch, tensors or :class:`_Stashed`)."""
+    (``inputs``: the original inputs per batch, tensors or
+    :class:`~lowrank_layers.blocks.Stashed`)."""
     # the converted layer's input may be narrower than the original's (a narrowed MLP's
     # output layer, lowrank_layers.narrow): E[x̂ x̂ᵀ] is (k, k), E[x x̂ᵀ] (in, k)
     d = inputs[0].shape[-1]
@@ -358,7 +356,7 @@ def _stage_stats(
     def hook(module: nn.Module, args: tuple) -> None:
         nonlocal count, hat, cross
         xh = token_rows(args[0], chain.masks[b])
-        x = _fetch(inputs[b])
+        x = unstash(inputs[b])
         if xh.shape[0] != x.shape[0]:
             raise RuntimeError(
                 f"propagation: {name} saw {tuple(xh.shape)} tokens in the converted model "
@@ -394,31 +392,3 @@ def _advance(chain: BlockChain, block: nn.Module, current: list[torch.Tensor]) -
     with torch.no_grad():
         for b in range(len(current)):
             current[b] = chain.run(block, b, current[b])
-
-
-@dataclass
-class _Stashed:
-    """One batch's layer inputs in a file (a model compressed from disk keeps a block's
-    layer inputs there, not in memory); read back once, then removed."""
-
-    path: Path
-    shape: torch.Size
-    device: torch.device
-
-    _count = itertools.count()
-
-    @classmethod
-    def save(cls, rows: torch.Tensor, folder: Path) -> _Stashed:
-        path = folder / f"layer-input-{next(cls._count):08d}.pt"
-        torch.save(rows.detach().cpu().contiguous(), path)
-        return cls(path, rows.shape, rows.device)
-
-    def load(self) -> torch.Tensor:
-        rows = torch.load(self.path, weights_only=True).to(self.device)
-        self.path.unlink()
-        return rows
-
-
-def _fetch(x: Any) -> torch.Tensor:
-    """A batch's layer inputs: the tensor, or read back from its stash file."""
-    return x.load() if isinstance(x, _Stashed) else x

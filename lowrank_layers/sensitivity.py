@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .blocks import BlockChain, capture_chain, has_logits, main_output
+from .blocks import BlockChain, capture_chain, has_logits, main_output, stash_tensor, unstash
 from .calibrate import batch_tokens, linear_modules, padding_mask, run_batch, token_rows
 from .common import InputError, check_choice, check_int, restored_flags
 from .memory import release_free_heap
@@ -507,32 +507,6 @@ def _no_scope(i: int) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-class _Stash:
-    """Each block's input hidden states, one list of tensors per block: in files under
-    ``folder`` (``torch.save``), or in memory without one."""
-
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-        self.kept: dict[int, list[torch.Tensor]] = {}
-        self.devices: dict[int, list[torch.device]] = {}
-
-    def put(self, i: int, tensors: list[torch.Tensor]) -> None:
-        if self.folder is None:
-            self.kept[i] = tensors
-            return
-        self.devices[i] = [t.device for t in tensors]
-        torch.save([t.detach().cpu() for t in tensors], self.folder / f"hidden-{i:05d}.pt")
-
-    def take(self, i: int) -> list[torch.Tensor]:
-        """Block ``i``'s stashed tensors, on their devices, removed from the stash."""
-        if self.folder is None:
-            return self.kept.pop(i)
-        path = self.folder / f"hidden-{i:05d}.pt"
-        tensors = torch.load(path, weights_only=True)
-        path.unlink()
-        return [t.to(d) for t, d in zip(tensors, self.devices.pop(i), strict=True)]
-
-
 class _Passthrough(nn.Module):
     """Stands in for a block during the head pass: returns ``value`` (the last block's
     output) in the first block's place and its input unchanged in the others'."""
@@ -654,7 +628,7 @@ def collect_sensitivity_blockwise(
             per_batch[-1][0].append(len(parts))
             parts.append(_Part(part, seqs, batch_tokens(part), padding_mask(part)))
     results: dict[str, Sensitivity] = {}
-    params = list(dict.fromkeys([*model.parameters()]))
+    params = list(model.parameters())
     with restored_flags(model.modules(), params):
         model.eval()
         for p in params:
@@ -666,11 +640,11 @@ def collect_sensitivity_blockwise(
                 "output is not the second block's input): the block-by-block gradient pass "
                 "needs them to"
             )
-        store = _Stash(stash)
+        stashed: dict[int, list[Any]] = {}
         hidden = chain.hidden
         chain.hidden = []
         for i, block in enumerate(blocks):  # forward: each block's input stashed
-            store.put(i, hidden)
+            stashed[i] = [stash_tensor(h, stash) for h in hidden]
             with block_scope(i), torch.no_grad():
                 hidden = [chain.run(block, p, h) for p, h in enumerate(hidden)]
             release_free_heap()
@@ -678,7 +652,7 @@ def collect_sensitivity_blockwise(
                                 grad_tokens, gen)  # fmt: skip
         del hidden
         for i in reversed(range(len(blocks))):  # backward: one block at a time, the last first
-            inputs = store.take(i)
+            inputs = [unstash(h) for h in stashed.pop(i)]
             with block_scope(i):
                 found = _block_moments(chain, i, inside[i], parts, inputs, grads, project)
                 if on_block is not None:
