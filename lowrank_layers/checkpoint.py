@@ -145,22 +145,11 @@ def save_lowrank(
             ".safetensors names a folder to write model.safetensors into"
         )
     limit = _parse_size(max_shard_size)
-    layers = lowrank_layers_of(model)
-    renamed = stored_keys(layers)  # narrowed layers' weights: <name>.weight is the guard
-    state = {renamed.get(k, k): v for k, v in model.state_dict().items()}
+    layers, entries = stored_entries(model)
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for key, value in state.items():
-        if key.endswith("._extra_state") or key == "_extra_state":
-            owner = key[: -len("._extra_state")] if "." in key else ""
-            if owner in layers and layers[owner]["type"] == "DynamicLowRankLinear":
-                continue  # the active rank is in the layer description
-            raise InputTypeError(f"{key}: extra module state cannot be stored in safetensors")
-        if not isinstance(value, torch.Tensor):
-            raise InputTypeError(
-                f"{key}: state dict value of type {type(value).__name__} is not a tensor"
-            )
+    for key, value in entries:
         ident = _storage_identity(value)
         if ident is not None and ident in seen:
             aliases[key] = seen[ident]
@@ -168,9 +157,6 @@ def save_lowrank(
         if ident is not None:
             seen[ident] = key
         tensors[key] = value
-    for name, module in model.named_modules():
-        if name in layers and guard_key(name) not in tensors:
-            tensors[guard_key(name)] = guard(stored_dtype(module))
     metadata = format_metadata(layers, aliases)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     single_file = path.suffix == ".safetensors"
@@ -189,6 +175,42 @@ def save_lowrank(
     first_file = {k: tensors[k] for k in groups[0]}
     extras = _model_folder_files(path.parent if single_file else path, model, layers, first_file)
     return _write_checkpoint(path, tensors, groups, metadata, total, overwrite, extras)
+
+
+def stored_entries(
+    module: nn.Module, name: str = "", *, keep_vars: bool = False
+) -> tuple[dict[str, dict[str, Any]], list[tuple[str, torch.Tensor]]]:
+    """What the checkpoint format stores of ``module`` (named ``name`` in its model): the
+    description of its low-rank and narrowed layers, and its state as ``(key, tensor)`` in
+    state-dict order (tied tensors under each of their names), then each layer's guard.
+
+    A narrowed layer's weight is stored as ``<layer>.narrowed_weight`` (``<layer>.weight``
+    is its guard); a ``DynamicLowRankLinear``'s extra state is left out (its active rank is
+    in the layer description). ``keep_vars``: the parameters themselves, not detached.
+
+    Raises:
+        TypeError: other extra module state, or a state value that is not a tensor.
+    """
+    prefix = f"{name}." if name else ""
+    layers = {f"{prefix}{k}": v for k, v in lowrank_layers_of(module).items()}
+    renamed = stored_keys(layers)  # narrowed layers' weights: <name>.weight is the guard
+    entries: list[tuple[str, torch.Tensor]] = []
+    for key, value in module.state_dict(prefix=prefix, keep_vars=keep_vars).items():
+        if key.endswith("._extra_state") or key == "_extra_state":
+            owner = key[: -len("._extra_state")] if "." in key else ""
+            if owner in layers and layers[owner]["type"] == "DynamicLowRankLinear":
+                continue  # the active rank is in the layer description
+            raise InputTypeError(f"{key}: extra module state cannot be stored in safetensors")
+        if not isinstance(value, torch.Tensor):
+            raise InputTypeError(
+                f"{key}: state dict value of type {type(value).__name__} is not a tensor"
+            )
+        entries.append((renamed.get(key, key), value))
+    keys = {key for key, _ in entries}
+    for sub, layer in module.named_modules(prefix=name):
+        if sub in layers and guard_key(sub) not in keys:
+            entries.append((guard_key(sub), guard(stored_dtype(layer))))
+    return layers, entries
 
 
 def _write_checkpoint(

@@ -24,7 +24,12 @@ from .checkpoint_format import QUANT_METHOD, lowrank_layers_of, lowrank_quantiza
 from .common import InputError, InputTypeError
 from .config import ConversionConfig, HealConfig
 from .convert import check_convert_config, convert_model
-from .hf_quantizer import load_pretrained, mark_lowrank_config, register_with_transformers
+from .hf_quantizer import (
+    auto_class_for,
+    load_pretrained,
+    mark_lowrank_config,
+    register_with_transformers,
+)
 from .model_card import linear_layer_count
 from .offload import compress_offloaded
 from .pipeline import CompressionReport, check_compress_config, compress
@@ -102,9 +107,6 @@ def convert_pretrained(
             "budget need the model's code to run"
         )
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model_config = transformers.AutoConfig.from_pretrained(src)
-    causal = any(a.endswith("ForCausalLM") for a in (model_config.architectures or []))
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
     batches = None
     if calibration_texts is not None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(src)
@@ -114,7 +116,8 @@ def convert_pretrained(
             src, dst, batches, config, narrow_mlps=narrow_mlps, overwrite=overwrite,
             progress=progress,
         )  # fmt: skip
-    model = cls.from_pretrained(src).eval()
+    model = auto_class_for(transformers.AutoConfig.from_pretrained(src)).from_pretrained(src)
+    model.eval()
     report: ConversionReport | CompressionReport
     if batches is not None:
         report = compress(

@@ -399,13 +399,22 @@ def load_pretrained(path: str | os.PathLike, *, auto_class: Any = None, **kwargs
             f"{_quant_method(qconfig)!r}, not {QUANT_METHOD!r}: not a lowrank-layers model"
         )
     if auto_class is None:
-        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-        auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+        auto_class = auto_class_for(config)
     if kwargs.pop("disable_mmap", False):
         model = _load_without_map(auto_class, path, config, kwargs)
     else:
         model = auto_class.from_pretrained(path, config=config, **kwargs)
     return model.eval()
+
+
+def auto_class_for(config: Any) -> Any:
+    """The transformers class a model folder of this ``config`` loads with, everywhere in
+    the library: ``AutoModelForCausalLM`` when ``config.architectures`` names a
+    ``*ForCausalLM``, else ``AutoModel``."""
+    import transformers
+
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    return transformers.AutoModelForCausalLM if causal else transformers.AutoModel
 
 
 def _load_without_map(cls: Any, path: Path, config: Any, kwargs: dict[str, Any]) -> nn.Module:

@@ -48,18 +48,16 @@ from torch import nn
 
 from .atomic import atomic_destination
 from .blocks import find_blocks
-from .checkpoint import copy_model_folder, write_config_entry, write_model_card
-from .checkpoint_format import (
-    format_metadata,
-    guard,
-    guard_key,
-    lowrank_layers_of,
-    lowrank_quantization_config,
-    stored_dtype,
-    stored_keys,
+from .checkpoint import (
+    copy_model_folder,
+    stored_entries,
+    write_config_entry,
+    write_model_card,
 )
-from .common import InputError, InputTypeError
+from .checkpoint_format import format_metadata, lowrank_quantization_config
+from .common import InputError
 from .config import ConversionConfig
+from .hf_quantizer import auto_class_for
 from .memory import release_free_heap
 from .model_card import linear_layer_count
 from .pipeline import CompressionReport, Offload, check_compress_config, run_compress
@@ -159,8 +157,8 @@ class DiskModel:
     def from_folder(
         cls, folder: str | os.PathLike, device: torch.device | str = "cpu"
     ) -> DiskModel:
-        """The model of a transformers folder (``AutoModelForCausalLM`` when its config
-        names a ``*ForCausalLM``, else ``AutoModel``, as
+        """The model of a transformers folder (the class
+        :func:`~lowrank_layers.hf_quantizer.auto_class_for` picks, as
         :func:`~lowrank_layers.hf.convert_pretrained` loads it), its parameters left in the
         folder's safetensors, read onto ``device`` in the dtype ``from_pretrained`` would
         give them."""
@@ -171,10 +169,8 @@ class DiskModel:
                               "install 'lowrank-layers[hf]'") from exc  # fmt: skip
         folder = Path(folder)
         config = transformers.AutoConfig.from_pretrained(folder)
-        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-        auto = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
         with parameters_on_meta():
-            model = auto.from_config(config)
+            model = auto_class_for(config).from_config(config)
         return cls(model.eval(), locate_files(folder), device)
 
     def close(self) -> None:
@@ -319,8 +315,7 @@ class _Writer:
         reserve = header_reserve([f"{n}.factor_U" for n in names for _ in range(4)],
                                  200 * len(names))  # fmt: skip
         self.file = ShardWriter(path, reserve)
-        self.layers: dict[str, dict[str, Any]] = {}
-        self.written: set[str] = set()
+        self.layers: dict[str, dict[str, Any]] = {}  # every low-rank layer, at the end
         self.blocks = list(disk.model.get_submodule(container))
 
     def block_scope(self, i: int) -> contextlib.AbstractContextManager[Any]:
@@ -339,30 +334,18 @@ class _Writer:
             release_free_heap()
 
     def _write_module(self, module: nn.Module, name: str) -> None:
-        layers = {f"{name}.{k}": v for k, v in lowrank_layers_of(module).items()}
-        renamed = stored_keys(layers)
-        for key, value in module.state_dict(prefix=f"{name}.").items():
-            self._add(renamed.get(key, key), value)
-            self.written.add(key)
-        for layer in layers:
-            if guard_key(layer) not in self.file.entries:
-                self._add(guard_key(layer), guard(stored_dtype(module.get_submodule(
-                    layer[len(name) + 1 :]))))  # fmt: skip
-        self.layers.update(layers)
-
-    def _add(self, key: str, value: torch.Tensor) -> None:
-        if key.endswith("._extra_state") or key == "_extra_state":
-            raise InputTypeError(f"{key}: extra module state cannot be stored in safetensors")
-        self.file.add(key, value.detach().contiguous())
+        for key, value in stored_entries(module, name)[1]:
+            self.file.add(key, value.detach().contiguous())
 
     def finish(self) -> None:
-        """The tensors outside the blocks (read from disk one at a time), tied ones once."""
-        model = self.disk.model
+        """The tensors outside the blocks (read from disk one at a time), tied ones once,
+        and the header with the description of every low-rank layer."""
+        on_disk = {id(h._parameters[a]): e for e in self.disk.tensors for h, a in e.slots}
+        self.layers, entries = stored_entries(self.disk.model, keep_vars=True)
         aliases: dict[str, str] = {}
         seen: dict[int, str] = {}
-        on_disk = {id(h._parameters[a]): e for e in self.disk.tensors for h, a in e.slots}
-        for key, value in model.state_dict(keep_vars=True).items():
-            if key in self.written:
+        for key, value in entries:
+            if key in self.file.entries:  # a block's, written with it
                 continue
             if id(value) in seen:
                 aliases[key] = seen[id(value)]
@@ -370,7 +353,7 @@ class _Writer:
             seen[id(value)] = key
             if value.is_meta:
                 value = self.disk.read(on_disk[id(value)])
-            self._add(key, value)
+            self.file.add(key, value.detach().contiguous())
             del value
         self.file.finish(format_metadata(self.layers, aliases))
         self.file.close()

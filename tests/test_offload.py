@@ -200,3 +200,27 @@ def test_offload_refuses_what_it_cannot_do(tmp_path, gen):
         run_compress(model, token_batches(1, gen), config, offload=offload,
                      eval_batches=token_batches(1, gen))  # fmt: skip
     assert not (tmp_path / "dst").exists()
+
+
+def test_dynamic_layers_are_written_as_save_lowrank_writes_them(tmp_path, gen):
+    """The output is written by the same rules as ``save_lowrank`` (``stored_entries``): a
+    ``DynamicLowRankLinear``'s active rank goes into the description, not the tensors, and
+    ``load_lowrank`` reads it back (transformers cannot load such layers; so for
+    ``convert_pretrained``'s folders too)."""
+    from lowrank_layers import DynamicLowRankLinear, load_lowrank
+
+    model = _llama(False, layers=2)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    batches = token_batches(3, gen)
+    config = ConversionConfig(budget=0.7, exclude=["lm_head"], layer="dynamic")
+    in_memory = copy.deepcopy(model)
+    expected = compress(in_memory, batches, config)
+    report = compress_offloaded(src, tmp_path / "dst", batches, config)
+    assert report.plan == expected.plan and any(r is not None for r in report.plan.values())
+    loaded = load_lowrank(transformers.LlamaForCausalLM(model.config), tmp_path / "dst")
+    assert any(isinstance(m, DynamicLowRankLinear) for m in loaded.modules())
+    ids = batches[0]["input_ids"]
+    with torch.no_grad():
+        got, want = loaded.eval()(ids).logits, in_memory(ids).logits
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
