@@ -56,7 +56,7 @@ from .checkpoint import (
 )
 from .checkpoint_format import format_metadata, lowrank_quantization_config
 from .common import InputError
-from .config import ConversionConfig
+from .config import ConversionConfig, config_from
 from .hf_quantizer import auto_class_for
 from .memory import release_free_heap
 from .model_card import linear_layer_count
@@ -363,7 +363,7 @@ def compress_offloaded(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     calibration: Sequence[Any],
-    config: ConversionConfig,
+    config: ConversionConfig | None = None,
     *,
     sensitivity_tokens: int | None = 8192,
     objective: str = "auto",
@@ -371,12 +371,14 @@ def compress_offloaded(
     device: torch.device | str = "cpu",
     overwrite: bool = False,
     progress: bool = False,
+    **options: Any,
 ) -> CompressionReport:
     """:func:`~lowrank_layers.compress` a transformers model folder ``src`` into ``dst``,
     its weights read from disk one block at a time (see the module's description).
 
     ``calibration``: token batches for the model (``text_batches`` of the folder's
-    tokenizer). ``config`` and the options are :func:`~lowrank_layers.compress`'s; the
+    tokenizer). ``config`` (or its fields as keywords) and the options are
+    :func:`~lowrank_layers.compress`'s; the
     layers outside the model's repeated blocks stay dense
     (:data:`~lowrank_layers.layer_plan.OUTSIDE_BLOCKS_REASON`).
     The weights are read onto ``device`` (a CUDA device: the calibration batches must be
@@ -391,11 +393,19 @@ def compress_offloaded(
         A :class:`~lowrank_layers.CompressionReport`.
 
     Raises:
-        ValueError: a bad option; no repeated blocks; blocks that cannot be run one at a
-            time; a checkpoint that lacks one of the model's parameters.
+        ValueError: a bad option; ``dst`` the same folder as ``src``; no repeated blocks;
+            blocks that cannot be run one at a time; a checkpoint that lacks one of the
+            model's parameters.
+        TypeError: ``config`` not a ``ConversionConfig``.
     """
+    config = config_from(config, options, caller="compress_offloaded")
     src, dst = Path(src), Path(dst)
     check_compress_config(config)
+    if dst.resolve() == src.resolve():
+        raise InputError(
+            f"compress_offloaded reads its weights from src while it writes dst: give dst a "
+            f"folder other than src ({src})"
+        )
     if not (src / "config.json").exists():
         raise InputError(f"{src} is not a transformers model folder (no config.json)")
     with (

@@ -90,8 +90,9 @@ def test_an_encoder_is_compressed_from_disk_as_in_memory(tmp_path, gen):
 def test_layers_outside_the_blocks_stay_dense_with_the_reason(tmp_path, gen):
     src = tmp_path / "src"
     _llama(False, layers=2).save_pretrained(src)
-    config = ConversionConfig(budget=0.7, guard=False)  # lm_head included
-    report = compress_offloaded(src, tmp_path / "dst", token_batches(2, gen), config)
+    report = compress_offloaded(src, tmp_path / "dst", token_batches(2, gen), budget=0.7,
+                                guard=False)  # keywords as for compress  # fmt: skip
+    assert report.plan is not None
     entry = next(e for e in report.conversion.layers if e.name == "lm_head")
     assert entry.reason == OUTSIDE_BLOCKS_REASON and entry.rank is None
 
@@ -162,6 +163,10 @@ def test_disk_model_errors(tmp_path):
         disk.load(disk.model.model.layers[1])
     with pytest.raises(ValueError, match="not a transformers model folder"):
         compress_offloaded(tmp_path, tmp_path / "dst", [], ConversionConfig(budget=0.5))
+    with pytest.raises(ValueError, match="give dst a folder other than src"):
+        compress_offloaded(src, src, [], ConversionConfig(budget=0.5), overwrite=True)
+    with pytest.raises(TypeError, match="compress_offloaded: config must be a ConversionConfig"):
+        compress_offloaded(src, tmp_path / "dst", [], {"budget": 0.5})  # type: ignore[arg-type]
 
 
 def test_a_failed_run_writes_nothing(tmp_path, gen, monkeypatch):
